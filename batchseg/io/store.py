@@ -1,0 +1,112 @@
+"""The Zarr v3 store of embeddings: one chunk per image along axis 0, fp16, zstd.
+
+Only the driver creates or resizes arrays (DESIGN rule 3); workers open the group
+read-write and assign whole rows, each of which is its own chunk, so concurrent
+workers never touch the same file.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+STORE_NAME = "embeddings.zarr"
+STORE_DTYPE = "float16"
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """Array shapes that the loaded models produce, read from the models themselves."""
+
+    clip_canvas: int | None = None
+    clip_patch: int | None = None
+    clip_grid: int | None = None
+    clip_dense_dim: int | None = None
+    clip_key_dim: int | None = None
+    sam_image_size: int | None = None
+    sam_embed_shape: tuple[int, int, int] | None = None
+
+    def array_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shape of every array this geometry stores, by array name."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.clip_canvas is not None:
+            g = self.clip_grid
+            shapes["clip_dense"] = (self.clip_dense_dim, g, g)
+            shapes["clip_keys"] = (self.clip_key_dim, g, g)
+            shapes["clip_global"] = (self.clip_dense_dim,)
+        if self.sam_embed_shape is not None:
+            shapes["sam"] = tuple(self.sam_embed_shape)
+        return shapes
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        if data["sam_embed_shape"] is not None:
+            data["sam_embed_shape"] = list(data["sam_embed_shape"])
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelGeometry":
+        data = dict(data)
+        if data.get("sam_embed_shape") is not None:
+            data["sam_embed_shape"] = tuple(data["sam_embed_shape"])
+        return cls(**data)
+
+
+def store_path(out: Path) -> Path:
+    return out / STORE_NAME
+
+
+def ensure_store(out: Path, geometry: ModelGeometry, rows: int) -> None:
+    """Create the arrays if missing and grow them to at least ``rows`` rows (driver only)."""
+    group = zarr.open_group(str(store_path(out)), mode="a", zarr_format=3)
+    for name, shape in geometry.array_shapes().items():
+        if name in group:
+            array = group[name]
+            if tuple(array.shape[1:]) != tuple(shape):
+                raise RuntimeError(f"{name} in {store_path(out)} has rows of shape {array.shape[1:]}, expected {shape}")
+            if array.shape[0] < rows:
+                array.resize((rows, *shape))
+        else:
+            group.create_array(
+                name,
+                shape=(rows, *shape),
+                chunks=(1, *shape),
+                dtype=STORE_DTYPE,
+                compressors=[ZstdCodec(level=3)],
+                fill_value=0,
+            )
+
+
+def store_rows(out: Path) -> int:
+    """Number of rows the arrays have (0 if there is no store yet)."""
+    path = store_path(out)
+    if not path.exists():
+        return 0
+    group = zarr.open_group(str(path), mode="r")
+    return max((group[name].shape[0] for name in group.array_keys()), default=0)
+
+
+class RowWriter:
+    """A worker's handle for writing whole rows into existing arrays."""
+
+    def __init__(self, out: Path) -> None:
+        self._group = zarr.open_group(str(store_path(out)), mode="r+")
+        self._arrays = {name: self._group[name] for name in self._group.array_keys()}
+
+    def write(self, name: str, row: int, value: np.ndarray) -> None:
+        array = self._arrays[name]
+        if row >= array.shape[0]:
+            raise RuntimeError(f"row {row} is outside {name} ({array.shape[0]} rows): the driver must grow arrays first")
+        array[row] = value.astype(STORE_DTYPE, copy=False)
+
+
+def read_row(out: Path, name: str, row: int) -> np.ndarray:
+    group = zarr.open_group(str(store_path(out)), mode="r")
+    return np.asarray(group[name][row])
+
+
+def open_array(out: Path, name: str) -> zarr.Array:
+    return zarr.open_group(str(store_path(out)), mode="r")[name]

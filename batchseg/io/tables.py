@@ -1,0 +1,124 @@
+"""Parquet tables between stages: schemas declared once, versioned, written atomically.
+
+A part file is the commit marker of its shard (DESIGN rule 2): it is written under a
+temporary name starting with ``.`` and renamed into place, so a reader never sees a
+half-written part, and readers ignore names starting with ``.`` or ``_``.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchseg.errors import SchemaVersionError
+
+SCHEMA_NAME_KEY = b"batchseg.schema"
+SCHEMA_VERSION_KEY = b"batchseg.schema_version"
+
+MANIFEST_VERSION = 1
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),  # SHA-256 of the file's bytes; null if unreadable
+        pa.field("path", pa.string()),  # relative to the source folder, POSIX separators
+        pa.field("bytes", pa.int64()),
+        pa.field("mtime", pa.float64()),
+        pa.field("width", pa.int32()),  # original size after EXIF orientation
+        pa.field("height", pa.int32()),
+        pa.field("clip_valid_h", pa.int32()),  # valid region on the CLIP canvas (rows, cols)
+        pa.field("clip_valid_w", pa.int32()),
+        pa.field("sam_valid_h", pa.int32()),  # valid region on the SAM canvas
+        pa.field("sam_valid_w", pa.int32()),
+        pa.field("frames", pa.int32()),
+        pa.field("status", pa.string()),  # "ok", "duplicate" or a failure kind
+        pa.field("error", pa.string()),
+        pa.field("zarr_row", pa.int64()),  # row in embeddings.zarr; null when nothing is stored
+        pa.field("shard", pa.string()),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
+
+def _with_identity(schema: pa.Schema, name: str, version: int) -> pa.Schema:
+    return schema.with_metadata({SCHEMA_NAME_KEY: name.encode(), SCHEMA_VERSION_KEY: str(version).encode()})
+
+
+def manifest_schema() -> pa.Schema:
+    return _with_identity(MANIFEST_SCHEMA, "manifest", MANIFEST_VERSION)
+
+
+def write_part_atomic(table: pa.Table, final_path: Path) -> Path:
+    """Write ``table`` to ``final_path`` via a hidden temporary file and a rename.
+
+    The rename is atomic on POSIX filesystems, so the part either exists whole or not
+    at all. fsync before the rename so a power loss cannot leave a committed empty file.
+    """
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_path.with_name(f".{final_path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final_path
+
+
+def visible_parts(folder: Path) -> list[Path]:
+    """Committed part files in ``folder``, sorted; temporary and private names ignored."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
+    )
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete leftovers of interrupted writes (hidden ``.tmp`` files); return how many."""
+    if not folder.is_dir():
+        return 0
+    count = 0
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+def check_version(schema: pa.Schema, name: str, known: int, path: Path) -> None:
+    """Refuse a file written by an unknown schema version, saying what to do."""
+    meta = schema.metadata or {}
+    found_name = meta.get(SCHEMA_NAME_KEY, b"").decode()
+    found = meta.get(SCHEMA_VERSION_KEY, b"").decode()
+    if found_name != name or found != str(known):
+        raise SchemaVersionError(
+            f"{path} is a '{found_name or 'unknown'}' table of schema version {found or 'unknown'}, "
+            f"but this batchseg reads '{name}' version {known}; rebuild the folder with "
+            "--overwrite using this version, or use the batchseg version that wrote it"
+        )
+
+
+def read_parts(folder: Path, name: str, version: int, schema: pa.Schema) -> pa.Table:
+    """Read all committed parts of a table, checking each part's schema version."""
+    parts = visible_parts(folder)
+    tables = []
+    for part in parts:
+        table = pq.read_table(part)
+        check_version(table.schema, name, version, part)
+        tables.append(table.cast(schema))
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def manifest_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=manifest_schema())
+
+
+def read_manifest(out: Path) -> pa.Table:
+    """All committed manifest rows of the build in ``out`` (one row per source file per run)."""
+    return read_parts(out / "manifest", "manifest", MANIFEST_VERSION, manifest_schema())
