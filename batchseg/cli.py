@@ -1,0 +1,140 @@
+"""The `batchseg` command line: parse options, call a stage, map errors to exit codes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from batchseg.errors import BatchsegError
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0   finished (unusable images are manifest rows, not failures)
+  1   the run failed
+  2   usage error (bad options or input, settings that contradict OUT)
+  75  another run holds the lock on OUT
+"""
+
+
+def _fail(exc: BatchsegError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="batchseg")
+def cli() -> None:
+    """batchseg: folders of unlabelled images to segmentation datasets.
+
+    \b
+    Stages (each reads the previous stage's files in OUT):
+      embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
+    """
+
+
+EMBED_HELP = f"""Compute CLIP dense features and SAM image embeddings for every image under SRC.
+
+Writes OUT/embeddings.zarr (one row per unique image), OUT/manifest/part-*.parquet
+(one row per file, failures included) and OUT/batchseg.json. Reruns are incremental:
+only new or changed images are computed; renamed files and duplicates are recorded,
+not recomputed.
+
+\b
+Examples:
+  # real models, local cluster of 2 CPU worker processes
+  batchseg embed photos/ out/ --clip-model ViT-B-16 --clip-pretrained openai \\
+      --sam-model vit_b --sam-checkpoint sam_vit_b_01ec64.pth --workers 2
+  # a model folder in open_clip's local-dir format, CLIP only, 4 GPUs
+  batchseg embed photos/ out/ --clip-model local-dir:models/clip --no-sam --gpus 4
+  # join an existing Dask cluster (or set DASK_SCHEDULER_ADDRESS)
+  batchseg embed /data/photos /data/out --scheduler tcp://10.0.0.5:8786 ...
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=EMBED_HELP)
+@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--clip-model", default="ViT-B-16", show_default=True,
+              help="open_clip model name, or local-dir:PATH (open_clip_config.json + weights).")
+@click.option("--clip-pretrained", default=None,
+              help="open_clip pretrained tag or a checkpoint file (default: openai for named models; "
+                   "none for local-dir), or 'random' (speed tests only).")
+@click.option("--dense-form", type=click.Choice(["official", "clear"]), default="official", show_default=True,
+              help="MaskCLIP value path: official (residual + MLP, as the paper) or clear (ClearCLIP: no residual/MLP).")
+@click.option("--no-clip", is_flag=True, help="Do not compute CLIP features.")
+@click.option("--canvas", type=int, default=None,
+              help="CLIP input size in pixels (square, letterboxed); default: the model's own size.")
+@click.option("--sam-model", type=click.Choice(["vit_b", "vit_l", "vit_h", "tiny"]), default="vit_b", show_default=True,
+              help="SAM architecture.")
+@click.option("--sam-checkpoint", default=None,
+              help="SAM weights (.pth as released, or .safetensors), or 'random' (speed tests only).")
+@click.option("--no-sam", is_flag=True, help="Do not compute SAM embeddings.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True,
+              help="Forward-pass precision (stored values are fp16 either way).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
+@click.option("--shard-size", type=int, default=64, show_default=True,
+              help="Images per Dask task (and per manifest part).")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler to use instead of a local cluster [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--max-pixels", type=int, default=None,
+              help="Refuse images with more pixels than this (decompression bombs). Default: about 179 million.")
+@click.option("--overwrite", is_flag=True, help="Start over: delete this build's outputs in OUT first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sam_model, sam_checkpoint, no_sam,
+          precision, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite, quiet) -> None:
+    from batchseg.config import ClusterSettings, EmbedConfig, ModelSettings
+    from batchseg.errors import UsageError
+    from batchseg.io.images import DEFAULT_MAX_PIXELS
+    from batchseg.models.clip import ClipSpec
+    from batchseg.models.sam import SamSpec
+    from batchseg.stages.embed import run_embed
+
+    try:
+        if not no_sam and sam_checkpoint is None:
+            raise UsageError(
+                "SAM needs weights: pass --sam-checkpoint PATH (e.g. sam_vit_b_01ec64.pth), "
+                "or --no-sam to compute CLIP features only"
+            )
+        models = ModelSettings(
+            clip=None if no_clip else ClipSpec(clip_model, _pretrained_tag(clip_model, clip_pretrained), dense_form),
+            sam=None if no_sam else SamSpec(sam_model, None if sam_checkpoint == "random" else sam_checkpoint),
+            clip_canvas=canvas,
+            precision=precision,
+        )
+        config = EmbedConfig(
+            source=src,
+            out=out,
+            models=models,
+            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            batch_size=batch_size,
+            shard_size=shard_size,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            overwrite=overwrite,
+        )
+        summary = run_embed(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
+def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
+    if pretrained is None:
+        return None if model.startswith("local-dir:") else "openai"
+    return None if pretrained == "random" else pretrained
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to finish (committed work is kept)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Dask execution: a local cluster started by the command, or an existing scheduler.
+
+Durable state never lives here (DESIGN rule 1): the cluster only runs idempotent
+shard tasks whose results are files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from batchseg.config import ClusterSettings
+from batchseg.errors import UsageError
+
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    # Each worker runs one task at a time and gives the model all its cores; capping
+    # the BLAS pools keeps N workers from oversubscribing the machine N-fold.
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+def _gpu_cluster(gpus: int, threads: int, local_directory: str):
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        f"gpu-{index}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "env": {**_thread_env(threads), "CUDA_VISIBLE_DEVICES": str(index)},
+                "resources": {"GPU": 1},
+                "local_directory": local_directory,
+            },
+        }
+        for index in range(gpus)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL)
+
+
+def _cpu_cluster(workers: int, threads: int, local_directory: str):
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        local_directory=local_directory,
+        silence_logs=logging.CRITICAL,
+        env=_thread_env(threads),
+    )
+
+
+@contextmanager
+def dask_client(settings: ClusterSettings, scratch_parent: Path) -> Iterator["distributed.Client"]:  # noqa: F821
+    """Yield a connected ``distributed.Client``; close whatever this call started.
+
+    ``settings.scheduler`` (or ``DASK_SCHEDULER_ADDRESS``) joins an existing cluster;
+    otherwise a local one is started with its scratch space under ``scratch_parent``.
+    """
+    from distributed import Client
+
+    address = settings.scheduler or os.environ.get(SCHEDULER_ENV)
+    if address:
+        try:
+            client = Client(address, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".dask-", dir=scratch_parent)
+    threads = settings.threads_per_worker()
+    cluster = None
+    try:
+        if settings.gpus > 0:
+            cluster = _gpu_cluster(settings.gpus, threads, scratch)
+        else:
+            cluster = _cpu_cluster(settings.workers, threads, scratch)
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def gpu_resources(settings: ClusterSettings) -> dict[str, float] | None:
+    """Task resources: a GPU each when the local cluster has GPU workers."""
+    return {"GPU": 1} if settings.gpus > 0 and not settings.scheduler else None

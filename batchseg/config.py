@@ -1,0 +1,143 @@
+"""Frozen configuration per stage, validated once at the edge and saved next to outputs."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchseg.errors import UsageError
+from batchseg.io.images import DEFAULT_MAX_PIXELS
+from batchseg.models.clip import ClipSpec
+from batchseg.models.sam import SamSpec
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+BUILD_FILE = "batchseg.json"
+BUILD_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything that changes the stored embeddings; a rerun must match it exactly."""
+
+    clip: ClipSpec | None
+    sam: SamSpec | None
+    clip_canvas: int | None = None  # None: the CLIP model's own image size
+    precision: str = "bf16"
+
+    def validate(self) -> None:
+        if self.clip is None and self.sam is None:
+            raise UsageError("nothing to compute: both CLIP and SAM are switched off")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.clip_canvas is not None and self.clip_canvas < 16:
+            raise UsageError(f"--canvas must be at least 16 pixels, got {self.clip_canvas}")
+        if self.clip is not None and self.clip.dense_form not in ("official", "clear"):
+            raise UsageError(f"--dense-form must be 'official' or 'clear', got {self.clip.dense_form!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clip": asdict(self.clip) if self.clip else None,
+            "sam": asdict(self.sam) if self.sam else None,
+            "clip_canvas": self.clip_canvas,
+            "precision": self.precision,
+        }
+
+    def differences(self, stored: dict[str, Any], stored_canvas: int | None) -> list[str]:
+        """Human-readable differences between these settings and a build's stored ones."""
+        mine = self.to_json()
+        diffs = []
+        for key in ("clip", "sam", "precision"):
+            if mine[key] != stored.get(key):
+                diffs.append(f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(mine[key])}")
+        if self.clip_canvas is not None and stored_canvas is not None and self.clip_canvas != stored_canvas:
+            diffs.append(f"canvas: stored {stored_canvas}, requested {self.clip_canvas}")
+        return diffs
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the work runs: an existing scheduler, or a local cluster the command starts."""
+
+    scheduler: str | None = None  # address of an existing Dask scheduler
+    workers: int = 1  # CPU worker processes of the local cluster
+    gpus: int = 0  # one worker per GPU when > 0
+    torch_threads: int | None = None  # per worker; None: cores / workers
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus < 0:
+            raise UsageError(f"--gpus must be 0 or more, got {self.gpus}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.torch_threads}")
+
+    def threads_per_worker(self) -> int:
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.gpus or self.workers))
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """One `batchseg embed` run."""
+
+    source: Path
+    out: Path
+    models: ModelSettings
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    batch_size: int = 8
+    shard_size: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.source.exists():
+            raise UsageError(f"source folder {self.source} does not exist")
+        if not self.source.is_dir():
+            raise UsageError(f"source {self.source} is not a folder")
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"output {self.out} exists and is not a folder")
+        if self.out.resolve() == self.source.resolve():
+            raise UsageError("the output folder must differ from the source folder")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise UsageError("--batch-size and --shard-size must be at least 1")
+        if self.max_pixels < 1:
+            raise UsageError("--max-pixels must be at least 1")
+        self.models.validate()
+        self.cluster.validate()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source),
+            "out": str(self.out),
+            "models": self.models.to_json(),
+            "cluster": asdict(self.cluster),
+            "batch_size": self.batch_size,
+            "shard_size": self.shard_size,
+            "max_pixels": self.max_pixels,
+            "overwrite": self.overwrite,
+        }
+
+
+def read_build_file(out: Path) -> dict[str, Any] | None:
+    path = out / BUILD_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not readable JSON ({exc}); rerun with --overwrite or use a new folder") from None
+    if data.get("schema_version") != BUILD_SCHEMA_VERSION:
+        raise UsageError(
+            f"{path} has schema version {data.get('schema_version')!r}, this batchseg knows "
+            f"{BUILD_SCHEMA_VERSION}; rerun with --overwrite or use the batchseg version that wrote it"
+        )
+    return data
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

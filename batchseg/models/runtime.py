@@ -1,0 +1,95 @@
+"""Per-worker model runtime: injectable builders, a per-process cache, device and precision.
+
+Each Dask worker process loads each model once and keeps it (DESIGN "Execution");
+tests inject tiny builders through ``ModelBuilders``.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+from batchseg.config import ModelSettings
+from batchseg.io.store import ModelGeometry
+from batchseg.models.clip import ClipSpec, DenseClip, load_dense_clip
+from batchseg.models.sam import SamEncoder, SamSpec, load_sam
+
+
+def build_clip(spec: ClipSpec, canvas: int | None, device: str) -> DenseClip:
+    return load_dense_clip(spec, canvas=canvas, device=device)
+
+
+def build_sam(spec: SamSpec, device: str) -> SamEncoder:
+    return SamEncoder(load_sam(spec, device=device)).to(device)
+
+
+@dataclass(frozen=True)
+class ModelBuilders:
+    """How models are made; module-level functions so tasks pickle by reference."""
+
+    clip: Callable[[ClipSpec, int | None, str], DenseClip] = build_clip
+    sam: Callable[[SamSpec, str], SamEncoder] = build_sam
+
+
+@dataclass
+class LoadedModels:
+    clip: DenseClip | None
+    sam: SamEncoder | None
+    device: str
+    precision: str
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        clip, sam = self.clip, self.sam
+        return ModelGeometry(
+            clip_canvas=clip.canvas if clip else None,
+            clip_patch=clip.patch if clip else None,
+            clip_grid=clip.grid if clip else None,
+            clip_dense_dim=clip.dense_dim if clip else None,
+            clip_key_dim=clip.key_dim if clip else None,
+            sam_image_size=sam.image_size if sam else None,
+            sam_embed_shape=tuple(sam.embed_shape) if sam else None,
+        )
+
+    def autocast(self) -> ContextManager:
+        """Mixed precision for the forward pass; fp32 runs without autocast."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+_CACHE: dict[tuple[ModelSettings, ModelBuilders, str], LoadedModels] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def pick_device() -> str:
+    """The worker's device: its (pinned) GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_models(settings: ModelSettings, builders: ModelBuilders, device: str | None = None) -> LoadedModels:
+    """Load the models of ``settings`` once per process and return the cached set."""
+    device = device or pick_device()
+    key = (settings, builders, device)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is None:
+            clip = builders.clip(settings.clip, settings.clip_canvas, device) if settings.clip else None
+            sam = builders.sam(settings.sam, device) if settings.sam else None
+            for model in (clip, sam):
+                if model is not None:
+                    model.eval().requires_grad_(False)
+            cached = LoadedModels(clip=clip, sam=sam, device=device, precision=settings.precision)
+            _CACHE.clear()  # a worker serves one build at a time; free the old models
+            _CACHE[key] = cached
+        return cached
+
+
+def set_torch_threads(threads: int | None) -> None:
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,221 @@
+"""`batchseg embed`: image folders to Zarr embeddings and a manifest, on a Dask cluster.
+
+The driver plans (what is new), grows the arrays, hands shards to workers and
+records the run; workers compute and commit shards (``embed_shard``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+import batchseg
+from batchseg.cluster import dask_client, gpu_resources
+from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, EmbedConfig, ModelSettings, read_build_file, write_json_atomic
+from batchseg.errors import BatchsegError, UsageError
+from batchseg.io.images import discover_images
+from batchseg.io.lock import build_lock
+from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
+from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, write_part_atomic
+from batchseg.models.runtime import ModelBuilders, get_models
+from batchseg.stages.embed_plan import assign_rows, plan_embed, shard_items
+from batchseg.stages.embed_shard import CURRENT_RUN_FILE, ShardResult, ShardTask, part_path, run_shard
+
+# Outputs that depend on the embeddings; --overwrite removes them, nothing else.
+BUILD_OUTPUTS = (STORE_NAME, "manifest", "labels", "qc", "students", BUILD_FILE, CURRENT_RUN_FILE)
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    run_id: str
+    out: Path
+    found: int
+    computed: int  # unique images sent to the models this run
+    ok: int
+    failed: int  # images that could not be used (one manifest row each)
+    skipped: int  # files unchanged since an earlier run
+    duplicates: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def text(self) -> str:
+        return (
+            f"embed finished: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (unchanged), "
+            f"{self.duplicates} duplicates; {self.computed} computed in {self.seconds:.1f} s "
+            f"({self.images_per_second:.2f} images/s)\n"
+            f"outputs: {self.out / STORE_NAME}, {self.out / 'manifest'}, runs/{self.run_id}.json"
+        )
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def probe_geometry(models: ModelSettings, builders: ModelBuilders) -> ModelGeometry:
+    """Load the models on a worker (where they stay cached) and report their shapes."""
+    return get_models(models, builders).geometry
+
+
+def _start_over(out: Path) -> None:
+    for name in BUILD_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _check_build(config: EmbedConfig, build: dict | None) -> ModelGeometry | None:
+    """Refuse settings that would mix incompatible embeddings in one build."""
+    if build is None or "embed" not in build:
+        return None
+    stored = build["embed"]
+    geometry = ModelGeometry.from_json(stored["geometry"])
+    diffs = config.models.differences(stored["models"], geometry.clip_canvas)
+    if diffs:
+        raise UsageError(
+            f"{config.out} was built with different embedding settings:\n  "
+            + "\n  ".join(diffs)
+            + "\nrerun with --overwrite to start over, or choose a new output folder"
+        )
+    return geometry
+
+
+def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, run_id: str) -> None:
+    data = read_build_file(config.out) or {"schema_version": BUILD_SCHEMA_VERSION, "created_by_run": run_id}
+    data["batchseg_version"] = batchseg.__version__
+    data["embed"] = {"models": config.models.to_json(), "geometry": geometry.to_json()}
+    write_json_atomic(config.out / BUILD_FILE, data)
+
+
+def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSummary | None, error: str | None) -> None:
+    import torch
+
+    record = {
+        "run_id": run_id,
+        "command": "embed",
+        "argv": sys.argv,
+        "status": status,
+        "error": error,
+        "config": config.to_json(),
+        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": torch.__version__},
+        "host": platform.node(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "counts": {k: v for k, v in asdict(summary).items() if k not in ("out", "run_id")} if summary else None,
+    }
+    runs = config.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(runs / f"{run_id}.json", record)
+
+
+def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progress: bool = True) -> EmbedSummary:
+    """Run one `embed` build into ``config.out``; returns the summary.
+
+    Raises ``UsageError`` for bad input and settings, ``LockedError`` when another run
+    holds the folder, other ``BatchsegError``/exceptions when the run fails.
+    """
+    config.validate()
+    builders = builders or ModelBuilders()
+    run_id = new_run_id()
+    with build_lock(config.out):
+        started = time.perf_counter()
+        try:
+            summary = _embed_locked(config, builders, run_id, progress, started)
+        except BaseException as exc:
+            _record_run(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
+            raise
+        _record_run(config, run_id, "finished", summary, None)
+        return summary
+
+
+def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, progress: bool, started: float) -> EmbedSummary:
+    out = config.out
+    if config.overwrite:
+        _start_over(out)
+    geometry = _check_build(config, read_build_file(out))
+    remove_temporaries(out / "manifest")
+    (out / CURRENT_RUN_FILE).write_text(run_id + "\n")
+
+    manifest = read_manifest(out)
+    try:
+        files = discover_images(config.source)
+    except OSError as exc:
+        raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
+    plan = plan_embed(files, manifest, run_id)
+
+    results: list[ShardResult] = []
+    if plan.pending:
+        with dask_client(config.cluster, out) as client:
+            resources = gpu_resources(config.cluster)
+            probed = client.submit(probe_geometry, config.models, builders, resources=resources, pure=False).result()
+            if geometry is not None and probed != geometry:
+                raise UsageError(
+                    f"the models now produce {probed} but {out} holds {geometry}; rerun with --overwrite or use a new folder"
+                )
+            _write_build_file(config, probed, run_id)
+            items, rows = assign_rows(plan.pending, manifest, store_rows(out))
+            ensure_store(out, probed, rows)
+            results = _run_shards(client, config, builders, run_id, items, resources, progress)
+
+    if plan.recorded_rows:
+        write_part_atomic(manifest_table(plan.recorded_rows), part_path(out, f"{run_id}-driver"))
+    ok = sum(r.ok for r in results)
+    failed = sum(r.failed for r in results) + sum(r["status"] != "duplicate" for r in plan.recorded_rows)
+    return EmbedSummary(
+        run_id=run_id,
+        out=out,
+        found=plan.found,
+        computed=len(plan.pending),
+        ok=ok,
+        failed=failed,
+        skipped=plan.known,
+        duplicates=plan.duplicates,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _run_shards(client, config: EmbedConfig, builders: ModelBuilders, run_id: str, items, resources, progress: bool) -> list[ShardResult]:
+    from distributed import as_completed
+
+    threads = None if (config.cluster.scheduler or config.cluster.gpus) else config.cluster.threads_per_worker()
+    tasks = [
+        ShardTask(
+            shard_id=f"{run_id}-{index:05d}",
+            run_id=run_id,
+            out=config.out,
+            items=shard,
+            models=config.models,
+            builders=builders,
+            batch_size=config.batch_size,
+            max_pixels=config.max_pixels,
+            torch_threads=threads,
+        )
+        for index, shard in enumerate(shard_items(items, config.shard_size))
+    ]
+    futures = [
+        client.submit(run_shard, task, key=f"embed-{task.shard_id}", resources=resources, pure=False) for task in tasks
+    ]
+    results = []
+    with tqdm(total=len(items), unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BatchsegError:
+                raise
+            except Exception as exc:  # a shard that failed after Dask's retries
+                for other in futures:
+                    other.cancel()
+                raise BatchsegError(f"shard {future.key} failed: {type(exc).__name__}: {exc}") from exc
+            results.append(result)
+            bar.update(result.images)
+    return results

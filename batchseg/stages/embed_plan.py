@@ -1,0 +1,124 @@
+"""The driver's plan for `embed`: which files are new, which content is new, which rows to use.
+
+Incremental by default (DESIGN rule 4): a file whose (path, size, mtime) is already in
+the manifest is not even read again; a new or changed file is hashed, and only content
+whose SHA-256 has no committed row is computed. So a rerun's cost grows with the new
+files, not with the dataset.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pyarrow as pa
+
+from batchseg.io.images import STATUS_DUPLICATE, FoundFile, ImageError, content_id, read_image_bytes
+from batchseg.stages.embed_shard import ShardItem
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    image_id: str
+    found: FoundFile
+
+
+@dataclass
+class EmbedPlan:
+    """What this run must do; ``recorded_rows`` are manifest rows the driver writes itself."""
+
+    found: int = 0
+    known: int = 0  # files unchanged since an earlier run: nothing to do
+    duplicates: int = 0  # files whose content is already stored or queued
+    pending: list[PendingImage] = field(default_factory=list)
+    recorded_rows: list[dict] = field(default_factory=list)
+
+
+def _stat_key(path: str, size: int | None, mtime: float | None) -> tuple:
+    return (path, size, None if mtime is None else round(mtime, 6))
+
+
+def _hash_file(found: FoundFile) -> tuple[str | None, ImageError | None]:
+    try:
+        return content_id(read_image_bytes(found.path)), None
+    except ImageError as exc:
+        return None, exc
+
+
+def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash_threads: int = 4) -> EmbedPlan:
+    """Compare discovered files with the committed manifest and decide what to compute."""
+    rows = manifest.select(["image_id", "path", "bytes", "mtime", "status"]).to_pylist()
+    known_keys = {_stat_key(r["path"], r["bytes"], r["mtime"]) for r in rows}
+    stored_paths: dict[str, str] = {}
+    for r in rows:
+        if r["image_id"] is not None and r["status"] != STATUS_DUPLICATE:
+            stored_paths.setdefault(r["image_id"], r["path"])
+
+    plan = EmbedPlan()
+    to_hash: list[FoundFile] = []
+    for found in files:
+        plan.found += 1
+        if _stat_key(found.rel_path, found.size, found.mtime) in known_keys:
+            plan.known += 1
+        elif found.status is not None:
+            plan.recorded_rows.append(_row(found, run_id, None, found.status, found.message))
+        else:
+            to_hash.append(found)
+
+    # Reading is I/O bound and hashlib releases the GIL: threads hash in parallel.
+    with ThreadPoolExecutor(max(1, hash_threads), thread_name_prefix="hash") as pool:
+        hashed = list(pool.map(_hash_file, to_hash))
+
+    queued: dict[str, str] = {}
+    for found, (image_id, error) in zip(to_hash, hashed):
+        if error is not None:
+            plan.recorded_rows.append(_row(found, run_id, None, error.status, error.message))
+            continue
+        original = stored_paths.get(image_id) or queued.get(image_id)
+        if original is not None:
+            plan.duplicates += 1
+            plan.recorded_rows.append(
+                _row(found, run_id, image_id, STATUS_DUPLICATE, f"same content as {original}; computed once")
+            )
+            continue
+        queued[image_id] = found.rel_path
+        plan.pending.append(PendingImage(image_id=image_id, found=found))
+    return plan
+
+
+def _row(found: FoundFile, run_id: str, image_id: str | None, status: str, message: str | None) -> dict:
+    return {
+        "image_id": image_id,
+        "path": found.rel_path,
+        "bytes": found.size,
+        "mtime": found.mtime,
+        "status": status,
+        "error": message,
+        "zarr_row": None,
+        "shard": f"{run_id}-driver",
+        "run_id": run_id,
+    }
+
+
+def assign_rows(pending: list[PendingImage], manifest: pa.Table, store_rows: int) -> tuple[list[ShardItem], int]:
+    """Give each pending image a Zarr row; return the items and the rows the arrays need.
+
+    Rows no committed manifest row points at (left by an interrupted run, or by images
+    that failed to decode) are reused first, so a crash and a rerun end with the same
+    array size as one clean run.
+    """
+    used = {row for row in manifest.column("zarr_row").to_pylist() if row is not None}
+    free = (row for row in range(store_rows) if row not in used)
+    items = []
+    next_new = store_rows
+    for image in pending:
+        row = next(free, None)
+        if row is None:
+            row, next_new = next_new, next_new + 1
+        found = image.found
+        items.append(ShardItem(image.image_id, found.path, found.rel_path, found.size, found.mtime, row))
+    return items, max(store_rows, next_new)
+
+
+def shard_items(items: list[ShardItem], shard_size: int) -> list[tuple[ShardItem, ...]]:
+    return [tuple(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
