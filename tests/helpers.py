@@ -1,0 +1,58 @@
+"""Helpers shared by the CLI tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from click.testing import CliRunner, Result
+
+from batchseg.cli import cli
+from batchseg.io.tables import read_manifest
+from batchseg.testing import TinyModels
+
+VOLATILE = ("mtime", "shard", "run_id", "zarr_row")
+
+
+def embed_args(src: Path, out: Path, models: TinyModels, *extra: str) -> list[str]:
+    return [
+        "embed", str(src), str(out),
+        "--clip-model", models.clip_option, "--canvas", "64",
+        "--sam-model", "tiny", "--sam-checkpoint", str(models.sam_checkpoint),
+        "--precision", "fp32", "--batch-size", "2", "--shard-size", "3", "--quiet",
+        *extra,
+    ]
+
+
+def run_cli(args: list[str]) -> Result:
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    """Manifest rows sorted by path, without the fields that differ between equal runs."""
+    rows = read_manifest(out).to_pylist()
+    return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in rows), key=lambda r: (r["path"], r["status"]))
+
+
+def arrays_by_image(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Stored arrays keyed by image id (row numbers may legitimately differ between runs)."""
+    group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
+    result = {}
+    for row in read_manifest(out).to_pylist():
+        if row["status"] == "ok":
+            result[row["image_id"]] = {name: np.asarray(group[name][row["zarr_row"]]) for name in group.array_keys()}
+    return result
+
+
+def assert_same_build(a: Path, b: Path) -> None:
+    assert manifest_rows(a) == manifest_rows(b)
+    arrays_a, arrays_b = arrays_by_image(a), arrays_by_image(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for image_id in arrays_a:
+        for name in arrays_a[image_id]:
+            np.testing.assert_array_equal(arrays_a[image_id][name], arrays_b[image_id][name], err_msg=f"{name} {image_id}")
+    group_a = zarr.open_group(str(a / "embeddings.zarr"), mode="r")
+    group_b = zarr.open_group(str(b / "embeddings.zarr"), mode="r")
+    assert {k: group_a[k].shape for k in group_a.array_keys()} == {k: group_b[k].shape for k in group_b.array_keys()}
+    leftovers = [p for p in a.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []

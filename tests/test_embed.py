@@ -1,0 +1,186 @@
+"""`batchseg embed` end to end through the CLI on small generated folders."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from batchseg.io.images import content_id, decode_image
+from batchseg.io.lock import build_lock
+from batchseg.io.tables import read_manifest
+from batchseg.models.clip import ClipSpec, load_dense_clip, preprocess_clip
+from batchseg.models.sam import SamEncoder, SamSpec, load_sam
+from batchseg.testing import write_image_folder
+from helpers import assert_same_build, embed_args, manifest_rows, run_cli
+
+
+def _embed(src, out, models, scheduler, *extra):
+    return run_cli(embed_args(src, out, models, "--scheduler", scheduler, *extra))
+
+
+def test_embed_writes_arrays_manifest_and_summary(image_folder, tmp_path, tiny_models, dask_scheduler):
+    out = tmp_path / "out"
+    result = _embed(image_folder, out, tiny_models, dask_scheduler)
+    assert result.exit_code == 0, result.output
+    assert "8 ok, 0 failed, 0 skipped (unchanged), 0 duplicates; 8 computed" in result.output
+    assert str(out / "embeddings.zarr") in result.output
+
+    rows = read_manifest(out).to_pylist()
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
+    assert sorted(r["zarr_row"] for r in rows) == list(range(8))
+    group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
+    shapes = {name: group[name].shape for name in group.array_keys()}
+    assert shapes == {"clip_dense": (8, 32, 8, 8), "clip_keys": (8, 64, 8, 8), "clip_global": (8, 32), "sam": (8, 32, 16, 16)}
+    assert all(group[name].chunks[0] == 1 and group[name].dtype == np.float16 for name in shapes)
+
+    # Values: each row equals the models run directly on that file's decoded image.
+    clip = load_dense_clip(ClipSpec(tiny_models.clip_option), canvas=64).eval()
+    sam = SamEncoder(load_sam(SamSpec("tiny", str(tiny_models.sam_checkpoint)))).eval()
+    for row in rows:
+        data = (image_folder / row["path"]).read_bytes()
+        assert row["image_id"] == content_id(data)
+        image = decode_image(data)
+        assert (row["width"], row["height"]) == (image.width, image.height)
+        scale = 64 / max(image.width, image.height)
+        assert row["clip_valid_w"] == max(1, int(image.width * scale + 0.5))
+        with torch.no_grad():
+            expected = clip(preprocess_clip(image.pixels, 64, clip.mean, clip.std)[None])
+            expected_sam = sam(sam.preprocess(image.pixels)[None])
+        r = row["zarr_row"]
+        np.testing.assert_allclose(group["clip_dense"][r].astype(np.float32), expected.dense[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(group["clip_keys"][r].astype(np.float32), expected.keys[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(group["clip_global"][r].astype(np.float32), expected.global_[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(group["sam"][r].astype(np.float32), expected_sam[0].numpy(), rtol=2e-3, atol=2e-3)
+
+    runs = list((out / "runs").glob("*.json"))
+    assert len(runs) == 1 and '"status": "finished"' in runs[0].read_text()
+
+
+def test_bad_inputs_become_rows_and_good_images_are_untouched(tmp_path, tiny_models, dask_scheduler):
+    src = tmp_path / "src"
+    write_image_folder(src, 2, seed=3)
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.jpg").write_text("hello, not an image")
+    good = src / "a" / "img0000.png"
+    (src / "cut.png").write_bytes(good.read_bytes()[:60])
+    Image.new("L", (1, 5000), 128).save(src / "strip.png")
+    Image.new("CMYK", (20, 10), (0, 255, 0, 0)).save(src / "cmyk.jpg")
+    os.symlink(src / "loop1.jpg", src / "loop2.jpg")
+    os.symlink(src / "loop2.jpg", src / "loop1.jpg")
+    out = tmp_path / "out"
+    result = _embed(src, out, tiny_models, dask_scheduler)
+    assert result.exit_code == 0, result.output
+    statuses = {r["path"]: r["status"] for r in read_manifest(out).to_pylist()}
+    assert statuses == {
+        "a/img0000.png": "ok", "b/img0001.jpg": "ok", "strip.png": "ok", "cmyk.jpg": "ok",
+        "empty.jpg": "empty", "text.jpg": "not_an_image", "cut.png": "truncated",
+        "loop1.jpg": "unreadable", "loop2.jpg": "unreadable",
+    }
+    assert "4 ok, 5 failed" in result.output
+    errors = {r["path"]: r["error"] for r in read_manifest(out).to_pylist()}
+    assert all(errors[p] for p, s in statuses.items() if s != "ok")
+    # A rerun records nothing new: failures are committed rows too.
+    again = _embed(src, out, tiny_models, dask_scheduler)
+    assert "0 computed" in again.output and "9 skipped" in again.output
+    assert len(read_manifest(out)) == 9
+
+
+def _computed(output: str) -> int:
+    return int(output.split(" computed")[0].rsplit(";", 1)[1].strip())
+
+
+def test_incremental_add_rename_edit(image_folder, tmp_path, tiny_models, dask_scheduler):
+    out = tmp_path / "out"
+    assert _computed(_embed(image_folder, out, tiny_models, dask_scheduler).output) == 8
+
+    write_image_folder(image_folder, 2, seed=1, start=8)
+    result = _embed(image_folder, out, tiny_models, dask_scheduler)
+    assert _computed(result.output) == 2 and "8 skipped" in result.output
+
+    (image_folder / "a" / "img0000.png").rename(image_folder / "renamed.png")
+    result = _embed(image_folder, out, tiny_models, dask_scheduler)
+    assert _computed(result.output) == 0 and "1 duplicates" in result.output
+    rows = [r for r in read_manifest(out).to_pylist() if r["path"] == "renamed.png"]
+    assert rows[0]["status"] == "duplicate" and "a/img0000.png" in rows[0]["error"]
+
+    edited = image_folder / "b" / "img0001.jpg"
+    Image.new("RGB", (30, 20), (9, 9, 9)).save(edited)
+    os.utime(edited, (1_700_000_000, 1_700_000_000))
+    result = _embed(image_folder, out, tiny_models, dask_scheduler)
+    assert _computed(result.output) == 1
+    group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
+    assert group["clip_dense"].shape[0] == 11
+
+
+def test_duplicate_content_is_computed_once(image_folder, tmp_path, tiny_models, dask_scheduler):
+    shutil.copy(image_folder / "a" / "img0000.png", image_folder / "copy.png")
+    out = tmp_path / "out"
+    result = _embed(image_folder, out, tiny_models, dask_scheduler)
+    assert _computed(result.output) == 8 and "1 duplicates" in result.output
+
+
+def test_two_clean_runs_are_identical(image_folder, tmp_path, tiny_models, dask_scheduler):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _embed(image_folder, a, tiny_models, dask_scheduler).exit_code == 0
+    assert _embed(image_folder, b, tiny_models, dask_scheduler).exit_code == 0
+    # Same settings give bit-equal arrays (batches are formed the same way; other
+    # shard sizes change batch composition and so the last float bits of SAM).
+    assert_same_build(a, b)
+
+
+def test_changed_settings_are_refused_and_overwrite_starts_over(image_folder, tmp_path, tiny_models, dask_scheduler):
+    out = tmp_path / "out"
+    assert _embed(image_folder, out, tiny_models, dask_scheduler).exit_code == 0
+    result = run_cli(embed_args(image_folder, out, tiny_models, "--scheduler", dask_scheduler, "--precision", "bf16"))
+    assert result.exit_code == 2
+    assert "precision: stored \"fp32\", requested \"bf16\"" in result.output and "--overwrite" in result.output
+    result = run_cli(embed_args(image_folder, out, tiny_models, "--scheduler", dask_scheduler, "--canvas", "96"))
+    assert result.exit_code == 2 and "canvas: stored 64, requested 96" in result.output
+    result = _embed(image_folder, out, tiny_models, dask_scheduler, "--no-sam")
+    assert result.exit_code == 2 and "sam:" in result.output
+    result = run_cli(embed_args(image_folder, out, tiny_models, "--scheduler", dask_scheduler, "--canvas", "96", "--overwrite"))
+    assert result.exit_code == 0 and _computed(result.output) == 8
+    assert zarr.open_group(str(out / "embeddings.zarr"), mode="r")["clip_dense"].shape == (8, 32, 12, 12)
+
+
+def test_second_run_exits_75_while_the_lock_is_held(image_folder, tmp_path, tiny_models, dask_scheduler):
+    out = tmp_path / "out"
+    with build_lock(out):
+        result = _embed(image_folder, out, tiny_models, dask_scheduler)
+    assert result.exit_code == 75
+    assert "another batchseg run" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--sam-checkpoint", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
+        (["--clip-model", "local-dir:/nonexistent/clip"], "/nonexistent/clip"),
+        (["--clip-model", "No-Such-Model"], "No-Such-Model"),
+        (["--no-clip", "--no-sam"], "nothing to compute"),
+        (["--canvas", "60"], "60"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(image_folder, tmp_path, tiny_models, dask_scheduler, args, fragment):
+    result = run_cli(embed_args(image_folder, tmp_path / "out", tiny_models, "--scheduler", dask_scheduler, *args))
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_missing_source_and_missing_sam_weights(tmp_path, tiny_models):
+    result = run_cli(embed_args(tmp_path / "nope", tmp_path / "out", tiny_models))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "src").mkdir()
+    result = run_cli(["embed", str(tmp_path / "src"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--sam-checkpoint" in result.output
+
+
+def test_help_shows_examples_and_exit_codes():
+    result = run_cli(["embed", "--help"])
+    assert result.exit_code == 0
+    assert "batchseg embed photos/ out/" in result.output and "75" in result.output
