@@ -114,3 +114,29 @@ class KillOnceClipBuilder:
 
 def kill_once_builders(marker: Path, after_batches: int = 2) -> ModelBuilders:
     return ModelBuilders(clip=KillOnceClipBuilder(str(marker), after_batches))
+
+
+class _Slow(torch.nn.Module):
+    """A model stand-in that sleeps before each batch, to make a run slow enough to interrupt."""
+
+    def __init__(self, inner: torch.nn.Module, delay: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.delay = delay
+        for name in ("canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form"):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def forward(self, pixels: torch.Tensor) -> DenseClipOutput:
+        import time
+
+        time.sleep(self.delay)
+        return self.inner(pixels)
+
+
+@dataclass(frozen=True)
+class SlowClipBuilder:
+    delay: float = 0.3
+
+    def __call__(self, spec: ClipSpec, canvas: int | None, device: str) -> torch.nn.Module:
+        return _Slow(build_clip(spec, canvas, device), self.delay)
