@@ -30,6 +30,7 @@ def cli() -> None:
     \b
     Stages (each reads the previous stage's files in OUT):
       embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
+      pseudolabel  stored embeddings -> MaskCLIP labels, SAM masks recognised, self-training rounds
     """
 
 
@@ -122,13 +123,119 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
     click.echo(summary.text())
 
 
+PSEUDOLABEL_HELP = f"""Label every embedded image in OUT without annotation.
+
+Round 0: MaskCLIP labels from the stored CLIP dense features (prompt denoising, key
+smoothing), SAM everything-mode masks decoded from the stored SAM embeddings and
+recognised with CLIP (instance rows), SAM masks voting the semantic map. Rounds
+1..N: a light head trained on the previous round's confident labels predicts every
+image again (MaskCLIP+ self-training). No image is re-encoded.
+
+Writes OUT/labels/round=K/part-*.parquet (COCO RLE masks in original pixels) and
+OUT/labels/round=K/_round.json (statistics). Reruns skip complete rounds; changing
+the classes or settings recomputes what they affect.
+
+\b
+Examples:
+  batchseg pseudolabel out/ --classes "cat,dog|puppy,sofa" --rounds 3
+  batchseg pseudolabel out/ --vocab classes.txt --background --no-sam --rounds 0
+  batchseg pseudolabel out/ --classes "car,road,tree" --no-key-smoothing   # ablation
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=PSEUDOLABEL_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--classes", default=None, help='Comma-separated classes; synonyms with "|": "cat|kitten,dog".')
+@click.option("--vocab", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File with one class per line (synonyms with |, # comments).")
+@click.option("--templates", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Prompt templates, one per line with {} (default: MaskCLIP's 85).")
+@click.option("--background", is_flag=True, help='Add "background" as a text class.')
+@click.option("--bg-floor", type=float, default=None, help="Leave pixels unlabelled whose best probability is below this.")
+@click.option("--pd-thresh", type=float, default=0.5, show_default=True,
+              help="Prompt denoising: drop a class whose max probability in the image is below this.")
+@click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
+@click.option("--no-key-smoothing", is_flag=True, help="Switch key smoothing off.")
+@click.option("--sam/--no-sam", "sam", default=None, help="Use the stored SAM embeddings (default: when stored).")
+@click.option("--points-per-side", type=int, default=32, show_default=True, help="SAM everything-mode point grid.")
+@click.option("--pred-iou-thresh", type=float, default=0.88, show_default=True, help="Keep SAM masks above this predicted IoU.")
+@click.option("--stability-thresh", type=float, default=0.95, show_default=True, help="Keep SAM masks this stable.")
+@click.option("--nms-thresh", type=float, default=0.7, show_default=True, help="Fast NMS IoU threshold for SAM masks.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Self-training rounds after round 0.")
+@click.option("--conf-thresh", type=float, default=0.5, show_default=True,
+              help="Self-training learns only from pixels whose label confidence reaches this.")
+@click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs per round.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-training head.")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task.")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh, no_prompt_denoising, no_key_smoothing,
+                sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, epochs, seed,
+                shard_size, workers, gpus, threads, scheduler, overwrite, quiet) -> None:
+    from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
+    from batchseg.errors import UsageError
+    from batchseg.labels.proposals import ProposalSettings
+    from batchseg.labels.selftrain import SelfTrainSettings
+    from batchseg.models.text import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
+    from batchseg.stages.pseudolabel import run_pseudolabel
+
+    try:
+        if (classes is None) == (vocab is None):
+            raise UsageError("give the classes with exactly one of --classes or --vocab")
+        if not out.exists():
+            raise UsageError(f"output folder {out} does not exist; run `batchseg embed SRC {out}` first")
+        try:
+            proposals = ProposalSettings(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                                         stability_score_thresh=stability_thresh, box_nms_thresh=nms_thresh)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        labels = LabelSettings(
+            vocabulary=parse_classes(classes) if classes is not None else load_vocab_file(vocab),
+            templates=load_templates(templates) if templates else MASKCLIP_TEMPLATES,
+            background=background,
+            bg_floor=bg_floor,
+            key_smoothing=not no_key_smoothing,
+            prompt_denoising=not no_prompt_denoising,
+            pd_thresh=pd_thresh,
+            sam="auto" if sam is None else ("on" if sam else "off"),
+            proposals=proposals,
+        )
+        config = PseudolabelConfig(
+            out=out,
+            labels=labels,
+            selftrain=SelfTrainSettings(epochs=epochs, seed=seed, conf_thresh=conf_thresh),
+            rounds=rounds,
+            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            shard_size=shard_size,
+            overwrite=overwrite,
+        )
+        summary = run_pseudolabel(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
     if pretrained is None:
         return None if model.startswith("local-dir:") else "openai"
     return None if pretrained == "random" else pretrained
 
 
+def _quiet_libraries() -> None:
+    # One plain format for library warnings (open_clip, Dask) on stderr.
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:

@@ -67,6 +67,10 @@ def dask_client(settings: ClusterSettings, scratch_parent: Path) -> Iterator["di
     """
     from distributed import Client
 
+    # distributed sets its loggers to INFO when imported; its connection chatter
+    # would bury the progress bar. Warnings and errors still show.
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     address = settings.scheduler or os.environ.get(SCHEDULER_ENV)
     if address:
         try:

@@ -5,12 +5,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.models.clip import ClipSpec
 from batchseg.models.sam import SamSpec
+
+if TYPE_CHECKING:
+    from batchseg.labels.proposals import ProposalSettings
+    from batchseg.labels.selftrain import SelfTrainSettings
+    from batchseg.models.text import Vocabulary
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BUILD_FILE = "batchseg.json"
@@ -141,3 +146,84 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+SAM_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Everything that changes round 0 (MaskCLIP labels, SAM proposals, recognition)."""
+
+    vocabulary: "Vocabulary"
+    templates: tuple[str, ...]
+    background: bool = False  # add "background" as a text class
+    bg_floor: float | None = None  # pixels whose best probability is below: unlabelled
+    key_smoothing: bool = True
+    prompt_denoising: bool = True
+    pd_thresh: float = 0.5
+    sam: str = "auto"  # use stored SAM embeddings: auto (when stored), on (required), off
+    proposals: "ProposalSettings" = None  # type: ignore[assignment]
+    work_max_side: int = 1024  # label maps are made at most this large, then mapped up
+
+    def validate(self) -> None:
+        if self.sam not in SAM_MODES:
+            raise UsageError(f"sam must be one of {SAM_MODES}, got {self.sam!r}")
+        if not 0.0 <= self.pd_thresh <= 1.0:
+            raise UsageError(f"--pd-thresh must be in [0, 1], got {self.pd_thresh}")
+        if self.bg_floor is not None and not 0.0 <= self.bg_floor <= 1.0:
+            raise UsageError(f"--bg-floor must be in [0, 1], got {self.bg_floor}")
+        if self.work_max_side < 16:
+            raise UsageError(f"--work-max-side must be at least 16, got {self.work_max_side}")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        names = tuple(self.vocabulary.names)
+        return names + ("background",) if self.background else names
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.class_names),
+            "synonyms": [list(s) for s in self.vocabulary.synonyms],
+            "templates_sha256": _sha256_json(list(self.templates)),
+            "background": self.background,
+            "bg_floor": self.bg_floor,
+            "key_smoothing": self.key_smoothing,
+            "prompt_denoising": self.prompt_denoising,
+            "pd_thresh": self.pd_thresh,
+            "sam": self.sam,
+            "proposals": asdict(self.proposals) if self.proposals is not None else None,
+            "work_max_side": self.work_max_side,
+        }
+
+
+@dataclass(frozen=True)
+class PseudolabelConfig:
+    """One `batchseg pseudolabel` run."""
+
+    out: Path
+    labels: LabelSettings
+    selftrain: "SelfTrainSettings"
+    rounds: int = 3
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    shard_size: int = 64
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not (self.out / BUILD_FILE).exists():
+            raise UsageError(
+                f"{self.out} is not a batchseg build (no {BUILD_FILE}); run `batchseg embed SRC {self.out}` first"
+            )
+        if self.rounds < 0:
+            raise UsageError(f"--rounds must be 0 or more, got {self.rounds}")
+        if self.shard_size < 1:
+            raise UsageError("--shard-size must be at least 1")
+        self.labels.validate()
+        self.selftrain.validate()
+        self.cluster.validate()
+
+
+def _sha256_json(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

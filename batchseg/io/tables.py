@@ -122,3 +122,42 @@ def manifest_table(rows: list[dict]) -> pa.Table:
 def read_manifest(out: Path) -> pa.Table:
     """All committed manifest rows of the build in ``out`` (one row per source file per run)."""
     return read_parts(out / "manifest", "manifest", MANIFEST_VERSION, manifest_schema())
+
+
+LABELS_VERSION = 1
+LABELS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # "semantic" or "instance"
+        pa.field("segment_id", pa.int32(), nullable=False),  # unique within (image, round, source, kind)
+        pa.field("class_id", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # mean class probability in the segment, [0, 1]
+        pa.field("source", pa.string(), nullable=False),  # "maskclip", "sam" or "student"
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x, y, w, h in original pixels
+        pa.field("area", pa.int64(), nullable=False),  # pixels, original size
+        pa.field(
+            "mask",  # COCO RLE in original pixels: {"size": [h, w], "counts": str}
+            pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())]),
+            nullable=False,
+        ),
+    ]
+)
+
+
+def labels_schema() -> pa.Schema:
+    return _with_identity(LABELS_SCHEMA, "labels", LABELS_VERSION)
+
+
+def labels_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=labels_schema())
+
+
+def round_folder(out: Path, round_index: int) -> Path:
+    return out / "labels" / f"round={round_index}"
+
+
+def read_labels(out: Path, round_index: int) -> pa.Table:
+    """All committed label rows of one round."""
+    return read_parts(round_folder(out, round_index), "labels", LABELS_VERSION, labels_schema())

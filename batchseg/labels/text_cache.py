@@ -1,0 +1,48 @@
+"""The text classifier of a build: computed once per (model, classes, templates), kept in OUT.
+
+Reruns and later rounds reuse ``OUT/text/<key>.safetensors`` instead of running the
+text tower again; the key hashes everything that changes the embeddings.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import json
+import torch
+from safetensors.torch import load_file, save_file
+
+from batchseg.models.clip import ClipSpec, load_dense_clip
+from batchseg.models.text import Vocabulary, build_text_classifier, classifier_key
+
+BACKGROUND = "background"
+
+
+def with_background(vocab: Vocabulary) -> Vocabulary:
+    """The vocabulary with a "background" text class appended (last class id)."""
+    return Vocabulary(names=(*vocab.names, BACKGROUND), synonyms=(*vocab.synonyms, (BACKGROUND,)))
+
+
+def model_identity(spec: ClipSpec) -> str:
+    return json.dumps(asdict(spec), sort_keys=True)
+
+
+def text_classifier(out: Path, spec: ClipSpec, vocab: Vocabulary, templates: tuple[str, ...],
+                    device: str = "cpu") -> tuple[torch.Tensor, str]:
+    """Return ``(classifier (C, D) float32 unit rows, key)``, computing it only if not stored."""
+    key = classifier_key(model_identity(spec), vocab, templates)
+    path = out / "text" / f"{key}.safetensors"
+    if path.exists():
+        return load_file(str(path))["classifier"], key
+    import open_clip
+
+    clip = load_dense_clip(spec, device=device)
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    with torch.inference_mode():
+        classifier = build_text_classifier(clip.model, tokenizer, vocab, templates, device=device).float().cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"classifier": classifier.contiguous()}, str(tmp), metadata={"classes": json.dumps(list(vocab.names))})
+    os.replace(tmp, path)
+    return classifier, key

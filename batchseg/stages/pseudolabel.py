@@ -1,0 +1,250 @@
+"""`batchseg pseudolabel`: MaskCLIP labels, SAM masks recognised by CLIP, self-training rounds.
+
+Round 0 labels every stored image from its CLIP dense features (and SAM proposals
+decoded from its stored SAM embedding); round k trains a light head on round k-1's
+confident labels and predicts every image again. Each round lives in
+``OUT/labels/round=K/`` with its Parquet parts, its target grid and ``_round.json``
+(settings key, statistics); a round whose key and inputs are unchanged is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import zarr
+from tqdm import tqdm
+
+from batchseg.cluster import dask_client, gpu_resources
+from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file, write_json_atomic
+from batchseg.errors import BatchsegError, UsageError
+from batchseg.io.lock import build_lock
+from batchseg.io.store import ModelGeometry, store_rows
+from batchseg.io.tables import read_manifest, remove_temporaries, round_folder, visible_parts
+from batchseg.labels.selftrain import settings_record
+from batchseg.labels.text_cache import text_classifier, with_background
+from batchseg.models.clip import ClipSpec
+from batchseg.models.sam import SamSpec
+from batchseg.stages.embed import new_run_id
+from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, LabelShard, RoundContext, run_label_shard
+from batchseg.stages.pseudolabel_train import round_stats, train_result_json, train_round
+
+ROUND_FILE = "_round.json"
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round: int
+    images: int  # images labelled this run (0 when the round was already complete)
+    segments: int  # label rows written this run
+    classes: int  # classes present in the round's targets
+    seconds: float
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class PseudolabelSummary:
+    run_id: str
+    out: Path
+    rounds: tuple[RoundSummary, ...]
+    seconds: float
+
+    def text(self) -> str:
+        lines = ["pseudolabel finished:"]
+        for r in self.rounds:
+            state = "already complete, skipped" if r.skipped else f"{r.images} images, {r.segments} segments"
+            lines.append(f"  round {r.round}: {state}; {r.classes} classes; {r.seconds:.1f} s")
+        lines.append(f"outputs: {self.out / 'labels'}/round=K/part-*.parquet ({self.seconds:.1f} s in all)")
+        return "\n".join(lines)
+
+
+def _sha(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stored_build(config: PseudolabelConfig) -> tuple[dict, ModelGeometry]:
+    build = read_build_file(config.out)
+    if not build or "embed" not in build:
+        raise UsageError(f"{config.out} has no embeddings yet; run `batchseg embed SRC {config.out}` first")
+    geometry = ModelGeometry.from_json(build["embed"]["geometry"])
+    if geometry.clip_canvas is None:
+        raise UsageError(f"{config.out} has no CLIP features (embed ran with --no-clip); pseudolabel needs them")
+    return build, geometry
+
+
+def _use_sam(config: PseudolabelConfig, geometry: ModelGeometry) -> bool:
+    stored = geometry.sam_embed_shape is not None
+    if config.labels.sam == "on" and not stored:
+        raise UsageError(
+            f"SAM was requested but {config.out} holds no SAM embeddings (embed ran with --no-sam); "
+            "rerun embed with SAM into a new folder, or pass --no-sam"
+        )
+    return stored and config.labels.sam != "off"
+
+
+def _images(out: Path) -> tuple[LabelImage, ...]:
+    seen: dict[str, LabelImage] = {}
+    for row in read_manifest(out).to_pylist():
+        if row["status"] == "ok" and row["image_id"] not in seen:
+            seen[row["image_id"]] = LabelImage(
+                row["image_id"], row["zarr_row"], row["height"], row["width"], row["clip_valid_h"],
+                row["clip_valid_w"], row["sam_valid_h"], row["sam_valid_w"],
+            )
+    if not seen:
+        raise UsageError(f"{out} has no successfully embedded images; nothing to label")
+    return tuple(sorted(seen.values(), key=lambda image: image.zarr_row))
+
+
+def _read_round_info(folder: Path) -> dict | None:
+    path = folder / ROUND_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _committed_ids(folder: Path) -> set[str]:
+    ids: set[str] = set()
+    for part in visible_parts(folder):
+        ids.update(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist())
+    return ids
+
+
+def _ensure_grid(folder: Path, rows: int, grid: int) -> None:
+    group = zarr.open_group(str(folder / GRID_STORE), mode="a", zarr_format=3)
+    for name, dtype, fill in (("label", "int16", -1), ("conf", "float16", 0)):
+        if name in group:
+            if group[name].shape[0] < rows:
+                group[name].resize((rows, grid, grid))
+        else:
+            group.create_array(name, shape=(rows, grid, grid), chunks=(1, grid, grid), dtype=dtype, fill_value=fill)
+
+
+def _mask_parts(out: Path, images: list[LabelImage]) -> dict[str, str]:
+    """Which round-0 part holds each image's SAM masks."""
+    wanted = {image.image_id for image in images}
+    where: dict[str, str] = {}
+    for part in visible_parts(round_folder(out, 0)):
+        for image_id in set(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()) & wanted:
+            where[image_id] = str(part)
+    return where
+
+
+def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> PseudolabelSummary:
+    """Make labels for every embedded image of ``config.out``, round 0 then N self-training rounds."""
+    config.validate()
+    run_id = new_run_id()
+    started = time.perf_counter()
+    with build_lock(config.out):
+        build, geometry = _stored_build(config)
+        use_sam = _use_sam(config, geometry)
+        images = _images(config.out)
+        if config.overwrite:
+            shutil.rmtree(config.out / "labels", ignore_errors=True)
+        vocab = config.labels.vocabulary
+        vocab = with_background(vocab) if config.labels.background else vocab
+        clip_spec = ClipSpec(**build["embed"]["models"]["clip"])
+        sam_spec = SamSpec(**build["embed"]["models"]["sam"]) if use_sam else None
+        classifier, text_key = text_classifier(config.out, clip_spec, vocab, config.labels.templates)
+        key = _sha({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
+        summaries = []
+        with dask_client(config.cluster, config.out) as client:
+            for round_index in range(config.rounds + 1):
+                if round_index > 0:
+                    key = _sha({"previous": key, "selftrain": settings_record(config.selftrain), "round": round_index})
+                ctx = RoundContext(config.out, round_index, vocab.names, classifier, config.labels, geometry,
+                                   use_sam, sam_spec, round_folder(config.out, round_index) / "head.safetensors")
+                summaries.append(_run_round(client, config, ctx, images, key, run_id, progress))
+        _record(config, run_id, text_key, summaries)
+    return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started)
+
+
+def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tuple[LabelImage, ...], key: str,
+               run_id: str, progress: bool) -> RoundSummary:
+    start = time.perf_counter()
+    folder = round_folder(config.out, ctx.round_index)
+    info = _read_round_info(folder)
+    images_key = _sha([image.image_id for image in images])
+    resources = gpu_resources(config.cluster)
+    if info and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key):
+        done = _committed_ids(folder) if ctx.round_index == 0 else {image.image_id for image in images}
+        pending = [image for image in images if image.image_id not in done]
+        if not pending:
+            return RoundSummary(ctx.round_index, 0, 0, len(info["stats"]["class_histogram"]), 0.0, skipped=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        pending = list(images)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(folder)
+    grid, _ = ctx.head_grid
+    _ensure_grid(folder, store_rows(config.out), grid)
+
+    train = None
+    if ctx.round_index > 0:
+        future = client.submit(train_round, ctx, images, config.selftrain, resources=resources, pure=False)
+        train = future.result()
+    where = _mask_parts(config.out, pending) if ctx.round_index > 0 and ctx.use_sam else {}
+    shards = [
+        LabelShard(
+            f"{run_id}-{index:05d}",
+            tuple(pending[i : i + config.shard_size]),
+            tuple(sorted({where[im.image_id] for im in pending[i : i + config.shard_size] if im.image_id in where})),
+        )
+        for index, i in enumerate(range(0, len(pending), config.shard_size))
+    ]
+    rows = _run_label_shards(client, ctx, shards, resources, progress)
+    stats = round_stats(config.out, ctx.round_index, images, ctx.names)
+    write_json_atomic(folder / ROUND_FILE, {
+        "key": key,
+        "images_key": images_key,
+        "round": ctx.round_index,
+        "images": len(images),
+        "settings": config.labels.to_json() if ctx.round_index == 0 else settings_record(config.selftrain),
+        "sam": ctx.use_sam,
+        "stats": stats,
+        "train": train_result_json(train),
+        "run_id": run_id,
+    })
+    classes = sum(count > 0 for count in stats["class_histogram"].values())
+    return RoundSummary(ctx.round_index, len(pending), rows, classes, time.perf_counter() - start, skipped=False)
+
+
+def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resources, progress: bool) -> int:
+    from distributed import as_completed
+
+    futures = [client.submit(run_label_shard, ctx, shard, resources=resources, pure=False) for shard in shards]
+    rows = 0
+    total = sum(len(shard.images) for shard in shards)
+    with tqdm(total=total, unit="img", desc=f"round {ctx.round_index}", disable=not progress, dynamic_ncols=True) as bar:
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except BatchsegError:
+                raise
+            except Exception as exc:
+                for other in futures:
+                    other.cancel()
+                raise BatchsegError(f"label shard failed: {type(exc).__name__}: {exc}") from exc
+            rows += result.rows
+            bar.update(result.images)
+    return rows
+
+
+def _record(config: PseudolabelConfig, run_id: str, text_key: str, summaries: list[RoundSummary]) -> None:
+    data = read_build_file(config.out) or {}
+    data["pseudolabel"] = {
+        "labels": config.labels.to_json(),
+        "selftrain": settings_record(config.selftrain),
+        "rounds": config.rounds,
+        "text_classifier": f"text/{text_key}.safetensors",
+    }
+    write_json_atomic(config.out / BUILD_FILE, data)
+    runs = config.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(runs / f"{run_id}.json", {
+        "run_id": run_id,
+        "command": "pseudolabel",
+        "status": "finished",
+        "rounds": [asdict(s) for s in summaries],
+    })

@@ -1,0 +1,237 @@
+"""The worker side of `pseudolabel`: one shard of images to label rows and training targets.
+
+Reads only stored embeddings (no image is re-encoded by the big models). Like
+`embed`, a shard writes its own rows of the round's target grid first and commits
+its Parquet part last, by rename; running it twice writes the same bytes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import torch
+import zarr
+
+from batchseg.config import LabelSettings
+from batchseg.io.store import ModelGeometry, store_path
+from batchseg.io.tables import labels_table, round_folder, visible_parts, write_part_atomic
+from batchseg.labels.image_labels import (
+    ImageFrame,
+    grid_probs_to_work,
+    grid_targets,
+    instance_rows,
+    label_and_confidence,
+    mask_vote_confidence,
+    semantic_rows,
+)
+from batchseg.labels.maskclip import maskclip_probs
+from batchseg.labels.proposals import generate_proposals
+from batchseg.labels.recognise import recognise_masks, refine_semantic
+from batchseg.labels.rle import decode_mask
+from batchseg.labels.selftrain import SegHead, load_head, predict_probs
+from batchseg.models.sam import SamSpec, load_sam
+
+GRID_STORE = "grid.zarr"
+
+
+@dataclass(frozen=True)
+class LabelImage:
+    """One stored image as the label stage needs it (from its manifest row)."""
+
+    image_id: str
+    zarr_row: int
+    height: int
+    width: int
+    clip_valid_h: int
+    clip_valid_w: int
+    sam_valid_h: int | None
+    sam_valid_w: int | None
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What every shard of one round shares."""
+
+    out: Path
+    round_index: int
+    names: tuple[str, ...]
+    classifier: torch.Tensor  # (C, D) float32 unit rows
+    settings: LabelSettings
+    geometry: ModelGeometry
+    use_sam: bool
+    sam_spec: SamSpec | None
+    head_path: Path | None = None  # the round's trained head (rounds >= 1)
+
+    @property
+    def head_grid(self) -> tuple[int, int]:
+        """(grid, canvas) of the training targets: SAM's grid when SAM is used, else CLIP's."""
+        if self.use_sam:
+            return self.geometry.sam_embed_shape[1], self.geometry.sam_image_size
+        return self.geometry.clip_grid, self.geometry.clip_canvas
+
+
+@dataclass(frozen=True)
+class LabelShard:
+    shard_id: str
+    images: tuple[LabelImage, ...]
+    sam_mask_parts: tuple[str, ...] = ()  # round-0 parts holding these images' SAM masks
+
+
+@dataclass(frozen=True)
+class LabelShardResult:
+    shard_id: str
+    images: int
+    rows: int
+    seconds: float
+    already_committed: bool = False
+
+
+def label_part_path(out: Path, round_index: int, shard_id: str) -> Path:
+    return round_folder(out, round_index) / f"part-{shard_id}.parquet"
+
+
+_SAM_CACHE: dict[SamSpec, torch.nn.Module] = {}
+_HEAD_CACHE: dict[tuple[str, float], SegHead] = {}
+_LOCK = threading.Lock()
+
+
+def _sam(spec: SamSpec) -> torch.nn.Module:
+    with _LOCK:
+        if spec not in _SAM_CACHE:
+            _SAM_CACHE.clear()
+            _SAM_CACHE[spec] = load_sam(spec).eval()
+        return _SAM_CACHE[spec]
+
+
+def _head(path: Path, classifier: torch.Tensor) -> SegHead:
+    key = (str(path), path.stat().st_mtime)
+    with _LOCK:
+        if key not in _HEAD_CACHE:
+            _HEAD_CACHE.clear()
+            _HEAD_CACHE[key] = load_head(path, classifier).eval()
+        return _HEAD_CACHE[key]
+
+
+def _frame(ctx: RoundContext, image: LabelImage) -> ImageFrame:
+    return ImageFrame.create(image.image_id, image.height, image.width, ctx.settings.work_max_side)
+
+
+def _valid(ctx: RoundContext, image: LabelImage) -> tuple[int, int]:
+    if ctx.use_sam:
+        return image.sam_valid_h, image.sam_valid_w
+    return image.clip_valid_h, image.clip_valid_w
+
+
+def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor, label: np.ndarray,
+                       confidence: np.ndarray, masks: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Recognise SAM masks with ``probs`` and let them vote the semantic map."""
+    if masks.shape[0] == 0:
+        rows = semantic_rows(frame, label, confidence, ctx.names, "sam", ctx.round_index)
+        return rows, label, confidence
+    mask_tensor = torch.from_numpy(masks)
+    class_ids, scores = recognise_masks(probs, mask_tensor)
+    class_ids, scores = class_ids.numpy(), scores.numpy()
+    rows = instance_rows(frame, masks, class_ids, scores, ctx.names, "sam", ctx.round_index)
+    refined = refine_semantic(probs, mask_tensor, torch.from_numpy(scores)).numpy().astype(np.int64)
+    if ctx.settings.bg_floor is not None:
+        # Pixels no mask covers keep the floor's "unlabelled".
+        uncovered = ~masks.any(axis=0)
+        refined[uncovered & (label < 0)] = -1
+    refined_conf = mask_vote_confidence(refined, confidence, masks, class_ids, scores)
+    rows += semantic_rows(frame, refined, refined_conf, ctx.names, "sam", ctx.round_index)
+    return rows, refined, refined_conf
+
+
+def _round0_image(ctx: RoundContext, group: zarr.Group, image: LabelImage) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    frame = _frame(ctx, image)
+    dense = torch.from_numpy(np.asarray(group["clip_dense"][image.zarr_row])).float()
+    keys = torch.from_numpy(np.asarray(group["clip_keys"][image.zarr_row])).float()
+    settings = ctx.settings
+    grid_probs = maskclip_probs(dense, keys, ctx.classifier, key_smoothing=settings.key_smoothing,
+                                prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh)
+    probs = grid_probs_to_work(grid_probs, ctx.geometry.clip_canvas, image.clip_valid_h, image.clip_valid_w, frame)
+    label, confidence = label_and_confidence(probs, settings.bg_floor)
+    rows = semantic_rows(frame, label, confidence, ctx.names, "maskclip", 0)
+    if not ctx.use_sam:
+        return rows, label, confidence
+    embedding = torch.from_numpy(np.asarray(group["sam"][image.zarr_row]))
+    proposals = generate_proposals(_sam(ctx.sam_spec), embedding, (frame.work_h, frame.work_w), settings.proposals)
+    sam_rows, label, confidence = _refine_with_masks(ctx, frame, probs, label, confidence, proposals.masks)
+    return rows + sam_rows, label, confidence
+
+
+def _stored_sam_masks(shard: LabelShard) -> dict[str, list[dict]]:
+    """Round-0 SAM instance masks (RLE) of the shard's images, by image id."""
+    if not shard.sam_mask_parts:
+        return {}
+    ids = [image.image_id for image in shard.images]
+    dataset = ds.dataset(list(shard.sam_mask_parts), format="parquet")
+    table = dataset.to_table(
+        columns=["image_id", "mask", "segment_id"],
+        filter=pc.field("image_id").isin(ids) & (pc.field("kind") == "instance") & (pc.field("source") == "sam"),
+    )
+    masks: dict[str, list[dict]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: (r["image_id"], r["segment_id"])):
+        masks.setdefault(row["image_id"], []).append(row["mask"])
+    return masks
+
+
+def _work_masks(rles: list[dict], frame: ImageFrame) -> np.ndarray:
+    if not rles:
+        return np.zeros((0, frame.work_h, frame.work_w), dtype=bool)
+    full = np.stack([decode_mask(rle) for rle in rles])
+    if not frame.scaled:
+        return full
+    small = torch.nn.functional.interpolate(torch.from_numpy(full)[:, None].float(),
+                                            size=(frame.work_h, frame.work_w), mode="nearest")
+    return small[:, 0].numpy() > 0.5
+
+
+def _student_image(ctx: RoundContext, group: zarr.Group, image: LabelImage,
+                   sam_masks: dict[str, list[dict]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    frame = _frame(ctx, image)
+    head = _head(ctx.head_path, ctx.classifier)
+    clip = torch.from_numpy(np.asarray(group["clip_dense"][image.zarr_row]))[None]
+    sam = torch.from_numpy(np.asarray(group["sam"][image.zarr_row]))[None] if ctx.use_sam else None
+    grid_probs = predict_probs(head, sam, clip)[0]
+    grid, canvas = ctx.head_grid
+    valid_h, valid_w = _valid(ctx, image)
+    probs = grid_probs_to_work(grid_probs, canvas, valid_h, valid_w, frame)
+    label, confidence = label_and_confidence(probs, ctx.settings.bg_floor)
+    rows = semantic_rows(frame, label, confidence, ctx.names, "student", ctx.round_index)
+    if not ctx.use_sam:
+        return rows, label, confidence
+    masks = _work_masks(sam_masks.get(image.image_id, []), frame)
+    sam_rows, label, confidence = _refine_with_masks(ctx, frame, probs, label, confidence, masks)
+    return rows + sam_rows, label, confidence
+
+
+def run_label_shard(ctx: RoundContext, shard: LabelShard) -> LabelShardResult:
+    """Label one shard of images for one round and commit its part."""
+    start = time.perf_counter()
+    part = label_part_path(ctx.out, ctx.round_index, shard.shard_id)
+    if part in visible_parts(part.parent):
+        return LabelShardResult(shard.shard_id, len(shard.images), 0, 0.0, already_committed=True)
+    group = zarr.open_group(str(store_path(ctx.out)), mode="r")
+    grid_store = zarr.open_group(str(round_folder(ctx.out, ctx.round_index) / GRID_STORE), mode="r+")
+    grid, canvas = ctx.head_grid
+    sam_masks = _stored_sam_masks(shard) if ctx.round_index > 0 else {}
+    rows: list[dict] = []
+    with torch.inference_mode():
+        for image in shard.images:
+            if ctx.round_index == 0:
+                image_rows, label, confidence = _round0_image(ctx, group, image)
+            else:
+                image_rows, label, confidence = _student_image(ctx, group, image, sam_masks)
+            rows.extend(image_rows)
+            valid_h, valid_w = _valid(ctx, image)
+            target, target_conf = grid_targets(label, confidence, grid, canvas, valid_h, valid_w)
+            grid_store["label"][image.zarr_row] = target
+            grid_store["conf"][image.zarr_row] = target_conf
+    write_part_atomic(labels_table(rows), part)
+    return LabelShardResult(shard.shard_id, len(shard.images), len(rows), time.perf_counter() - start)
