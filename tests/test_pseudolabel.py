@@ -1,0 +1,140 @@
+"""`batchseg pseudolabel` end to end through the CLI, on builds made by `batchseg embed`."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from batchseg.io.tables import LABELS_SCHEMA, read_labels, read_manifest, round_folder
+from batchseg.labels.rle import decode_mask
+from helpers import embed_args, run_cli
+
+CLASSES = "red thing,green thing,blue thing"
+FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--epochs", "2", "-q"]
+
+
+@pytest.fixture(scope="session")
+def _embedded_template(tmp_path_factory, _image_folder_template, tiny_models, dask_scheduler) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("builds")
+    builds = {}
+    for name, extra in (("sam", []), ("nosam", ["--no-sam"])):
+        result = run_cli(embed_args(_image_folder_template, root / name, tiny_models, "--scheduler", dask_scheduler, *extra))
+        assert result.exit_code == 0, result.output
+        builds[name] = root / name
+    return builds
+
+
+@pytest.fixture
+def build(tmp_path, _embedded_template) -> Path:
+    """A fresh copy of an embedded build (with SAM) of the 8 template images."""
+    target = tmp_path / "build"
+    shutil.copytree(_embedded_template["sam"], target)
+    return target
+
+
+def _label(out: Path, scheduler: str, *args: str):
+    return run_cli(["pseudolabel", str(out), "--scheduler", scheduler, *args])
+
+
+def _check_rows(out: Path, round_index: int, sources: set[str]) -> None:
+    table = read_labels(out, round_index)
+    assert table.schema.equals(LABELS_SCHEMA, check_metadata=False)
+    assert set(table.column("source").to_pylist()) == sources
+    sizes = {r["image_id"]: (r["height"], r["width"]) for r in read_manifest(out).to_pylist()}
+    semantic_cover: dict[tuple[str, str], np.ndarray] = {}
+    for row in table.to_pylist():
+        mask = decode_mask(row["mask"])
+        assert mask.shape == sizes[row["image_id"]]  # original pixels, non-square images included
+        assert row["area"] == int(mask.sum()) > 0
+        ys, xs = np.nonzero(mask)
+        assert row["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert 0.0 <= row["score"] <= 1.0 + 1e-6 and row["round"] == round_index
+        assert row["class_name"] == CLASSES.split(",")[row["class_id"]]
+        if row["kind"] == "semantic":
+            key = (row["image_id"], row["source"])
+            cover = semantic_cover.setdefault(key, np.zeros(mask.shape, dtype=np.int32))
+            cover += mask
+    assert semantic_cover and all(c.max() == 1 for c in semantic_cover.values())  # semantic rows never overlap
+
+
+def test_rounds_are_written_schema_valid_and_a_rerun_does_nothing(build, dask_scheduler):
+    result = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    for k in range(3):
+        assert f"round {k}: 8 images" in result.output
+    _check_rows(build, 0, {"maskclip", "sam"})
+    _check_rows(build, 1, {"student", "sam"})
+    _check_rows(build, 2, {"student", "sam"})
+    assert pq.read_schema(next(round_folder(build, 0).glob("part-*.parquet"))).metadata[b"batchseg.schema"] == b"labels"
+    instance = [r for r in read_labels(build, 0).to_pylist() if r["kind"] == "instance"]
+    assert instance and all(r["source"] == "sam" for r in instance)
+
+    again = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "2", *FAST)
+    assert again.exit_code == 0
+    assert again.output.count("already complete, skipped") == 3
+
+    changed = _label(build, dask_scheduler, "--classes", "red thing,green thing", "--rounds", "1", *FAST)
+    assert changed.exit_code == 0
+    assert "round 0: 8 images" in changed.output and "round 1: 8 images" in changed.output
+    assert set(read_labels(build, 0).column("class_name").to_pylist()) <= {"red thing", "green thing"}
+
+
+def test_round_statistics_are_recorded(build, dask_scheduler):
+    assert _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "1", *FAST).exit_code == 0
+    import json
+
+    info = json.loads((round_folder(build, 1) / "_round.json").read_text())
+    assert len(info["train"]["losses"]) == 2 and all(np.isfinite(info["train"]["losses"]))
+    assert 0.0 <= info["stats"]["agreement_with_previous"] <= 1.0
+    assert set(info["stats"]["class_histogram"]) == set(CLASSES.split(","))
+    assert sum(info["stats"]["class_histogram"].values()) == info["stats"]["labelled_cells"] > 0
+
+
+def test_without_sam_embeddings_maskclip_alone(tmp_path, _embedded_template, dask_scheduler):
+    out = tmp_path / "nosam"
+    shutil.copytree(_embedded_template["nosam"], out)
+    result = _label(out, dask_scheduler, "--classes", CLASSES, "--rounds", "1", *FAST)
+    assert result.exit_code == 0, result.output
+    _check_rows(out, 0, {"maskclip"})
+    _check_rows(out, 1, {"student"})
+    asked = _label(out, dask_scheduler, "--classes", CLASSES, "--sam", *FAST)
+    assert asked.exit_code == 2 and "no SAM embeddings" in asked.output
+
+
+def test_switches_change_round_zero(build, dask_scheduler):
+    base = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", "--no-sam", *FAST)
+    assert base.exit_code == 0
+    plain = read_labels(build, 0)
+    ablated = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", "--no-sam", "--no-key-smoothing",
+                     "--no-prompt-denoising", *FAST)
+    assert ablated.exit_code == 0 and "round 0: 8 images" in ablated.output
+    assert read_labels(build, 0).column("mask").to_pylist() != plain.column("mask").to_pylist()
+
+
+@pytest.mark.parametrize(
+    "make_out, args, fragment",
+    [
+        (lambda tmp, build: tmp / "missing", ["--classes", "cat"], "does not exist"),
+        (lambda tmp, build: tmp, ["--classes", "cat"], "not a batchseg build"),
+        (lambda tmp, build: build, ["--classes", " , "], "empty"),
+        (lambda tmp, build: build, [], "exactly one of --classes or --vocab"),
+        (lambda tmp, build: build, ["--classes", "cat", "--rounds", "-1"], "--rounds"),
+        (lambda tmp, build: build, ["--classes", "cat", "--conf-thresh", "2"], "conf_thresh"),
+        (lambda tmp, build: build, ["--classes", "cat,Cat"], "duplicate"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, build, dask_scheduler, make_out, args, fragment):
+    result = _label(make_out(tmp_path, build), dask_scheduler, *args, "-q")
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_vocab_file_with_synonyms_and_background(build, tmp_path, dask_scheduler):
+    vocab = tmp_path / "classes.txt"
+    vocab.write_text("# shapes\nred thing|crimson thing\ngreen thing\n")
+    result = _label(build, dask_scheduler, "--vocab", str(vocab), "--background", "--rounds", "0", "--no-sam", *FAST)
+    assert result.exit_code == 0, result.output
+    names = set(read_labels(build, 0).column("class_name").to_pylist())
+    assert names <= {"red thing", "green thing", "background"}
+    assert len(list((build / "text").glob("*.safetensors"))) == 1
