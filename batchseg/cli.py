@@ -221,6 +221,47 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh,
     click.echo(summary.text())
 
 
+EVALUATE_HELP = f"""Measure the pseudo labels in OUT against a few hand-labelled images.
+
+GT is a folder of PNG label maps (single-channel L or palette P, read as raw indices;
+a/img1.png is matched to image a/img1.jpg, a flat folder by file name) or a COCO
+instance JSON (images matched by file_name, categories to the build's classes by name).
+PNG values: --ignore-index is not scored, values below --gt-offset are background,
+value v is class id v - offset. Background pixels are scored only when the vocabulary
+has a "background" class (pseudolabel --background); otherwise they are ignored.
+
+Reports per-class IoU, mIoU and pixel accuracy for every round and source (maskclip:
+MaskCLIP alone; sam: SAM-refined; student: the self-training head of round k) as a
+table, and writes OUT/eval/EVAL_ID.json and OUT/eval/EVAL_ID.parquet.
+
+\b
+Examples:
+  batchseg evaluate out/ --gt gt_masks/                  # VOC style: 0 background, class k = k+1, 255 ignored
+  batchseg evaluate out/ --gt gt_masks/ --gt-offset 0    # values are class ids
+  batchseg evaluate out/ --gt instances.json             # COCO instance annotations
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=EVALUATE_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--gt", "gt", type=click.Path(path_type=Path), required=True,
+              help="Ground truth: a folder of PNG label maps, or a COCO instance .json file.")
+@click.option("--ignore-index", type=int, default=255, show_default=True, help="PNG value that is not scored.")
+@click.option("--gt-offset", type=int, default=1, show_default=True,
+              help="PNG class id k is stored as k + offset; values below offset are background (VOC: 1).")
+def evaluate(out, gt, ignore_index, gt_offset) -> None:
+    from batchseg.stages.evaluate import EvaluateConfig, run_evaluate
+
+    try:
+        report = run_evaluate(EvaluateConfig(out=out, gt=gt, ignore_index=ignore_index, gt_offset=gt_offset))
+    except BatchsegError as exc:
+        _fail(exc)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(report.text())
+
+
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
     if pretrained is None:
         return None if model.startswith("local-dir:") else "openai"
