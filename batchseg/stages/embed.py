@@ -44,6 +44,7 @@ class EmbedSummary:
     duplicates: int
     seconds: float  # whole run, cluster start and model loading included
     shard_seconds: float = 0.0  # from the first shard submitted to the last one committed
+    compute_seconds: float = 0.0  # model forward time summed over shards
 
     @property
     def images_per_second(self) -> float:
@@ -187,13 +188,18 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
         duplicates=plan.duplicates,
         seconds=time.perf_counter() - started,
         shard_seconds=shard_seconds,
+        compute_seconds=sum(r.compute_seconds for r in results),
     )
 
 
 def _run_shards(client, config: EmbedConfig, builders: ModelBuilders, run_id: str, items, resources, progress: bool) -> list[ShardResult]:
     from distributed import as_completed
 
-    threads = None if (config.cluster.scheduler or config.cluster.gpus) else config.cluster.threads_per_worker()
+    # An explicit --threads always applies; otherwise a local cluster splits the cores
+    # and an external cluster's workers keep their own setting.
+    threads = config.cluster.torch_threads
+    if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
+        threads = config.cluster.threads_per_worker()
     tasks = [
         ShardTask(
             shard_id=f"{run_id}-{index:05d}",

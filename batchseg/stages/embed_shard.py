@@ -166,15 +166,15 @@ def _forward(models: LoadedModels, batch: list[_Prepared]) -> dict[str, np.ndarr
     """Run the models on one batch; returns arrays by store name, (B, ...) float16."""
     outputs: dict[str, np.ndarray] = {}
     device = models.device
-    with torch.inference_mode(), models.autocast():
+    with torch.inference_mode():
         if models.clip is not None:
-            pixels = torch.stack([entry.clip_pixels for entry in batch]).to(device, non_blocking=True)
+            pixels = torch.stack([entry.clip_pixels for entry in batch]).to(device, models.dtype, non_blocking=True)
             result = models.clip(pixels)
             outputs["clip_dense"] = result.dense
             outputs["clip_keys"] = result.keys
             outputs["clip_global"] = result.global_
         if models.sam is not None:
-            pixels = torch.stack([entry.sam_pixels for entry in batch]).to(device, non_blocking=True)
+            pixels = torch.stack([entry.sam_pixels for entry in batch]).to(device, models.dtype, non_blocking=True)
             outputs["sam"] = models.sam(pixels)
     return {name: value.float().half().cpu().numpy() for name, value in outputs.items()}
 
