@@ -61,32 +61,53 @@ def test_embed_writes_arrays_manifest_and_summary(image_folder, tmp_path, tiny_m
 
 
 def test_bad_inputs_become_rows_and_good_images_are_untouched(tmp_path, tiny_models, dask_scheduler):
+    from test_images import animated_gif, enc, half, noise, palette_png, png_claiming_size, quadrant_jpeg
+
     src = tmp_path / "src"
     write_image_folder(src, 2, seed=3)
-    (src / "empty.jpg").write_bytes(b"")
-    (src / "text.jpg").write_text("hello, not an image")
-    good = src / "a" / "img0000.png"
-    (src / "cut.png").write_bytes(good.read_bytes()[:60])
-    Image.new("L", (1, 5000), 128).save(src / "strip.png")
-    Image.new("CMYK", (20, 10), (0, 255, 0, 0)).save(src / "cmyk.jpg")
+    good = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*.*")}
+    corpus = {
+        "empty.jpg": b"",
+        "text.jpg": b"hello, not an image\n",
+        "cut.jpg": half(enc(noise(), "JPEG", quality=90)),
+        "bomb.png": png_claiming_size(50_000, 50_000),
+        "cmyk.jpg": enc(Image.new("CMYK", (20, 10), (0, 255, 0, 0)), "JPEG"),
+        "sixteen.png": enc(Image.fromarray(np.full((6, 9), 40000, dtype=np.uint16)), "PNG"),
+        "palette.png": palette_png(transparency=0),
+        "rotated.jpg": quadrant_jpeg(6),
+        "one.png": enc(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"),
+        "anim.gif": animated_gif(),
+        "strip.png": enc(Image.new("L", (1, 5000), 128), "PNG"),
+        "gray.png": enc(Image.new("L", (30, 20), 77), "PNG"),
+    }
+    for name, data in corpus.items():
+        (src / name).write_bytes(data)
     os.symlink(src / "loop1.jpg", src / "loop2.jpg")
     os.symlink(src / "loop2.jpg", src / "loop1.jpg")
+    with open(os.path.join(os.fsencode(src), b"bad\xffname.png"), "wb") as handle:
+        handle.write(enc(noise(8, 12), "PNG"))
     out = tmp_path / "out"
     result = _embed(src, out, tiny_models, dask_scheduler)
     assert result.exit_code == 0, result.output
-    statuses = {r["path"]: r["status"] for r in read_manifest(out).to_pylist()}
+    rows = {r["path"]: r for r in read_manifest(out).to_pylist()}
+    statuses = {path: row["status"] for path, row in rows.items()}
     assert statuses == {
-        "a/img0000.png": "ok", "b/img0001.jpg": "ok", "strip.png": "ok", "cmyk.jpg": "ok",
-        "empty.jpg": "empty", "text.jpg": "not_an_image", "cut.png": "truncated",
+        **{path: "ok" for path in good},
+        "empty.jpg": "empty", "text.jpg": "not_an_image", "cut.jpg": "truncated", "bomb.png": "too_large",
+        "cmyk.jpg": "ok", "sixteen.png": "ok", "palette.png": "ok", "rotated.jpg": "ok", "one.png": "ok",
+        "anim.gif": "ok", "strip.png": "ok", "gray.png": "ok", "bad\\xffname.png": "ok",
         "loop1.jpg": "unreadable", "loop2.jpg": "unreadable",
     }
-    assert "4 ok, 5 failed" in result.output
-    errors = {r["path"]: r["error"] for r in read_manifest(out).to_pylist()}
-    assert all(errors[p] for p, s in statuses.items() if s != "ok")
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (20, 40)  # EXIF applied
+    assert rows["anim.gif"]["frames"] == 3 and rows["strip.png"]["clip_valid_w"] == 1
+    assert all(row["error"] and "\n" not in row["error"] for row in rows.values() if row["status"] != "ok")
+    assert "11 ok, 6 failed" in result.output
+    for path, data in good.items():  # good images: untouched and embedded from their own bytes
+        assert (src / path).read_bytes() == data and rows[path]["image_id"] == content_id(data)
     # A rerun records nothing new: failures are committed rows too.
     again = _embed(src, out, tiny_models, dask_scheduler)
-    assert "0 computed" in again.output and "9 skipped" in again.output
-    assert len(read_manifest(out)) == 9
+    assert "0 computed" in again.output and "17 skipped" in again.output
+    assert len(read_manifest(out)) == 17
 
 
 def _computed(output: str) -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from batchseg.io.geometry import letterbox
 from batchseg.labels.rle import encode_mask, rle_area, rle_bbox_xywh
 from batchseg.labels.maskclip import crop_to_original, upsample_to_canvas
 
@@ -30,8 +31,11 @@ class ImageFrame:
 
     @classmethod
     def create(cls, image_id: str, height: int, width: int, max_side: int) -> "ImageFrame":
-        scale = min(1.0, max_side / max(height, width))
-        return cls(image_id, height, width, max(1, round(height * scale)), max(1, round(width * scale)))
+        if max(height, width) <= max_side:
+            return cls(image_id, height, width, height, width)
+        # letterbox's rounding, so the work size keeps the stored canvas's aspect exactly.
+        box = letterbox(height, width, max_side)
+        return cls(image_id, height, width, box.valid_h, box.valid_w)
 
     @property
     def scaled(self) -> bool:
