@@ -46,14 +46,17 @@ def box_iou_matrix(boxes: Tensor, other: Tensor | None = None) -> Tensor:
     b = a if other is None else other.float().to(a.device)
     if a.ndim != 2 or a.shape[1] != 4 or b.ndim != 2 or b.shape[1] != 4:
         raise ValueError(f"boxes must be (N,4), got {tuple(a.shape)} and {tuple(b.shape)}")
+    # Per-coordinate broadcasting with in-place ops: no (N, M, 2) temporaries, so
+    # memory is a few (N, M) float32 buffers and time is a handful of passes.
     area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
     area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp_min(0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+    inter = torch.minimum(a[:, None, 2], b[None, :, 2]).sub_(torch.maximum(a[:, None, 0], b[None, :, 0])).clamp_min_(0)
+    height = torch.minimum(a[:, None, 3], b[None, :, 3]).sub_(torch.maximum(a[:, None, 1], b[None, :, 1])).clamp_min_(0)
+    inter.mul_(height)
+    del height
+    union = (area_a[:, None] + area_b[None, :]).sub_(inter)
+    # union == 0 only when both boxes are empty (then inter == 0 too): IoU 0, not NaN.
+    return inter.div_(union.clamp_min_(1e-12))
 
 
 def mask_iou_matrix(masks: Tensor, chunk: int = 64) -> Tensor:
@@ -142,7 +145,7 @@ def fast_nms(
         m = m * (cls[:, None] == cls[None, :])
     # Entry [i, j], i < j: overlap of j with a higher-scored i. The diagonal
     # (self-IoU 1) and the lower triangle (lower-scored items) must not count.
-    col_max = torch.triu(m, diagonal=1).max(dim=0).values
+    col_max = m.triu_(diagonal=1).max(dim=0).values
     return order[col_max <= iou_thresh]
 
 
