@@ -114,7 +114,7 @@ class TrainConfig:
     eval_seed: int = 999
     eval_images: int = 100
     eval_everything_images: int = 25
-    eval_every: int = 2000  # steps; 0: only at step 0 and the end
+    eval_every: int = 3000  # steps; 0: only at step 0 and the end
     log_every: int = 50
     write_card: bool = True
     init_from: str | None = None  # start from these weights instead of random init (fine-tuning)
@@ -611,9 +611,10 @@ def _train(cfg: TrainConfig, log) -> dict[str, Any]:  # noqa: ANN001
         if total is None and step == cfg.warmup_steps:
             per_step = (train_time - calibrate_t) / max(1, step - calibrate_from)
             remaining = cfg.minutes * 60.0 - (time.perf_counter() - started)
-            # Reserve time for the periodic evaluations (each about as long as the first)
-            # and the final one, which runs after the budget's last step.
-            eval_cost = evals[0]["eval_seconds"]
+            # Reserve time for the periodic evaluations and the final one. Later ones
+            # cost more than the first (everything mode then keeps and upsamples
+            # masks; measured about 3x), so reserve 3x the first's time for each.
+            eval_cost = 3.0 * evals[0]["eval_seconds"]
             remaining -= eval_cost
             n = int(remaining / (per_step + (eval_cost / cfg.eval_every if cfg.eval_every else 0.0)))
             total = max(step + 1, step + n)
