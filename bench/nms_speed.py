@@ -146,8 +146,8 @@ def main(argv=None) -> int:
           "so it keeps a subset of classic NMS's boxes (it may suppress more, never less); a Jaccard below 1 "
           "is that difference, not an error." + ("" if all_subset else
                                                    " WARNING: the subset property failed above, which is a bug."))
-    print("Fast NMS builds the full n x n IoU matrix through n x n x 2 float32 temporaries (box_iou_matrix), "
-          f"tens of bytes per pair: about {40 * max(args.sizes) ** 2 / 2**20:.0f} MiB at n = {max(args.sizes)}; "
+    print("Fast NMS builds the full n x n IoU matrix (a few n x n float32 buffers in box_iou_matrix, "
+          f"about {12 * max(args.sizes) ** 2 / 2**20:.0f} MiB at n = {max(args.sizes)}); "
           "classic NMS is a sequential loop with early exits in C++/CUDA. "
           f"Peak RSS of this process: {common.mib(common.peak_rss_bytes())} MiB "
           f"({common.mib(rss_after_imports)} MiB after imports).")
