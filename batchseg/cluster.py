@@ -106,3 +106,31 @@ def dask_client(settings: ClusterSettings, scratch_parent: Path) -> Iterator["di
 def gpu_resources(settings: ClusterSettings) -> dict[str, float] | None:
     """Task resources: a GPU each when the local cluster has GPU workers."""
     return {"GPU": 1} if settings.gpus > 0 and not settings.scheduler else None
+
+
+def gather_with_progress(futures: list, total: int, desc: str, progress: bool, advance) -> list:
+    """Results of ``futures`` as they complete, with a tqdm bar over ``total`` items.
+
+    ``advance(result)`` says how many items a result covers. A task that failed after
+    Dask's retries cancels the rest; its ``BatchsegError`` (a user mistake found on a
+    worker, e.g. a bad checkpoint) is re-raised as is, anything else is wrapped.
+    """
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from batchseg.errors import BatchsegError
+
+    results = []
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as exc:
+                for other in futures:
+                    other.cancel()
+                if isinstance(exc, BatchsegError):
+                    raise
+                raise BatchsegError(f"task {future.key} failed: {type(exc).__name__}: {exc}") from exc
+            results.append(result)
+            bar.update(advance(result))
+    return results

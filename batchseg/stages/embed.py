@@ -14,12 +14,10 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 import batchseg
-from batchseg.cluster import dask_client, gpu_resources
+from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, EmbedConfig, ModelSettings, read_build_file, write_json_atomic
-from batchseg.errors import BatchsegError, UsageError
+from batchseg.errors import UsageError
 from batchseg.io.images import discover_images
 from batchseg.io.lock import build_lock
 from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
@@ -193,8 +191,6 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
 
 
 def _run_shards(client, config: EmbedConfig, builders: ModelBuilders, run_id: str, items, resources, progress: bool) -> list[ShardResult]:
-    from distributed import as_completed
-
     # An explicit --threads always applies; otherwise a local cluster splits the cores
     # and an external cluster's workers keep their own setting.
     threads = config.cluster.torch_threads
@@ -217,17 +213,4 @@ def _run_shards(client, config: EmbedConfig, builders: ModelBuilders, run_id: st
     futures = [
         client.submit(run_shard, task, key=f"embed-{task.shard_id}", resources=resources, pure=False) for task in tasks
     ]
-    results = []
-    with tqdm(total=len(items), unit="img", desc="embed", disable=not progress, dynamic_ncols=True) as bar:
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except BatchsegError:
-                raise
-            except Exception as exc:  # a shard that failed after Dask's retries
-                for other in futures:
-                    other.cancel()
-                raise BatchsegError(f"shard {future.key} failed: {type(exc).__name__}: {exc}") from exc
-            results.append(result)
-            bar.update(result.images)
-    return results
+    return gather_with_progress(futures, len(items), "embed", progress, lambda result: result.images)

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import zarr
-from tqdm import tqdm
-
-from batchseg.cluster import dask_client, gpu_resources
+from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file, write_json_atomic
-from batchseg.errors import BatchsegError, UsageError
+from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.tables import read_manifest, remove_temporaries, round_folder, visible_parts
@@ -211,24 +209,10 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
 
 
 def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resources, progress: bool) -> int:
-    from distributed import as_completed
-
     futures = [client.submit(run_label_shard, ctx, shard, resources=resources, pure=False) for shard in shards]
-    rows = 0
     total = sum(len(shard.images) for shard in shards)
-    with tqdm(total=total, unit="img", desc=f"round {ctx.round_index}", disable=not progress, dynamic_ncols=True) as bar:
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except BatchsegError:
-                raise
-            except Exception as exc:
-                for other in futures:
-                    other.cancel()
-                raise BatchsegError(f"label shard failed: {type(exc).__name__}: {exc}") from exc
-            rows += result.rows
-            bar.update(result.images)
-    return rows
+    results = gather_with_progress(futures, total, f"round {ctx.round_index}", progress, lambda r: r.images)
+    return sum(result.rows for result in results)
 
 
 def _record(config: PseudolabelConfig, run_id: str, text_key: str, summaries: list[RoundSummary]) -> None:
