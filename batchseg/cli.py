@@ -31,6 +31,7 @@ def cli() -> None:
     Stages (each reads the previous stage's files in OUT):
       embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
       pseudolabel  stored embeddings -> MaskCLIP labels, SAM masks recognised, self-training rounds
+      evaluate     labels of every round and source -> IoU against a few hand-labelled images
     """
 
 
