@@ -1,0 +1,113 @@
+"""The toy CLIP training script (examples/train_toy_clip.py), run for a few steps at a tiny size."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from batchseg.models.clip import WEIGHTS_FILE, ClipSpec, load_dense_clip
+from batchseg.models.text import MASKCLIP_TEMPLATES
+from batchseg.world import CLASS_NAMES
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_toy_clip.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_toy_clip", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _tiny(script, out: Path, **overrides):
+    settings = dict(
+        out=str(out), minutes=None, steps=12, threads=1, seed=3,
+        arch="vit", image_size=32, patch_size=8, vision_width=32, vision_layers=1, embed_dim=16,
+        text_width=32, text_layers=1, batch_size=4, lr=3e-3, warmup=2,
+        templates_per_class=2, eval_every=6, eval_images=4,
+    )
+    settings.update(overrides)
+    return script.TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(script, tmp_path_factory):
+    cfg = _tiny(script, tmp_path_factory.mktemp("toy-clip") / "a")
+    return cfg, script.train(cfg, log=lambda _: None)
+
+
+def test_saved_folder_loads_through_the_pipeline(trained):
+    cfg, result = trained
+    out = Path(cfg.out)
+    assert (out / "open_clip_config.json").is_file() and (out / WEIGHTS_FILE).is_file()
+    clip = load_dense_clip(ClipSpec("local-dir:" + str(out)))
+    assert (clip.canvas, clip.patch, clip.grid, clip.dense_dim) == (32, 8, 4, 16)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + str(out))
+    assert tokenizer.context_length == cfg.context_length
+    prompt = MASKCLIP_TEMPLATES[0].replace("{}", CLASS_NAMES[0])
+    with torch.no_grad():
+        text = clip.model.encode_text(tokenizer([prompt]))
+        dense = clip(torch.zeros(1, 3, 32, 32)).dense
+    assert text.shape == (1, 16) and dense.shape == (1, 16, 4, 4)
+    assert torch.isfinite(text).all() and torch.isfinite(dense).all()
+    # Shipped as float16 (size), loaded into a float32 model.
+    assert {v.dtype for v in load_file(str(out / WEIGHTS_FILE)).values() if v.is_floating_point()} == {torch.float16}
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "What it is NOT" in card and "--steps 12" in card
+    # Scores: step 0 (random init), the periodic one, and the saved weights'.
+    assert [e["step"] for e in result.evals] == [0, 6, 12]
+    assert 0.0 <= result.final["miou_plain"] <= 1.0
+
+
+def test_loss_decreases(trained):
+    _, result = trained
+    losses = [r["loss"] for r in result.losses]
+    assert len(losses) == 12 and all(map(lambda v: v == v, losses))  # no NaN
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_same_seed_same_weights(script, trained, tmp_path):
+    cfg, _ = trained
+    again = script.train(_tiny(script, tmp_path / "b", write_card=False), log=lambda _: None)
+    assert again.steps == 12
+    first = load_file(str(Path(cfg.out) / WEIGHTS_FILE))
+    second = load_file(str(tmp_path / "b" / WEIGHTS_FILE))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_patch_targets_fractions(script):
+    import numpy as np
+
+    sem = np.zeros((1, 16, 16), np.uint8)
+    sem[0, :8, :4] = 1  # class 0 on half of the top-left 8x8 cell
+    sem[0, 8:, 8:] = 255  # bottom-right cell is all padding
+    mix, valid = script.patch_targets(sem, 8)
+    assert mix.shape == (1, 13, 2, 2)
+    assert torch.allclose(mix[0, :, 0, 0][[0, 12]], torch.tensor([0.5, 0.5]))
+    assert valid[0].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert torch.allclose(mix[0].sum(0)[valid[0] > 0], torch.ones(3))
+
+
+def test_resnet_tower_trains_saves_and_loads(script, tmp_path):
+    cfg = _tiny(script, tmp_path / "rn", arch="resnet", image_size=64, vision_width=8, steps=3, eval_every=0,
+                write_card=False)
+    result = script.train(cfg, log=lambda _: None)
+    clip = load_dense_clip(ClipSpec("local-dir:" + str(tmp_path / "rn")))
+    assert (clip.kind, clip.grid) == ("resnet", 2)
+    # BatchNorm statistics were trained and saved (integer counters stay integers).
+    state = load_file(str(tmp_path / "rn" / WEIGHTS_FILE))
+    counters = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
+    assert counters and all(v.dtype == torch.int64 and int(v) == 3 for v in counters)
+    assert result.steps == 3 and 0.0 <= result.final["miou_plain"] <= 1.0
