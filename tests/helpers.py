@@ -1,7 +1,12 @@
 """Helpers shared by the CLI tests."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 import zarr
@@ -56,3 +61,17 @@ def assert_same_build(a: Path, b: Path) -> None:
     assert {k: group_a[k].shape for k in group_a.array_keys()} == {k: group_b[k].shape for k in group_b.array_keys()}
     leftovers = [p for p in a.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+@contextmanager
+def example_module(name: str) -> Iterator[ModuleType]:
+    """Import ``examples/NAME.py`` (not a package) for the length of a test module."""
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

@@ -1,12 +1,11 @@
 """The toy CLIP training script (examples/train_toy_clip.py), run for a few steps at a tiny size."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
+from helpers import example_module
 import torch
 from safetensors.torch import load_file
 
@@ -14,19 +13,10 @@ from batchseg.models.clip import WEIGHTS_FILE, ClipSpec, load_dense_clip
 from batchseg.models.text import MASKCLIP_TEMPLATES
 from batchseg.world import CLASS_NAMES
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_toy_clip.py"
-
-
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_toy_clip", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
+    with example_module("train_toy_clip") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _tiny(script, out: Path, **overrides):

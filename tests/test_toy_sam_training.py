@@ -8,31 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import example_module
 import torch
 from torch.testing import assert_close
 
 from batchseg.models.sam import SAM_ARCHS, SamEncoder, SamSpec, build_sam_model, load_sam
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_toy_sam.py"
-
-
 @pytest.fixture(scope="module")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_toy_sam", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
+    with example_module("train_toy_sam") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _config(trainer, out: Path, **overrides):
