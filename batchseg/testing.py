@@ -81,6 +81,16 @@ def write_image_folder(folder: Path, count: int, seed: int = 0, start: int = 0) 
     return paths
 
 
+_DENSE_CLIP_ATTRIBUTES = ("canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form")
+
+
+def _copy_geometry(wrapper: torch.nn.Module, inner: torch.nn.Module) -> None:
+    """Give a DenseClip stand-in the attributes the pipeline reads from a DenseClip."""
+    for name in _DENSE_CLIP_ATTRIBUTES:
+        if hasattr(inner, name):
+            setattr(wrapper, name, getattr(inner, name))
+
+
 class _KillOnce(torch.nn.Module):
     """A DenseClip stand-in that kills its process at the n-th batch, once per marker."""
 
@@ -90,8 +100,7 @@ class _KillOnce(torch.nn.Module):
         self.marker = marker
         self.after_batches = after_batches
         self.batches = 0
-        for name in ("canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form"):
-            setattr(self, name, getattr(inner, name))
+        _copy_geometry(self, inner)
 
     def forward(self, pixels: torch.Tensor) -> DenseClipOutput:
         self.batches += 1
@@ -123,9 +132,7 @@ class _Slow(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.delay = delay
-        for name in ("canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form"):
-            if hasattr(inner, name):
-                setattr(self, name, getattr(inner, name))
+        _copy_geometry(self, inner)
 
     def forward(self, pixels: torch.Tensor) -> DenseClipOutput:
         import time

@@ -23,7 +23,7 @@ from batchseg.config import ModelSettings
 from batchseg.io.geometry import letterbox
 from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
 from batchseg.io.store import RowWriter
-from batchseg.io.tables import manifest_table, visible_parts, write_part_atomic
+from batchseg.io.tables import manifest_table, write_part_atomic
 from batchseg.models.clip import preprocess_clip
 from batchseg.models.runtime import LoadedModels, ModelBuilders, get_models, set_torch_threads
 
@@ -188,8 +188,9 @@ def _write_rows(writer: RowWriter, batch: list[_Prepared], outputs: dict[str, np
 def run_shard(task: ShardTask, builders: ModelBuilders | None = None) -> ShardResult:
     """Compute one shard and commit it. Safe to run again after a crash at any point."""
     start = time.perf_counter()
-    if part_path(task.out, task.shard_id) in visible_parts(task.out / "manifest"):
-        # Dask retried a task whose first attempt had already committed.
+    if part_path(task.out, task.shard_id).exists():
+        # Dask retried a task whose first attempt had already committed. (A stat, not a
+        # directory listing: a listing per task grows with the whole build.)
         return ShardResult(task.shard_id, len(task.items), 0, 0, 0.0, 0.0, already_committed=True)
     _check_current(task)
     set_torch_threads(task.torch_threads)

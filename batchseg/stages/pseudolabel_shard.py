@@ -19,7 +19,7 @@ import zarr
 
 from batchseg.config import LabelSettings
 from batchseg.io.store import ModelGeometry, store_path
-from batchseg.io.tables import labels_table, round_folder, visible_parts, write_part_atomic
+from batchseg.io.tables import labels_table, round_folder, write_part_atomic
 from batchseg.labels.image_labels import (
     ImageFrame,
     grid_probs_to_work,
@@ -215,7 +215,7 @@ def run_label_shard(ctx: RoundContext, shard: LabelShard) -> LabelShardResult:
     """Label one shard of images for one round and commit its part."""
     start = time.perf_counter()
     part = label_part_path(ctx.out, ctx.round_index, shard.shard_id)
-    if part in visible_parts(part.parent):
+    if part.exists():  # committed by an earlier attempt of this task
         return LabelShardResult(shard.shard_id, len(shard.images), 0, 0.0, already_committed=True)
     group = zarr.open_group(str(store_path(ctx.out)), mode="r")
     grid_store = zarr.open_group(str(round_folder(ctx.out, ctx.round_index) / GRID_STORE), mode="r+")
