@@ -1,23 +1,30 @@
 """The README's main job on a fresh machine: no downloads, a local Dask cluster, local files.
 
 Generates a small folder of the synthetic world (shapes on textures, with ground
-truth), then runs the real CLI on it with the small models this project ships:
+truth), then runs the real CLI on it with the small models this project ships
+(``batchseg/assets``: a toy CLIP and a toy SAM, trained on that world only):
 
-    batchseg embed       demo-out/world/images demo-out/build ...
+    batchseg embed       demo-out/world/images demo-out/build --clip-model local-dir:... --sam-model tiny ...
     batchseg pseudolabel demo-out/build --vocab demo-out/world/classes.txt --background --rounds 2
     batchseg evaluate    demo-out/build --gt demo-out/world/gt
 
-and leaves overlay images (image + labels + class names) in demo-out/overlays/.
+prints the mIoU of each round and leaves overlay images (image + labels + class
+names) in demo-out/overlays/. Running it again skips finished work.
+
+    python examples/demo.py                       # 16 images -> demo-out/
+    python examples/demo.py --images 4 --out /tmp/demo --rounds 1
 """
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent / "demo-out"
-IMAGES = 16
-SEED = 4242  # never used for training the toy models
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "demo-out"
+SEED = 4242  # never used for training or evaluating the toy models
 
 
 def _run(*args: str) -> None:
@@ -32,12 +39,12 @@ def _models(root: Path) -> tuple[str, str, str]:
     from batchseg.testing import make_tiny_models
 
     if toy_models_available():
-        return f"local-dir:{TOY_CLIP_DIR}", str(TOY_SAM_CHECKPOINT), "the shipped toy models"
+        return f"local-dir:{TOY_CLIP_DIR}", str(TOY_SAM_CHECKPOINT), "the shipped toy models (batchseg/assets)"
     tiny = make_tiny_models(root / "random-models")
-    return tiny.clip_option, str(tiny.sam_checkpoint), "RANDOM-INIT tiny models (toy models not shipped yet: expect chance-level labels)"
+    return tiny.clip_option, str(tiny.sam_checkpoint), "RANDOM-INIT tiny models (toy models missing: expect chance-level labels)"
 
 
-def _overlays(build: Path, world: Path, rounds: int) -> list[Path]:
+def _overlays(root: Path, build: Path, world: Path, rounds: int) -> list[Path]:
     import numpy as np
     from PIL import Image
 
@@ -54,27 +61,55 @@ def _overlays(build: Path, world: Path, rounds: int) -> list[Path]:
             rows = [r for r in tables[round_index]
                     if r["image_id"] == row["image_id"] and r["kind"] == "semantic" and r["source"] == source]
             stem = Path(row["path"]).stem
-            written.append(save_overlay(image, rows, ROOT / "overlays" / f"{stem}-round{round_index}-{source}.png"))
+            written.append(save_overlay(image, rows, root / "overlays" / f"{stem}-round{round_index}-{source}.png"))
     return written
 
 
-def main() -> int:
+def summary_lines(eval_json: Path) -> list[str]:
+    """One line per round from an evaluate JSON: the labels pseudolabel writes, and what they started from."""
+    results = json.loads(eval_json.read_text())["results"]
+    by_key = {(r["round"], r["source"]): r for r in results}
+    lines = []
+    for (k, source), r in sorted(by_key.items()):
+        what = {(True, "maskclip"): "MaskCLIP alone", (True, "sam"): "MaskCLIP + SAM refinement",
+                (False, "student"): "self-training head", (False, "sam"): "head + SAM refinement"}[(k == 0, source)]
+        lines.append(f"  round {k}  {what:<26} mIoU {100 * r['miou']:5.1f}%   pixel accuracy "
+                     f"{100 * r['pixel_accuracy']:5.1f}%")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="batchseg's offline demo on the synthetic world")
+    parser.add_argument("--images", type=int, default=16, help="synthetic images to generate (default 16)")
+    parser.add_argument("--rounds", type=int, default=2, help="self-training rounds (default 2)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"working folder (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.rounds < 0:
+        parser.error("--images must be at least 1 and --rounds at least 0")
     from batchseg.world import write_world
 
-    world, build = ROOT / "world", ROOT / "build"
-    if not (world / "classes.txt").exists():
-        write_world(world, IMAGES, seed=SEED)
-    clip, sam, what = _models(ROOT)
-    print(f"demo: {IMAGES} synthetic images in {world}; models: {what}")
-    rounds = 2
+    root = args.out
+    world, build = root / "world", root / "build"
+    marker = world / ".images"
+    if not marker.exists() or marker.read_text() != f"{args.images} {SEED}":
+        # Another image count: start over rather than mix the old images into this demo.
+        shutil.rmtree(world, ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)
+        write_world(world, args.images, seed=SEED)
+        marker.write_text(f"{args.images} {SEED}")
+    clip, sam, what = _models(root)
+    print(f"demo: {args.images} synthetic images in {world}; models: {what}")
     _run("embed", str(world / "images"), str(build), "--clip-model", clip, "--sam-model", "tiny",
          "--sam-checkpoint", sam, "--workers", "1", "--shard-size", "8", "--precision", "fp32")
-    _run("pseudolabel", str(build), "--vocab", str(world / "classes.txt"), "--background", "--rounds", str(rounds),
-         "--points-per-side", "16", "--shard-size", "8")
+    _run("pseudolabel", str(build), "--vocab", str(world / "classes.txt"), "--background",
+         "--rounds", str(args.rounds), "--shard-size", "8")
     _run("evaluate", str(build), "--gt", str(world / "gt"))
-    overlays = _overlays(build, world, rounds)
+    latest = max((build / "eval").glob("*.json"))
+    print("\nmIoU over 12 shape classes + background, against the world's exact ground truth:")
+    print("\n".join(summary_lines(latest)))
+    overlays = _overlays(root, build, world, args.rounds)
     print(f"\noverlays (image, labels, class names): {overlays[0].parent}/ ({len(overlays)} files)")
-    print("run `make demo` again: every stage is incremental and skips finished work.")
+    print("run it again: every stage is incremental and skips finished work.")
     return 0
 
 

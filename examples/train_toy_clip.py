@@ -129,6 +129,7 @@ class TrainConfig:
     bg_weight: float = 0.2  # weight of background pixels in the dense loss (objects: 1); ~80% of pixels are background
     part_weight: float = 1.0  # dense loss over shape words and over colour words, too
     text_weight: float = 1.0  # class-prompt discrimination loss (text tower only)
+    shape_steps: int = 0  # first phase: dense loss over the shape words only, no contrastive term
     templates_per_class: int = 4
     # evaluation
     eval_every: int = 500
@@ -287,7 +288,7 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, c
 
 
 def dense_loss(dense: Tensor, concepts: Tensor, mix: Tensor, valid: Tensor, scale: float,
-               bg_weight: float = 1.0, part_weight: float = 0.0) -> Tensor:
+               bg_weight: float = 1.0, part_weight: float = 0.0, shape_only: bool = False) -> Tensor:
     """Soft cross entropy per patch between ``scale * cos(dense, class embeddings)`` over the 13
     classes and the patch's class mix, weighted by its non-padding fraction, background pixels
     counting ``bg_weight``.
@@ -295,7 +296,8 @@ def dense_loss(dense: Tensor, concepts: Tensor, mix: Tensor, valid: Tensor, scal
     With ``part_weight`` > 0, the same loss is added (times ``part_weight``) over the shape
     words (circle, square, triangle, background) and over the colour words: a direct,
     colour-independent signal for shape, which the 13-way loss alone gives only slowly
-    (an image tower first learns colour, and then sits there).
+    (an image tower first learns colour, and then sits there). ``shape_only``: the shape
+    term alone (the first phase of training, see ``TrainConfig.shape_steps``).
     """
     feats = F.normalize(dense, dim=1)  # (B, D, g, g)
     weight = valid * (1.0 - (1.0 - bg_weight) * mix[:, -1])
@@ -306,9 +308,11 @@ def dense_loss(dense: Tensor, concepts: Tensor, mix: Tensor, valid: Tensor, scal
         ce = -(target * F.log_softmax(logits, dim=1)).sum(1)  # (B, g, g)
         return (ce * weight).sum() / norm
 
+    shape_mix = torch.einsum("bkhw,kc->bchw", mix, _SHAPE_OF)
+    if shape_only:
+        return term(_SHAPE_IDS, shape_mix)
     loss = term(list(range(NUM_CLASSES)), mix)
     if part_weight:
-        shape_mix = torch.einsum("bkhw,kc->bchw", mix, _SHAPE_OF)
         colour_mix = torch.einsum("bkhw,kc->bchw", mix, _COLOUR_OF)
         loss = loss + part_weight * (term(_SHAPE_IDS, shape_mix) + term(_COLOUR_IDS, colour_mix))
     return loss
@@ -519,9 +523,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             text = model.encode_text(tokens)
             out_ = clip(pixels)
             concepts = concept_embeddings(text[: len(prompts)], cfg.templates_per_class)
+            shape_phase = step < cfg.shape_steps
             l_con = contrastive_loss(out_.global_, text[len(prompts) :], model.logit_scale, captions)
-            l_den = dense_loss(out_.dense, concepts, mix, valid, cfg.dense_scale, cfg.bg_weight, cfg.part_weight)
-            loss = l_con + cfg.dense_weight * l_den
+            l_den = dense_loss(out_.dense, concepts, mix, valid, cfg.dense_scale, cfg.bg_weight, cfg.part_weight,
+                               shape_only=shape_phase)
+            loss = cfg.dense_weight * l_den + (0.0 if shape_phase else l_con)
             if cfg.text_weight and cfg.templates_per_class >= 2:
                 l_txt = prompt_loss(text[: len(prompts)], cfg.templates_per_class)
                 loss = loss + cfg.text_weight * l_txt
@@ -706,7 +712,7 @@ _FLAGS = {
     "vision_width": "--vision-width", "vision_layers": "--vision-layers", "embed_dim": "--embed-dim",
     "text_width": "--text-width", "text_layers": "--text-layers",  "context_length": "--context-length",
     "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay", "warmup": "--warmup",
-    "grad_clip": "--grad-clip", "dense_weight": "--dense-weight", "dense_scale": "--dense-scale", "bg_weight": "--bg-weight", "part_weight": "--part-weight", "text_weight": "--text-weight",
+    "grad_clip": "--grad-clip", "dense_weight": "--dense-weight", "dense_scale": "--dense-scale", "bg_weight": "--bg-weight", "part_weight": "--part-weight", "text_weight": "--text-weight", "shape_steps": "--shape-steps",
     "templates_per_class": "--templates-per-class", "eval_every": "--eval-every", "eval_images": "--eval-images",
     "eval_seed": "--eval-seed", "save_dtype": "--save-dtype",
 }

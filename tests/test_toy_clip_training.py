@@ -101,3 +101,29 @@ def test_resnet_tower_trains_saves_and_loads(script, tmp_path):
     counters = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
     assert counters and all(v.dtype == torch.int64 and int(v) == 3 for v in counters)
     assert result.steps == 3 and 0.0 <= result.final["miou_plain"] <= 1.0
+
+
+def test_shape_only_dense_loss_ignores_colour(script):
+    """The shape phase's loss: the same for two cells of one shape in different colours, and it
+    equals the cross entropy over the shape words against each cell's shape mix, by hand."""
+    torch.manual_seed(0)
+    concepts = torch.nn.functional.normalize(torch.randn(len(script.CONCEPTS), 8), dim=1)
+    dense = torch.randn(1, 8, 1, 2)
+    mix = torch.zeros(1, 13, 1, 2)
+    mix[0, CLASS_NAMES.index("red circle"), 0, 0] = 1.0
+    mix[0, CLASS_NAMES.index("blue circle"), 0, 1] = 0.5
+    mix[0, 12, 0, 1] = 0.5  # half background
+    valid = torch.ones(1, 1, 2)
+    loss = script.dense_loss(dense, concepts, mix, valid, scale=10.0, shape_only=True)
+    ids = script._SHAPE_IDS
+    logits = 10.0 * torch.einsum("d,cd->c", torch.nn.functional.normalize(dense[0, :, 0, 0], dim=0), concepts[ids])
+    logits2 = 10.0 * torch.einsum("d,cd->c", torch.nn.functional.normalize(dense[0, :, 0, 1], dim=0), concepts[ids])
+    circle = ids.index(script.CONCEPTS.index("circle"))
+    ce0 = -torch.log_softmax(logits, 0)[circle]
+    ce1 = -(0.5 * torch.log_softmax(logits2, 0)[circle] + 0.5 * torch.log_softmax(logits2, 0)[-1])
+    torch.testing.assert_close(loss, (ce0 + ce1) / 2)
+    recoloured = mix.clone()
+    recoloured[0, :, 0, 0] = 0.0
+    recoloured[0, CLASS_NAMES.index("green circle"), 0, 0] = 1.0
+    torch.testing.assert_close(script.dense_loss(dense, concepts, recoloured, valid, 10.0, shape_only=True), loss)
+    assert not torch.allclose(script.dense_loss(dense, concepts, recoloured, valid, 10.0), script.dense_loss(dense, concepts, mix, valid, 10.0))
