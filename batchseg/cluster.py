@@ -19,6 +19,12 @@ from batchseg.errors import UsageError
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 
 
+# The scheduler always serves HTTP (health and metrics routes, the dashboard when bokeh is
+# installed); None means its default port 8787, which a second cluster on the machine
+# finds taken ("Port 8787 is already in use"). Port 0: any free port.
+_HTTP_ADDRESS = ":0"
+
+
 def _thread_env(threads: int) -> dict[str, str]:
     # Each worker runs one task at a time and gives the model all its cores; capping
     # the BLAS pools keeps N workers from oversubscribing the machine N-fold.
@@ -40,7 +46,7 @@ def _gpu_cluster(gpus: int, threads: int, local_directory: str):
         }
         for index in range(gpus)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": _HTTP_ADDRESS}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL)
 
 
@@ -51,7 +57,7 @@ def _cpu_cluster(workers: int, threads: int, local_directory: str):
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=_HTTP_ADDRESS,
         local_directory=local_directory,
         silence_logs=logging.CRITICAL,
         env=_thread_env(threads),

@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=8, help="self-training epochs per round (default 8)")
     parser.add_argument("--clip", default=None, help="toy CLIP local-dir folder (default: the shipped one)")
     parser.add_argument("--sam-checkpoint", default=None, help="toy SAM checkpoint (default: the shipped one)")
-    parser.add_argument("--no-floor", action="store_true", help="skip the random-init CLIP floor")
+    parser.add_argument("--which", choices=("both", "toy", "floor"), default="both",
+                        help="measure the toy CLIP, the random-init floor, or both (default both)")
     parser.add_argument("--workers", type=int, default=1, help="local cluster worker processes (default 1)")
     parser.add_argument("--cores", type=int, default=common.cores(), help="total cores (default: all)")
     parser.add_argument("--shard-size", type=int, default=32, help="images per Dask task (default 32)")
@@ -140,7 +141,8 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
             s = scores[(0, "maskclip")]
             rows[row] = (s.miou, s.pixel_accuracy)
         else:
-            for (k, source), s in sorted(scores.items()):
+            order = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then SAM's vote on it
+            for (k, source), s in sorted(scores.items(), key=lambda item: (item[0][0], order[item[0][1]])):
                 if k == 0:
                     label = {"maskclip": "round 0: MaskCLIP (PD + KS)", "sam": "round 0: + SAM refinement"}[source]
                 else:
@@ -185,8 +187,10 @@ def main(argv=None) -> int:
         world = folder / "world"
         shutil.rmtree(world, ignore_errors=True)
         write_world(world, args.images, seed=args.seed)
-        clips = {"toy CLIP": toy_clip}
-        if not args.no_floor:
+        clips = {}
+        if args.which in ("both", "toy"):
+            clips["toy CLIP"] = toy_clip
+        if args.which in ("both", "floor"):
             clips["random-init CLIP"] = _random_clip(toy_clip, folder / "random-clip")
         print("\n".join(common.machine_lines()))
         print(f"world seed {args.seed}: {args.images} images; toy SAM {toy_sam}; {args.points_per_side}x"

@@ -70,7 +70,8 @@ def summary_lines(eval_json: Path) -> list[str]:
     results = json.loads(eval_json.read_text())["results"]
     by_key = {(r["round"], r["source"]): r for r in results}
     lines = []
-    for (k, source), r in sorted(by_key.items()):
+    order = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then what SAM makes of it
+    for (k, source), r in sorted(by_key.items(), key=lambda item: (item[0][0], order.get(item[0][1], 9))):
         what = {(True, "maskclip"): "MaskCLIP alone", (True, "sam"): "MaskCLIP + SAM refinement",
                 (False, "student"): "self-training head", (False, "sam"): "head + SAM refinement"}[(k == 0, source)]
         lines.append(f"  round {k}  {what:<26} mIoU {100 * r['miou']:5.1f}%   pixel accuracy "

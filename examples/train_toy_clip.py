@@ -53,6 +53,7 @@ written to the model card, so ``--steps N`` with the same other arguments redoes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -606,6 +607,7 @@ def model_card(cfg: TrainConfig, r: TrainResult) -> str:
     init, fin = r.random_init, r.final
     weights = Path(cfg.out) / WEIGHTS_FILE
     size_mb = weights.stat().st_size / 1e6 if weights.exists() else float("nan")
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "(not written)"
     n_params = sum(int(np.prod(v)) for v in _param_shapes(cfg))
     grid = cfg.image_size // cfg.stride
     early = "" if (r.planned_steps or r.steps) == r.steps else (
@@ -633,6 +635,7 @@ meaningful labels on a machine that cannot download real CLIP weights.
 - Image tower: {tower}; joint space {cfg.embed_dim}-d.
 - Text tower: width {cfg.text_width}, {cfg.text_layers} blocks, context length {cfg.context_length}, open_clip's
   standard BPE vocabulary (49408 tokens; most of the embedding table is untrained).
+- Weights: `{WEIGHTS_FILE}`, sha256 `{sha256}`.
 - Format: open_clip `local-dir:` (`{CONFIG_FILE}` + `{WEIGHTS_FILE}`):
   `batchseg embed ... --clip-model local-dir:batchseg/assets/toy-clip`,
   `open_clip.create_model("local-dir:...")`, `open_clip.get_tokenizer("local-dir:...")`.

@@ -1,0 +1,37 @@
+"""The README's main job (examples/demo.py) end to end on a handful of images."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import example_module
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+
+
+def test_demo_runs_end_to_end_prints_every_round_and_writes_overlays(tmp_path):
+    command = [sys.executable, str(DEMO), "--images", "3", "--rounds", "1", "--out", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "the shipped toy models" in first.stdout
+    for line in ("round 0  MaskCLIP alone", "round 0  MaskCLIP + SAM refinement", "round 1  self-training head",
+                 "round 1  head + SAM refinement"):
+        assert line in first.stdout
+    overlays = sorted((tmp_path / "overlays").glob("*.png"))
+    assert len(overlays) == 9  # 3 images x (round 0 MaskCLIP, round 0 SAM, last round)
+    assert len(list((tmp_path / "build" / "eval").glob("*.json"))) == 1
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 ok, 0 failed, 3 skipped (unchanged)" in again.stdout, again.stdout
+    assert again.stdout.count("already complete, skipped") == 2  # rounds 0 and 1
+
+
+@pytest.mark.parametrize("args", [["--images", "0"], ["--rounds", "-1"]])
+def test_demo_rejects_bad_counts(args, capsys):
+    with example_module("demo") as demo, pytest.raises(SystemExit) as exit_info:
+        demo.main(args)
+    assert exit_info.value.code == 2
+    assert "--images must be at least 1" in capsys.readouterr().err
