@@ -13,7 +13,7 @@ Same model, same images, same point grid and thresholds on both sides:
   with ``SamEncoder`` (SAM's preprocessing, bit-equal to ``SamPredictor.set_image``)
   and cast to ``--store-dtype`` (fp16, as the Zarr store holds it). The encoder is
   not timed for ours: in the pipeline it ran once, in ``embed``. Timed for
-  ``nms="torchvision"`` (SAM's NMS, results should equal AMG's) and ``nms="fast"``.
+  ``nms="torchvision", mask_nms_thresh=None`` (SAM's NMS, results should equal AMG's) and ``nms="fast"``.
 
 Speed ratio = AMG seconds/image / ours seconds/image (target >= 3). Mask agreement =
 mean over AMG's masks of the best IoU with any of our masks (target >= 0.95; about
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         settings = ProposalSettings(
             points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
             pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
-            box_nms_thresh=args.nms_thresh, nms="torchvision",
+            box_nms_thresh=args.nms_thresh, nms="torchvision", mask_nms_thresh=None,
         )
         variants = {"torchvision": settings, "fast": dataclasses.replace(settings, nms="fast")}
         store_dtype = torch.float16 if args.store_dtype == "fp16" else torch.float32

@@ -159,7 +159,7 @@ def test_equals_sam_automatic_mask_generator(blocky, pps, ppb, iou_t, stab_t, nm
     sam, embedding = blocky
     s = ProposalSettings(
         points_per_side=pps, points_per_batch=ppb, pred_iou_thresh=iou_t,
-        stability_score_thresh=stab_t, box_nms_thresh=nms_t, nms="torchvision",
+        stability_score_thresh=stab_t, box_nms_thresh=nms_t, nms="torchvision", mask_nms_thresh=None,
     )
     ref = _amg(sam, np.zeros((H, W, 3), np.uint8), s)
     ours = generate_proposals(sam, embedding, (H, W), s)
@@ -171,7 +171,7 @@ def test_filters_and_nms_do_something(blocky) -> None:
     """Guard for the exactness test: its settings really filter and suppress."""
     sam, embedding = blocky
     s = ProposalSettings(points_per_side=16, points_per_batch=50, pred_iou_thresh=0.3,
-                         stability_score_thresh=0.1, box_nms_thresh=0.7, nms="torchvision")
+                         stability_score_thresh=0.1, box_nms_thresh=0.7, nms="torchvision", mask_nms_thresh=None)
     no_filter = dataclasses.replace(s, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     no_nms = dataclasses.replace(s, box_nms_thresh=1.0)
     n_all = len(generate_proposals(sam, embedding, (H, W), no_filter))
@@ -189,7 +189,7 @@ def test_equals_sam_from_real_encoder_embedding(encoder_sam, nms_t) -> None:
     with torch.inference_mode():
         embedding = enc(enc.preprocess(image)[None])[0]
     s = ProposalSettings(points_per_side=6, points_per_batch=10, pred_iou_thresh=0.0,
-                         stability_score_thresh=0.0, box_nms_thresh=nms_t, nms="torchvision")
+                         stability_score_thresh=0.0, box_nms_thresh=nms_t, nms="torchvision", mask_nms_thresh=None)
     ref = _amg(encoder_sam, image, s)
     ours = generate_proposals(encoder_sam, embedding, (H, W), s)
     if nms_t == 1.0:
@@ -200,7 +200,7 @@ def test_equals_sam_from_real_encoder_embedding(encoder_sam, nms_t) -> None:
 def test_chunking_does_not_change_results(blocky) -> None:
     sam, embedding = blocky
     s = ProposalSettings(points_per_side=16, points_per_batch=50, pred_iou_thresh=0.3,
-                         stability_score_thresh=0.1, nms="torchvision")
+                         stability_score_thresh=0.1, nms="torchvision", mask_nms_thresh=None)
     big = generate_proposals(sam, embedding, (H, W), s)
     one_at_a_time = generate_proposals(sam, embedding, (H, W), s, max_chunk_elems=1)
     for f in dataclasses.fields(Proposals):
@@ -222,7 +222,7 @@ def test_fast_nms_agreement_with_sam(blocky) -> None:
     sam, embedding = blocky
     for iou_t, stab_t, measured in ((0.3, 0.1, 0.780), (0.0, 0.0, 0.889)):
         s = ProposalSettings(points_per_side=16, points_per_batch=50, pred_iou_thresh=iou_t,
-                             stability_score_thresh=stab_t, box_nms_thresh=0.7, nms="torchvision")
+                             stability_score_thresh=stab_t, box_nms_thresh=0.7, nms="torchvision", mask_nms_thresh=None)
         classic = generate_proposals(sam, embedding, (H, W), s)
         fast = generate_proposals(sam, embedding, (H, W), dataclasses.replace(s, nms="fast"))
         assert 0 < len(fast) <= len(classic)
@@ -237,7 +237,7 @@ def test_fp16_embedding_is_cast(blocky) -> None:
     """Stored embeddings are fp16: they run through the float32 decoder and agree closely."""
     sam, embedding = blocky
     s = ProposalSettings(points_per_side=16, points_per_batch=64, pred_iou_thresh=0.3,
-                         stability_score_thresh=0.1, nms="torchvision")
+                         stability_score_thresh=0.1, nms="torchvision", mask_nms_thresh=None)
     full = generate_proposals(sam, embedding, (H, W), s)
     half = generate_proposals(sam, embedding.half(), (H, W), s)
     assert half.scores.dtype == np.float32 and half.masks.dtype == np.bool_
@@ -292,7 +292,7 @@ def test_cuda_equals_sam_on_cuda(blocky) -> None:
     sam.image_encoder.embedding = embedding.to("cuda")
     try:
         s = ProposalSettings(points_per_side=16, points_per_batch=50, pred_iou_thresh=0.3,
-                             stability_score_thresh=0.1, nms="torchvision")
+                             stability_score_thresh=0.1, nms="torchvision", mask_nms_thresh=None)
         ref = _amg(sam, np.zeros((H, W, 3), np.uint8), s)
         ours = generate_proposals(sam, embedding.half(), (H, W), s)  # moved + cast to the model
         assert len(ours) > 0
@@ -301,3 +301,40 @@ def test_cuda_equals_sam_on_cuda(blocky) -> None:
     finally:
         sam.to("cpu")
         sam.image_encoder.embedding = embedding
+
+
+def _duplicate_pairs(masks: np.ndarray, above: float) -> int:
+    if len(masks) < 2:
+        return 0
+    flat = torch.from_numpy(masks.reshape(len(masks), -1)).float()
+    inter = flat @ flat.T
+    union = flat.sum(1)[:, None] + flat.sum(1)[None, :] - inter
+    iou = inter / union.clamp_min(1)
+    return int(torch.triu(iou > above, diagonal=1).sum())
+
+
+def test_mask_nms_removes_duplicates_that_box_nms_misses() -> None:
+    """The shipped toy SAM's masks carry stray pixels, so twins' boxes disagree and box NMS
+    keeps both; the mask pass keeps one of each. Without it (SAM's behaviour) they stay."""
+    from batchseg.assets import TOY_SAM_CHECKPOINT
+    from batchseg.models.sam import SamSpec, load_sam
+    from batchseg.world import render_sample
+
+    sam = load_sam(SamSpec("tiny", str(TOY_SAM_CHECKPOINT)))
+    enc = SamEncoder(sam)
+    counts = {"box only": 0, "box + mask": 0}
+    kept = {"box only": 0, "box + mask": 0}
+    for index in range(6):
+        image = render_sample(5000, index).image
+        with torch.inference_mode():
+            embedding = enc(enc.preprocess(image)[None])[0]
+        for name, thresh in (("box only", None), ("box + mask", 0.7)):
+            p = generate_proposals(sam, embedding, image.shape[:2],
+                                   ProposalSettings(points_per_side=16, mask_nms_thresh=thresh))
+            counts[name] += _duplicate_pairs(p.masks, 0.8)
+            kept[name] += len(p)
+    assert counts["box only"] > 0
+    assert counts["box + mask"] == 0
+    assert 0 < kept["box + mask"] < kept["box only"]
+    with pytest.raises(ValueError, match="mask_nms_thresh"):
+        ProposalSettings(mask_nms_thresh=1.5)
