@@ -162,7 +162,7 @@ Examples:
 @click.option("--points-per-side", type=int, default=32, show_default=True, help="SAM everything-mode point grid.")
 @click.option("--pred-iou-thresh", type=float, default=0.88, show_default=True, help="Keep SAM masks above this predicted IoU.")
 @click.option("--stability-thresh", type=float, default=0.95, show_default=True, help="Keep SAM masks this stable.")
-@click.option("--nms-thresh", type=float, default=0.7, show_default=True, help="Fast NMS IoU threshold for SAM masks.")
+@click.option("--nms-thresh", type=float, default=0.7, show_default=True, help="Fast NMS IoU threshold for SAM masks (on their boxes, then on the masks).")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Self-training rounds after round 0.")
 @click.option("--conf-thresh", type=float, default=0.5, show_default=True,
               help="Self-training learns only from pixels whose label confidence reaches this.")
@@ -193,7 +193,8 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh,
             raise UsageError(f"output folder {out} does not exist; run `batchseg embed SRC {out}` first")
         try:
             proposals = ProposalSettings(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
-                                         stability_score_thresh=stability_thresh, box_nms_thresh=nms_thresh)
+                                         stability_score_thresh=stability_thresh, box_nms_thresh=nms_thresh,
+                                         mask_nms_thresh=nms_thresh)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         labels = LabelSettings(

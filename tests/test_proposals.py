@@ -337,4 +337,4 @@ def test_mask_nms_removes_duplicates_that_box_nms_misses() -> None:
     assert counts["box + mask"] == 0
     assert 0 < kept["box + mask"] < kept["box only"]
     with pytest.raises(ValueError, match="mask_nms_thresh"):
-        ProposalSettings(mask_nms_thresh=1.5)
+        ProposalSettings(mask_nms_thresh=-0.5)

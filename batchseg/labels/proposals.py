@@ -124,8 +124,8 @@ class ProposalSettings:
                 "min_mask_region_area must be 0: SAM's small-region removal needs OpenCV, "
                 "which batchseg does not use"
             )
-        if self.mask_nms_thresh is not None and not 0.0 <= self.mask_nms_thresh <= 1.0:
-            problems.append(f"mask_nms_thresh must be in [0, 1] or None, got {self.mask_nms_thresh}")
+        if self.mask_nms_thresh is not None and not self.mask_nms_thresh >= 0:
+            problems.append(f"mask_nms_thresh must be >= 0 or None, got {self.mask_nms_thresh}")
         if self.nms not in ("fast", "torchvision"):
             problems.append(f"nms must be 'fast' or 'torchvision', got {self.nms!r}")
         if problems:
