@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         threads = max(1, args.cores // args.workers)
         out = folder / "out-warm"
         shutil.rmtree(out, ignore_errors=True)
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=logging.CRITICAL, env=common.thread_env(threads),
                           local_directory=str(folder / "dask")) as cluster, Client(cluster) as client:
             worker_threads = sorted(set(client.run(lambda: __import__("torch").get_num_threads()).values()))

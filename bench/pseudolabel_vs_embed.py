@@ -46,7 +46,6 @@ import logging
 import math
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import _common as common
@@ -104,9 +103,6 @@ def main(argv=None) -> int:
     from batchseg.stages.embed import run_embed
     from batchseg.stages.pseudolabel import run_pseudolabel
 
-    # The scheduler's HTTP server falls back to a free port when 8787 is taken (another
-    # cluster on the machine); that is harmless here.
-    warnings.filterwarnings("ignore", message="Port .* is already in use")
     torch.set_num_threads(args.cores)  # the driver computes the text classifier
     folder, created = common.workdir(args.workdir, "bench-pseudolabel-")
     try:
@@ -135,7 +131,7 @@ def main(argv=None) -> int:
                                sam="on", proposals=proposals)
         selftrain = SelfTrainSettings(epochs=args.epochs)
 
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=logging.CRITICAL, env=common.thread_env(threads),
                           local_directory=str(folder / "dask")) as cluster, Client(cluster) as client:
             worker_threads = sorted(set(client.run(lambda: __import__("torch").get_num_threads()).values()))

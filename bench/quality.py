@@ -34,7 +34,6 @@ import logging
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import _common as common
@@ -180,7 +179,6 @@ def main(argv=None) -> int:
     from batchseg.config import ClusterSettings
     from batchseg.world import write_world
 
-    warnings.filterwarnings("ignore", message="Port .* is already in use")
     toy_clip, toy_sam = _toy_models(args)
     folder, created = common.workdir(args.workdir, "bench-quality-")
     try:
@@ -197,7 +195,7 @@ def main(argv=None) -> int:
               f"{args.points_per_side} points; {args.rounds} self-training rounds x {args.epochs} epochs", flush=True)
         threads = max(1, args.cores // args.workers)
         results = {}
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=logging.CRITICAL, env=common.thread_env(threads),
                           local_directory=str(folder / "dask")) as cluster, Client(cluster):
             external = ClusterSettings(scheduler=cluster.scheduler_address)

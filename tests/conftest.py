@@ -36,7 +36,7 @@ def dask_scheduler(tmp_path_factory) -> str:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
         local_directory=str(tmp_path_factory.mktemp("dask")),
         silence_logs=logging.CRITICAL,
         env={"OMP_NUM_THREADS": "1"},
