@@ -166,6 +166,8 @@ Examples:
 @click.option("--rounds", type=int, default=3, show_default=True, help="Self-training rounds after round 0.")
 @click.option("--conf-thresh", type=float, default=0.5, show_default=True,
               help="Self-training learns only from pixels whose label confidence reaches this.")
+@click.option("--class-balance", type=float, default=0.5, show_default=True,
+              help="Self-training loss weight per class: (pixel frequency)^-this; 0 = unweighted, 1 = inverse frequency.")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs per round.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-training head.")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task.")
@@ -177,8 +179,8 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh, no_prompt_denoising, no_key_smoothing,
-                sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, epochs, seed,
-                shard_size, workers, gpus, threads, scheduler, overwrite, quiet) -> None:
+                sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
+                epochs, seed, shard_size, workers, gpus, threads, scheduler, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
     from batchseg.errors import UsageError
     from batchseg.labels.proposals import ProposalSettings
@@ -211,7 +213,8 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh,
         config = PseudolabelConfig(
             out=out,
             labels=labels,
-            selftrain=SelfTrainSettings(epochs=epochs, seed=seed, conf_thresh=conf_thresh),
+            selftrain=SelfTrainSettings(epochs=epochs, seed=seed, conf_thresh=conf_thresh,
+                                        class_balance=class_balance),
             rounds=rounds,
             cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
             shard_size=shard_size,

@@ -11,6 +11,7 @@ from batchseg.errors import ModelLoadError, UsageError
 from batchseg.labels.maskclip import dense_logits
 from batchseg.labels.selftrain import (
     SegHead,
+    balanced_class_weights,
     SelfTrainSettings,
     load_head,
     predict_probs,
@@ -252,6 +253,8 @@ def test_bad_targets_are_refused():
         ("seed", 1.5),
         ("conf_thresh", 1.5),
         ("conf_thresh", -0.1),
+        ("class_balance", 1.5),
+        ("class_balance", -0.5),
     ],
 )
 def test_bad_settings(field, value):
@@ -265,3 +268,35 @@ def test_bad_settings(field, value):
 def test_default_settings_are_valid():
     SelfTrainSettings().validate()
     SelfTrainSettings(conf_thresh=0.0, weight_decay=0, seed=0).validate()
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_balanced_class_weights(power):
+    counts = torch.tensor([900.0, 90.0, 10.0, 0.0])
+    w = balanced_class_weights(counts, power)
+    assert w.dtype == torch.float32 and w[3] == 0.0
+    assert float((w * counts).sum()) == pytest.approx(float(counts.sum()), rel=1e-5)  # pixel mean 1
+    for a, b in ((0, 1), (1, 2)):  # w_a / w_b = (n_a / n_b) ** -power
+        assert float(w[a] / w[b]) == pytest.approx(float(counts[a] / counts[b]) ** -power, rel=1e-5)
+    with pytest.raises(ValueError, match="non-negative"):
+        balanced_class_weights(torch.tensor([1.0, -1.0]), power)
+
+
+def test_class_weights_enter_the_loss():
+    """Epoch loss = cross-entropy weighted per class, as F.cross_entropy(weight=...) defines it;
+    all-ones weights change nothing."""
+    head = make_head(False)
+    _, clip, target, truth = separable_data(False, n=4, ignore=0.5)
+    logits = head(None, clip).detach()
+    mask = target >= 0
+    w = torch.tensor([4.0, 1.0, 0.5, 2.0])
+    expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[mask], truth[mask], weight=w)
+    one_batch = lambda e: iter([(None, clip, target)])  # noqa: E731
+    report = train_head(make_head(False), one_batch, SelfTrainSettings(epochs=1), class_weights=w)
+    assert report.losses[0] == pytest.approx(float(expected), rel=1e-5)
+    plain, ones = make_head(False), make_head(False)
+    train_head(plain, one_batch, FAST)
+    train_head(ones, one_batch, FAST, class_weights=torch.ones(C))
+    assert same_weights(weights(plain), weights(ones))
+    with pytest.raises(ValueError, match="class_weights"):
+        train_head(make_head(False), one_batch, FAST, class_weights=torch.ones(C + 1))

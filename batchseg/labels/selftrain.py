@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +51,9 @@ class SelfTrainSettings:
     temperature: float = 50.0  # logits = temperature * cos(head embedding, text classifier)
     seed: int = 0
     conf_thresh: float = 0.5  # used by callers to build targets; stored so it is recorded with the round
+    # Class weights (pixel frequency)^-class_balance in the loss; 0 = plain cross-entropy.
+    # Without it the head drops rare classes: pseudo labels are mostly background.
+    class_balance: float = 0.5
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
@@ -65,6 +69,7 @@ class SelfTrainSettings:
             ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
             ("temperature", lambda v: v > 0, "a finite number > 0"),
             ("conf_thresh", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("class_balance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         ]
         for name, ok, allowed in checks:
             value = getattr(self, name)
@@ -224,11 +229,35 @@ class TrainReport:
     pixels_used: int = 0
 
 
+def balanced_class_weights(counts: Tensor | np.ndarray, power: float) -> Tensor:
+    """Loss weight per class: ``count ** -power``, scaled so the pixel-weighted mean is 1.
+
+    Args:
+        counts: ``(C,)`` non-negative target pixel counts per class.
+        power: 0 gives all ones (plain cross-entropy); 1 gives inverse frequency
+            (every class present weighs the same in total).
+
+    Returns:
+        float32 ``(C,)``; classes with no pixels get 0 (they are never a target).
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.ndim != 1 or bool((counts < 0).any()):
+        raise ValueError(f"counts must be (C,) and non-negative, got {tuple(counts.shape)}")
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts[present] ** -power
+    total = float(counts.sum())
+    if total > 0:
+        weights *= total / float((weights * counts).sum())
+    return weights.float()
+
+
 def train_head(
     head: SegHead,
     batches: Callable[[int], Iterable[tuple[Tensor | None, Tensor, Tensor]]],
     settings: SelfTrainSettings,
     progress: Callable[[int, float], None] | None = None,
+    class_weights: Tensor | None = None,
 ) -> TrainReport:
     """Train ``head`` in place with AdamW and cross-entropy (``ignore_index=-1``).
 
@@ -239,6 +268,8 @@ def train_head(
             float16. The caller shuffles (deterministically per epoch).
         settings: validated here; ``epochs``, ``lr``, ``weight_decay``, ``seed`` are used.
         progress: called as ``progress(epoch, mean_loss)`` after each epoch.
+        class_weights: optional ``(C,)`` loss weight per class (see
+            :func:`balanced_class_weights`); ``None`` weighs every pixel the same.
 
     A batch without a labelled pixel is skipped entirely (no optimiser step), so it
     cannot move the weights through AdamW's momentum or weight decay. The global RNG
@@ -252,6 +283,11 @@ def train_head(
     start = time.perf_counter()
     was_training = head.training
     cuda = [device.index or 0] if device.type == "cuda" else []
+    weight = None
+    if class_weights is not None:
+        if tuple(class_weights.shape) != (head.num_classes,):
+            raise ValueError(f"class_weights must be ({head.num_classes},), got {tuple(class_weights.shape)}")
+        weight = class_weights.to(device=device, dtype=torch.float32)
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(settings.seed)
         optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -264,7 +300,7 @@ def train_head(
                 if valid == 0:
                     continue
                 logits = head(sam, clip)
-                loss = F.cross_entropy(logits, target, ignore_index=-1)
+                loss = F.cross_entropy(logits, target, weight=weight, ignore_index=-1)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

@@ -15,7 +15,9 @@ import zarr
 
 from batchseg.io.store import store_path
 from batchseg.io.tables import round_folder
-from batchseg.labels.selftrain import SegHead, SelfTrainSettings, TrainReport, save_head, train_head
+from batchseg.labels.selftrain import (
+    SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, save_head, train_head,
+)
 from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
@@ -54,9 +56,25 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
             sam = torch.from_numpy(_read_rows(features["sam"], chunk)).float() if ctx.use_sam else None
             yield sam, clip, label
 
-    report: TrainReport = train_head(head, batches, settings)
+    weights = None
+    if settings.class_balance > 0:
+        counts = target_counts(targets, rows, settings.conf_thresh, len(ctx.names))
+        weights = balanced_class_weights(counts, settings.class_balance)
+    report: TrainReport = train_head(head, batches, settings, class_weights=weights)
     save_head(head, ctx.head_path)
     return TrainResult(list(report.losses), report.steps, report.seconds, report.pixels_used)
+
+
+def target_counts(targets: zarr.Group, rows: list[int], conf_thresh: float, num_classes: int) -> np.ndarray:
+    """Pixels per class that training will use (label set, confidence >= ``conf_thresh``)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for start in range(0, len(rows), STATS_BLOCK):
+        chunk = rows[start : start + STATS_BLOCK]
+        label = _read_rows(targets["label"], chunk).astype(np.int64)
+        confidence = _read_rows(targets["conf"], chunk).astype(np.float32)
+        used = (label >= 0) & (confidence >= conf_thresh)
+        counts += np.bincount(label[used], minlength=num_classes)
+    return counts
 
 
 def round_stats(out: Path, round_index: int, images: tuple[LabelImage, ...], names: tuple[str, ...]) -> dict:
