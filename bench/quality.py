@@ -12,7 +12,7 @@ their evaluations use 999 and the demo 4242), for each CLIP:
    denoising", "+ key smoothing", "+ PD + KS"): MaskCLIP labels with each
    refinement switched on or off (``LabelSettings.prompt_denoising/key_smoothing``);
 3. the full default pipeline: PD + KS, SAM everything-mode proposals voting the
-   semantic map ("round 0: + SAM refinement"), then ``--rounds`` self-training rounds,
+   semantic map ("round 0: MaskCLIP + SAM refinement"), then ``--rounds`` self-training rounds,
    each scored twice: the head's own labels ("round k: self-training head") and the
    same SAM masks voting them ("round k: head + SAM refinement"), which is what
    ``pseudolabel`` writes as the round's final labels.
@@ -112,7 +112,7 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
     from batchseg.models.sam import SamSpec
     from batchseg.models.text import MASKCLIP_TEMPLATES, load_vocab_file
     from batchseg.stages.embed import run_embed
-    from batchseg.stages.evaluate import EvaluateConfig, run_evaluate
+    from batchseg.stages.evaluate import EvaluateConfig, describe_source, run_evaluate
     from batchseg.stages.pseudolabel import run_pseudolabel
 
     models = ModelSettings(clip=ClipSpec(f"local-dir:{clip_dir}"), sam=SamSpec("tiny", str(sam_ckpt)),
@@ -135,40 +135,32 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
                                    cluster=external, shard_size=args.shard_size, overwrite=True)
         run_pseudolabel(config, progress=False)
         report = run_evaluate(EvaluateConfig(out=out, gt=world / "gt"))
-        scores = {(r.round, r.source): r.scores for r in report.results}
         if row != "full":
-            s = scores[(0, "maskclip")]
+            s = next(r.scores for r in report.results if (r.round, r.source) == (0, "maskclip"))
             rows[row] = (s.miou, s.pixel_accuracy)
         else:
-            order = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then SAM's vote on it
-            for (k, source), s in sorted(scores.items(), key=lambda item: (item[0][0], order[item[0][1]])):
-                if k == 0:
-                    label = {"maskclip": "round 0: MaskCLIP (PD + KS)", "sam": "round 0: + SAM refinement"}[source]
-                else:
-                    label = {"student": f"round {k}: self-training head",
-                             "sam": f"round {k}: head + SAM refinement"}[source]
-                rows[label] = (s.miou, s.pixel_accuracy)
+            for r in report.results:  # in round, source order
+                if (r.round, r.source) == (0, "maskclip"):
+                    continue  # the "+ PD + KS" row: the same labels
+                rows[f"round {r.round}: {describe_source(r.round, r.source)}"] = (r.scores.miou, r.scores.pixel_accuracy)
             kinds = read_labels(out, 0).column("kind").to_pylist()
             facts["SAM masks kept per image (instance rows)"] = round(kinds.count("instance") / args.images, 2)
         print(f"  [{name}] {row}: {time.perf_counter() - started:.0f} s", flush=True)
     return {"rows": rows, "facts": facts}
 
 
-def _table(results: dict[str, dict]) -> list[str]:
+def _table(results: dict[str, dict]) -> str:
     names = list(results)
     order: list[str] = []
     for result in results.values():
         order += [row for row in result["rows"] if row not in order]
-    head = ["labels", *(f"{n} mIoU" for n in names), *(f"{n} pixAcc" for n in names)]
+    headers = ["labels", *(f"{n} mIoU" for n in names), *(f"{n} pixAcc" for n in names)]
     body = []
     for row in order:
         cells = [results[n]["rows"].get(row) for n in names]
         body.append([row, *(f"{c[0] * 100:.1f}" if c else "-" for c in cells),
                      *(f"{c[1] * 100:.1f}" if c else "-" for c in cells)])
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                 for i, (c, w) in enumerate(zip(line, widths)))
-    return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(line) for line in body)]
+    return common.table(headers, body)
 
 
 def main(argv=None) -> int:
@@ -205,7 +197,7 @@ def main(argv=None) -> int:
                 results[name] = _measure_clip(name, clip_dir, toy_sam, world, out, args, external)
         print("\nmIoU and pixel accuracy (%), 13 classes (12 + background), "
               f"{args.images} held-out images of world seed {args.seed}:")
-        print("\n".join(_table(results)))
+        print(_table(results))
         for name, result in results.items():
             print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result["facts"].items()))
         print(common.load_line())

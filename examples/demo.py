@@ -66,17 +66,12 @@ def _overlays(root: Path, build: Path, world: Path, rounds: int) -> list[Path]:
 
 
 def summary_lines(eval_json: Path) -> list[str]:
-    """One line per round from an evaluate JSON: the labels pseudolabel writes, and what they started from."""
-    results = json.loads(eval_json.read_text())["results"]
-    by_key = {(r["round"], r["source"]): r for r in results}
-    lines = []
-    order = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then what SAM makes of it
-    for (k, source), r in sorted(by_key.items(), key=lambda item: (item[0][0], order.get(item[0][1], 9))):
-        what = {(True, "maskclip"): "MaskCLIP alone", (True, "sam"): "MaskCLIP + SAM refinement",
-                (False, "student"): "self-training head", (False, "sam"): "head + SAM refinement"}[(k == 0, source)]
-        lines.append(f"  round {k}  {what:<26} mIoU {100 * r['miou']:5.1f}%   pixel accuracy "
-                     f"{100 * r['pixel_accuracy']:5.1f}%")
-    return lines
+    """One line per round and source of an evaluate JSON (already in round, source order)."""
+    from batchseg.stages.evaluate import describe_source
+
+    return [f"  round {r['round']}  {describe_source(r['round'], r['source']):<26} mIoU {100 * r['miou']:5.1f}%   "
+            f"pixel accuracy {100 * r['pixel_accuracy']:5.1f}%"
+            for r in json.loads(eval_json.read_text())["results"]]
 
 
 def main(argv: list[str] | None = None) -> int:

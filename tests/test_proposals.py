@@ -306,10 +306,7 @@ def test_cuda_equals_sam_on_cuda(blocky) -> None:
 def _duplicate_pairs(masks: np.ndarray, above: float) -> int:
     if len(masks) < 2:
         return 0
-    flat = torch.from_numpy(masks.reshape(len(masks), -1)).float()
-    inter = flat @ flat.T
-    union = flat.sum(1)[:, None] + flat.sum(1)[None, :] - inter
-    iou = inter / union.clamp_min(1)
+    iou = mask_iou_matrix(torch.from_numpy(masks))
     return int(torch.triu(iou > above, diagonal=1).sum())
 
 

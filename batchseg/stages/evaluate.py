@@ -67,7 +67,7 @@ EVAL_FOLDER = "eval"
 EVAL_VERSION = 1
 BACKGROUND = "background"
 PNG_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
-SOURCE_ORDER = {"maskclip": 0, "student": 1, "sam": 2}
+SOURCE_ORDER = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then SAM's vote on it
 _IGNORE = -1  # internal ignore value of mapped ground-truth maps
 
 EVAL_SCHEMA = pa.schema(
@@ -167,6 +167,15 @@ class EvaluateReport:
             lines.append(f'(no "{BACKGROUND}" class in the vocabulary: ground-truth background pixels are not scored)')
         lines.append(f"written: {self.json_path} and {self.parquet_path}")
         return "\n".join(lines)
+
+
+def describe_source(round_index: int, source: str) -> str:
+    """Words for the labels of one (round, source), as reports show them."""
+    if round_index == 0:
+        words = {"maskclip": "MaskCLIP alone", "sam": "MaskCLIP + SAM refinement"}
+    else:
+        words = {"student": "self-training head", "sam": "head + SAM refinement"}
+    return words.get(source, source)
 
 
 def _pct(value: float) -> str:
