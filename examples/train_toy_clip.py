@@ -90,7 +90,7 @@ from batchseg.models.clip import (  # noqa: E402
     load_dense_clip,
 )
 from batchseg.models.text import MASKCLIP_TEMPLATES, Vocabulary, build_text_classifier, fill_template  # noqa: E402
-from batchseg.world import CLASS_NAMES, COLOURS, IGNORE, SHAPES, sample_batch  # noqa: E402
+from batchseg.world import CLASS_NAMES, COLOURS, IGNORE, SHAPES, sample_batch, semantic_to_class_ids  # noqa: E402
 
 DEFAULT_OUT = REPO / "batchseg" / "assets" / "toy-clip"
 BACKGROUND_NAME = "background"
@@ -196,11 +196,7 @@ def to_pixels(images: np.ndarray, semantic: np.ndarray, mean: Tensor, std: Tenso
 def semantic_to_targets(semantic: np.ndarray) -> np.ndarray:
     """(B, S, S) VOC-style uint8 -> (B, S, S) int64 class ids in the training order:
     world class k -> k, background -> 12, padding -> 255."""
-    sem = semantic.astype(np.int64)
-    out = sem - 1
-    out[sem == 0] = NUM_CLASSES - 1
-    out[sem == IGNORE] = IGNORE
-    return out
+    return semantic_to_class_ids(semantic, background=NUM_CLASSES - 1, ignore=IGNORE).astype(np.int64)
 
 
 def patch_targets(semantic: np.ndarray, patch: int) -> tuple[Tensor, Tensor]:
