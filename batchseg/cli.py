@@ -8,6 +8,9 @@ import click
 
 from batchseg.errors import BatchsegError
 
+# Choices are the library's own tuples; these modules import neither torch nor Dask.
+from batchseg.choices import DENSE_HEADS, REGION_VOTES
+
 EXIT_CODES_HELP = """\b
 Exit codes:
   0   finished (unusable images are manifest rows, not failures)
@@ -63,8 +66,7 @@ Examples:
 @click.option("--clip-pretrained", default=None,
               help="open_clip pretrained tag or a checkpoint file (default: openai for named models; "
                    "none for local-dir), or 'random' (speed tests only).")
-@click.option("--dense-form", type=click.Choice(["official", "clear"]), default="official", show_default=True,
-              help="MaskCLIP value path: official (residual + MLP, as the paper) or clear (ClearCLIP: no residual/MLP).")
+@click.option("--dense-form", hidden=True, default=None)
 @click.option("--no-clip", is_flag=True, help="Do not compute CLIP features.")
 @click.option("--canvas", type=int, default=None,
               help="CLIP input size in pixels (square, letterboxed); default: the model's own size.")
@@ -97,13 +99,18 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
     from batchseg.stages.embed import run_embed
 
     try:
+        if dense_form is not None:
+            raise UsageError(
+                "--dense-form is gone: embed now stores tokens every dense head can use; choose the head at "
+                "label time, e.g. `batchseg pseudolabel OUT --dense-head value` (was --dense-form clear)"
+            )
         if not no_sam and sam_checkpoint is None:
             raise UsageError(
                 "SAM needs weights: pass --sam-checkpoint PATH (e.g. sam_vit_b_01ec64.pth), "
                 "or --no-sam to compute CLIP features only"
             )
         models = ModelSettings(
-            clip=None if no_clip else ClipSpec(clip_model, _pretrained_tag(clip_model, clip_pretrained), dense_form),
+            clip=None if no_clip else ClipSpec(clip_model, _pretrained_tag(clip_model, clip_pretrained)),
             sam=None if no_sam else SamSpec(sam_model, None if sam_checkpoint == "random" else sam_checkpoint),
             clip_canvas=canvas,
             precision=precision,
@@ -133,7 +140,7 @@ recognised with CLIP (instance rows), SAM masks voting the semantic map. Rounds
 image again (MaskCLIP+ self-training). No image is re-encoded.
 
 Writes OUT/labels/round=K/part-*.parquet (COCO RLE masks in original pixels) and
-OUT/labels/round=K/_round.json (statistics). Reruns skip complete rounds; changing
+OUT/selftrain/round=K/_round.json (statistics, training targets, head weights). Reruns skip complete rounds; changing
 the classes or settings recomputes what they affect.
 
 \b
@@ -154,6 +161,13 @@ Examples:
               help="Prompt templates, one per line with {} (default: MaskCLIP's 85).")
 @click.option("--background", is_flag=True, help='Add "background" as a text class.')
 @click.option("--bg-floor", type=float, default=None, help="Leave pixels unlabelled whose best probability is below this.")
+@click.option("--dense-head", type=click.Choice(DENSE_HEADS), default="maskclip", show_default=True,
+              help="Training-free dense CLIP head computed from the stored tokens: maskclip (the paper, value path "
+                   "with residual + MLP), value (no residual/MLP), clearclip, sclip, naclip, or proxy-sam "
+                   "(ProxyCLIP with the stored SAM embedding as the proxy). Changing it never needs re-embedding.")
+@click.option("--region-vote", type=click.Choice(REGION_VOTES), default="majority", show_default=True,
+              help="How each SAM mask picks its class: majority of the pixel labels inside it (CorrCLIP), or "
+                   "pool: argmax of the probabilities pooled inside it.")
 @click.option("--pd-thresh", type=float, default=0.5, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
@@ -168,6 +182,18 @@ Examples:
               help="Self-training learns only from pixels whose label confidence reaches this.")
 @click.option("--class-balance", type=float, default=0.5, show_default=True,
               help="Self-training loss weight per class: (pixel frequency)^-this; 0 = unweighted, 1 = inverse frequency.")
+@click.option("--class-quantile", type=float, default=0.5, show_default=True,
+              help="Per-class thresholds: a class the labeller is never sure of keeps its most confident "
+                   "(1 - this) share of pixels even below --conf-thresh. 0 switches it off.")
+@click.option("--teacher-rounds", type=int, default=1, show_default=True,
+              help="MaskCLIP+'s schedule: rounds 1..N learn from round 0's labels, later rounds from the round before.")
+@click.option("--stop-agreement", type=float, default=0.98, show_default=True,
+              help="Stop self-training once a round agrees with the one before on this share of cells "
+                   "(recorded in _round.json); 1 runs every round.")
+@click.option("--ema-decay", type=float, default=0.99, show_default=True,
+              help="The saved head is the exponential moving average of its weights (0: the last step's).")
+@click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+              help="Each round starts from the previous round's head (else from MaskCLIP).")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs per round.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-training head.")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task.")
@@ -178,13 +204,14 @@ Examples:
               help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh, no_prompt_denoising, no_key_smoothing,
+def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, region_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
-                epochs, seed, shard_size, workers, gpus, threads, scheduler, overwrite, quiet) -> None:
+                class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
     from batchseg.errors import UsageError
     from batchseg.labels.proposals import ProposalSettings
     from batchseg.labels.selftrain import SelfTrainSettings
+    from batchseg.models.dense_heads import DenseHeadSettings
     from batchseg.models.text import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
     from batchseg.stages.pseudolabel import run_pseudolabel
 
@@ -209,12 +236,17 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, pd_thresh,
             pd_thresh=pd_thresh,
             sam="auto" if sam is None else ("on" if sam else "off"),
             proposals=proposals,
+            dense_head=DenseHeadSettings(dense_head),
+            region_vote=region_vote,
         )
         config = PseudolabelConfig(
             out=out,
             labels=labels,
             selftrain=SelfTrainSettings(epochs=epochs, seed=seed, conf_thresh=conf_thresh,
-                                        class_balance=class_balance),
+                                        class_balance=class_balance,
+                                        class_quantile=class_quantile or None, teacher_rounds=teacher_rounds,
+                                        stop_agreement=None if stop_agreement >= 1 else stop_agreement,
+                                        ema_decay=ema_decay or None, warm_start=warm_start),
             rounds=rounds,
             cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
             shard_size=shard_size,

@@ -7,9 +7,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchseg.choices import REGION_VOTES
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.models.clip import ClipSpec
+from batchseg.models.dense_heads import DenseHeadSettings
 from batchseg.models.sam import SamSpec
 
 if TYPE_CHECKING:
@@ -19,7 +21,8 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BUILD_FILE = "batchseg.json"
-BUILD_SCHEMA_VERSION = 1
+# 2: embed stores last-block tokens (clip_tokens, clip_cls) instead of one head's output.
+BUILD_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,6 @@ class ModelSettings:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.clip_canvas is not None and self.clip_canvas < 16:
             raise UsageError(f"--canvas must be at least 16 pixels, got {self.clip_canvas}")
-        if self.clip is not None and self.clip.dense_form not in ("official", "clear"):
-            raise UsageError(f"--dense-form must be 'official' or 'clear', got {self.clip.dense_form!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,6 +135,13 @@ def read_build_file(out: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path} is not readable JSON ({exc}); rerun with --overwrite or use a new folder") from None
+    if data.get("schema_version") == 1:
+        raise UsageError(
+            f"{path} is a version-1 build: it stores one dense head's output, while this batchseg stores the "
+            "tokens every head is computed from. Re-embed into a new folder (or rerun `batchseg embed SRC "
+            f"{out} --overwrite` with the same models); then choose the head at label time with "
+            "`pseudolabel --dense-head`"
+        )
     if data.get("schema_version") != BUILD_SCHEMA_VERSION:
         raise UsageError(
             f"{path} has schema version {data.get('schema_version')!r}, this batchseg knows "
@@ -165,10 +173,15 @@ class LabelSettings:
     sam: str = "auto"  # use stored SAM embeddings: auto (when stored), on (required), off
     proposals: "ProposalSettings" = None  # type: ignore[assignment]
     work_max_side: int = 1024  # label maps are made at most this large, then mapped up
+    dense_head: DenseHeadSettings = field(default_factory=DenseHeadSettings)
+    region_vote: str = "majority"
 
     def validate(self) -> None:
         if self.sam not in SAM_MODES:
             raise UsageError(f"sam must be one of {SAM_MODES}, got {self.sam!r}")
+        if self.region_vote not in REGION_VOTES:
+            raise UsageError(f"--region-vote must be one of {', '.join(REGION_VOTES)}, got {self.region_vote!r}")
+        self.dense_head.validate()
         if not 0.0 <= self.pd_thresh <= 1.0:
             raise UsageError(f"--pd-thresh must be in [0, 1], got {self.pd_thresh}")
         if self.bg_floor is not None and not 0.0 <= self.bg_floor <= 1.0:
@@ -194,6 +207,8 @@ class LabelSettings:
             "sam": self.sam,
             "proposals": asdict(self.proposals) if self.proposals is not None else None,
             "work_max_side": self.work_max_side,
+            "dense_head": asdict(self.dense_head),
+            "region_vote": self.region_vote,
         }
 
 

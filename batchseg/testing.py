@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from batchseg.config import ModelSettings
 from batchseg.models.clip import ClipSpec, DenseClip, DenseClipOutput, save_local_dir, tiny_clip_config
+from batchseg.models.dense_heads import ClipTokens
 from batchseg.models.runtime import ModelBuilders, build_clip
 from batchseg.models.sam import SAM_ARCHS, SamSpec, build_sam_model, save_sam_checkpoint
 
@@ -81,7 +82,9 @@ def write_image_folder(folder: Path, count: int, seed: int = 0, start: int = 0) 
     return paths
 
 
-_DENSE_CLIP_ATTRIBUTES = ("canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form")
+_DENSE_CLIP_ATTRIBUTES = (
+    "canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form", "kind", "token_dim", "token_grid",
+)
 
 
 def _copy_geometry(wrapper: torch.nn.Module, inner: torch.nn.Module) -> None:
@@ -103,11 +106,18 @@ class _KillOnce(torch.nn.Module):
         _copy_geometry(self, inner)
 
     def forward(self, pixels: torch.Tensor) -> DenseClipOutput:
+        self._maybe_die()
+        return self.inner(pixels)
+
+    def encode_tokens(self, pixels: torch.Tensor) -> ClipTokens:
+        self._maybe_die()
+        return self.inner.encode_tokens(pixels)
+
+    def _maybe_die(self) -> None:
         self.batches += 1
         if self.batches >= self.after_batches and not os.path.exists(self.marker):
             Path(self.marker).write_text(f"killed pid {os.getpid()}\n")
             os._exit(17)  # no cleanup, like SIGKILL or an OOM kill
-        return self.inner(pixels)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,12 @@ class _Slow(torch.nn.Module):
 
         time.sleep(self.delay)
         return self.inner(pixels)
+
+    def encode_tokens(self, pixels: torch.Tensor) -> ClipTokens:
+        import time
+
+        time.sleep(self.delay)
+        return self.inner.encode_tokens(pixels)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ on last-ulp differences between maths libraries.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,11 +130,63 @@ def caption_for(class_ids: list[int] | tuple[int, ...]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+BACKGROUND_KINDS: tuple[str, ...] = ("noise", "stripes", "gradient", "checks")
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """How a world's samples are drawn; the defaults are the world every model here trained on.
+
+    Attributes:
+        min_side, max_side: image height and width are two distinct sizes in this range.
+        max_objects: objects per image are 1..max_objects (before placement failures).
+        colours, shapes: the subsets of ``COLOURS`` / ``SHAPES`` objects are drawn from
+            (class ids stay those of the full ``CLASS_NAMES``).
+        backgrounds: the texture kinds drawn from (subset of ``BACKGROUND_KINDS``).
+        radius: circumradius range as a fraction of the short side.
+        overlap: probability that a new object is placed next to / over an earlier one.
+    """
+
+    min_side: int = 64
+    max_side: int = 160
+    max_objects: int = 5
+    colours: tuple[str, ...] = tuple(COLOURS)
+    shapes: tuple[str, ...] = SHAPES
+    backgrounds: tuple[str, ...] = BACKGROUND_KINDS
+    radius: tuple[float, float] = (0.10, 0.26)
+    overlap: float = 0.35
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.min_side < self.max_side:
+            raise ValueError(f"need 8 <= min_side < max_side, got {self.min_side}, {self.max_side}")
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+        for name, chosen, allowed in (("colours", self.colours, tuple(COLOURS)), ("shapes", self.shapes, SHAPES),
+                                      ("backgrounds", self.backgrounds, BACKGROUND_KINDS)):
+            if not chosen or not set(chosen) <= set(allowed):
+                raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {chosen}")
+        if not 0 < self.radius[0] <= self.radius[1] <= 0.5:
+            raise ValueError(f"radius must satisfy 0 < low <= high <= 0.5, got {self.radius}")
+        if not 0 <= self.overlap <= 1:
+            raise ValueError(f"overlap must be in [0, 1], got {self.overlap}")
+
+
+# Named variants. "default" trained and tuned everything; the others exist to check that a
+# gain holds on a world nobody tuned on (bench/quality.py --variant).
+WORLD_VARIANTS: dict[str, WorldOptions] = {
+    "default": WorldOptions(),
+    # More shapes than colours, larger and more varied image sizes, smaller objects, more of
+    # them and more overlap, only the high-frequency textures.
+    "crowded": WorldOptions(min_side=96, max_side=288, max_objects=8, colours=("red", "blue"),
+                            backgrounds=("stripes", "checks"), radius=(0.07, 0.2), overlap=0.6),
+}
+
+
 def _q(x: float) -> float:
     return round(x * _Q) / _Q
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int, kinds: tuple[str, ...] = BACKGROUND_KINDS) -> np.ndarray:
     """``(h, w, 3)`` uint8 muted texture: grey-ish base plus noise, stripes, gradient or checks.
 
     The pattern shifts all channels together (luminance) and the tint and grain stay
@@ -143,7 +196,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     xx = np.arange(w, dtype=np.float64)[None, :] + 0.5
     base = rng.uniform(85.0, 170.0)
     tint = rng.uniform(-12.0, 12.0, size=3)
-    kind = int(rng.integers(4))
+    kind = BACKGROUND_KINDS.index(kinds[int(rng.integers(len(kinds)))])
     # Direction from a quantised unit vector: exact arithmetic from here on.
     theta = rng.uniform(0.0, 2.0 * np.pi)
     dx, dy = _q(np.cos(theta)), _q(np.sin(theta))
@@ -196,7 +249,8 @@ def _footprint(shape: str, cx: float, cy: float, r: float, angle: float, h: int,
 
 
 def render_sample(
-    seed: int, index: int, *, min_side: int = 64, max_side: int = 160, max_objects: int = 5
+    seed: int, index: int, *, min_side: int | None = None, max_side: int | None = None,
+    max_objects: int | None = None, options: WorldOptions | None = None,
 ) -> WorldSample:
     """Render sample ``index`` of world ``seed``; same arguments -> same arrays.
 
@@ -206,28 +260,30 @@ def render_sample(
     its area visible, and is dropped if no placement works: objects are never
     slivers, but about a third of them are placed touching or over another.
     """
-    if not 8 <= min_side < max_side:
-        raise ValueError(f"need 8 <= min_side < max_side, got {min_side}, {max_side}")
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    options = options or WorldOptions()
+    overrides = {k: v for k, v in (("min_side", min_side), ("max_side", max_side), ("max_objects", max_objects))
+                 if v is not None}
+    if overrides:
+        options = dataclasses.replace(options, **overrides)
+    min_side, max_side = options.min_side, options.max_side
     rng = np.random.default_rng([seed, index])
     h, w = (int(v) for v in rng.choice(np.arange(min_side, max_side + 1), size=2, replace=False))
-    image = _background(rng, h, w)
+    image = _background(rng, h, w, options.backgrounds)
     inst = np.full((h, w), -1, dtype=np.int16)  # which placed object owns each pixel
     placed: list[tuple[int, str, str, float, float, float]] = []  # class, shape, colour, cx, cy, r
     full_area: list[int] = []
     visible: list[int] = []
     short = min(h, w)
     min_pixels = 12
-    for _ in range(int(rng.integers(1, max_objects + 1))):
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        colour = _COLOUR_NAMES[int(rng.integers(len(COLOURS)))]
+    for _ in range(int(rng.integers(1, options.max_objects + 1))):
+        shape = options.shapes[int(rng.integers(len(options.shapes)))]
+        colour = options.colours[int(rng.integers(len(options.colours)))]
         for _attempt in range(8):
-            r = _q(rng.uniform(0.10, 0.26) * short)
+            r = _q(rng.uniform(*options.radius) * short)
             # Equalise areas roughly: a circle of circumradius r is much bigger than a triangle.
             r_eff = _q(r * {"circle": 0.8, "square": 1.0, "triangle": 1.2}[shape])
             angle = rng.uniform(0.0, 2.0 * np.pi)
-            if placed and rng.random() < 0.35:  # deliberately next to / over an earlier object
+            if placed and rng.random() < options.overlap:  # deliberately next to / over an earlier object
                 _, _, _, ox, oy, orad = placed[int(rng.integers(len(placed)))]
                 dist, phi = rng.uniform(0.4, 1.1) * (orad + r_eff), rng.uniform(0.0, 2.0 * np.pi)
                 cx, cy = _q(ox + dist * np.cos(phi)), _q(oy + dist * np.sin(phi))

@@ -1,29 +1,30 @@
-"""Label quality on held-out synthetic-world images: the pipeline's stages, one by one.
+"""Label quality on held-out synthetic-world images: every dense head, SAM, self-training rounds.
 
 The synthetic world (``batchseg.world``) has exact ground truth, so this script
 measures what each part of ``pseudolabel`` buys, with the toy models batchseg ships
 (``batchseg/assets``) against a floor: the same CLIP architecture at random init
 (and the same toy SAM). On ``--images`` world images of ``--seed`` (a seed no
-training run used: the toy CLIP trains on world seed 100000, the toy SAM on 0,
-their evaluations use 999 and the demo 4242), for each CLIP:
+training run used: the toy CLIPs train on world seed 100000, the toy SAM on 0,
+their evaluations use 999 and the demo 4242), for each world variant
+(``batchseg.world.WORLD_VARIANTS``: "default", the world everything was trained and
+tuned on, and "crowded", which nobody tuned on) and each CLIP:
 
-1. ``embed`` once (CLIP dense features + SAM embeddings, fp32);
-2. round 0 without SAM, four times, each evaluated (rows "MaskCLIP alone", "+ prompt
-   denoising", "+ key smoothing", "+ PD + KS"): MaskCLIP labels with each
-   refinement switched on or off (``LabelSettings.prompt_denoising/key_smoothing``);
-3. the full default pipeline: PD + KS, SAM everything-mode proposals voting the
-   semantic map ("round 0: MaskCLIP + SAM refinement"), then ``--rounds`` self-training rounds,
-   each scored twice: the head's own labels ("round k: self-training head") and the
-   same SAM masks voting them ("round k: head + SAM refinement"), which is what
-   ``pseudolabel`` writes as the round's final labels.
+1. ``embed`` once (CLIP tokens + SAM embeddings, fp32);
+2. round 0 once per dense head (``--dense-head``), with SAM: each run is scored twice,
+   "HEAD" (the dense head's labels alone, pseudolabel's defaults: prompt denoising +
+   key smoothing) and "HEAD + SAM (vote)" (SAM masks voting the map: CorrCLIP's
+   majority vote, pseudolabel's default); MaskCLIP also with the probability-pooling
+   vote, and without key smoothing;
+3. the full pipeline with ``--head`` (default maskclip): round 0 and ``--rounds``
+   self-training rounds, each scored as the head's own labels and with SAM's vote
+   (what ``pseudolabel`` writes).
 
 Every row is ``batchseg evaluate``'s mIoU over 13 classes (12 "colour shape"
-classes + background), pixel accuracy beside it. The classes and background are
-those of ``classes.txt`` that ``write_world`` writes, with ``--background``, exactly
-as the demo runs. One local Dask cluster serves all runs.
+classes + background), pixel accuracy beside it. The label-time cost of each head
+(seconds per image, the head alone on stored tokens) is printed below the table.
 
-    .venv/bin/python bench/quality.py                     # 200 images, 3 rounds, both CLIPs
-    .venv/bin/python bench/quality.py --images 8 --rounds 1 --points-per-side 8   # smoke
+    .venv/bin/python bench/quality.py                     # 200 images per variant, 3 rounds, both CLIPs
+    .venv/bin/python bench/quality.py --images 8 --rounds 1 --points-per-side 8 --variant default  # smoke
 """
 from __future__ import annotations
 
@@ -56,9 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="local cluster worker processes (default 1)")
     parser.add_argument("--cores", type=int, default=common.cores(), help="total cores (default: all)")
     parser.add_argument("--shard-size", type=int, default=32, help="images per Dask task (default 32)")
+    parser.add_argument("--variant", choices=("both", "default", "crowded"), default="both",
+                        help="world variant(s) (default both: the tuned-on world and one nobody tuned on)")
+    parser.add_argument("--heads", default=",".join(HEADS), help="dense heads to compare (comma-separated)")
+    parser.add_argument("--head", default="maskclip", help="dense head of the full pipeline (default maskclip)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--workdir", default=None, help="keep world and builds here (default: a temp folder, deleted)")
     args = parser.parse_args(argv)
+    args.heads = tuple(h for h in args.heads.split(",") if h)
+    if not set(args.heads) <= set(HEADS) or args.head not in HEADS:
+        parser.error(f"heads must be among {', '.join(HEADS)}")
     if min(args.images, args.points_per_side, args.epochs, args.workers, args.cores, args.shard_size) < 1:
         parser.error("counts must be at least 1")
     if args.rounds < 0:
@@ -91,15 +99,46 @@ def _random_clip(toy_clip: Path, folder: Path) -> Path:
         root.setLevel(level)
 
 
-def _variants(args):
-    """(row name, LabelSettings changes, rounds) of every pseudolabel run, in order."""
-    return [
-        ("MaskCLIP alone", dict(prompt_denoising=False, key_smoothing=False, sam="off"), 0),
-        ("+ prompt denoising (PD)", dict(prompt_denoising=True, key_smoothing=False, sam="off"), 0),
-        ("+ key smoothing (KS)", dict(prompt_denoising=False, key_smoothing=True, sam="off"), 0),
-        ("+ PD + KS (pseudolabel's default)", dict(prompt_denoising=True, key_smoothing=True, sam="off"), 0),
-        ("full", dict(prompt_denoising=True, key_smoothing=True, sam="on"), args.rounds),
-    ]
+HEADS = ("maskclip", "value", "clearclip", "sclip", "naclip", "proxy-sam")
+
+
+def _runs(args):
+    """(name, LabelSettings changes, rounds) of every pseudolabel run, in order."""
+    from batchseg.models.dense_heads import DenseHeadSettings
+
+    runs = [(head, dict(dense_head=DenseHeadSettings(head), sam="on"), 0) for head in args.heads]
+    if "maskclip" in args.heads:
+        runs.append(("maskclip (pool vote)", dict(region_vote="pool", sam="on"), 0))
+        runs.append(("maskclip (no KS)", dict(key_smoothing=False, sam="on"), 0))
+    if args.rounds:
+        runs.append(("full", dict(dense_head=DenseHeadSettings(args.head), sam="on"), args.rounds))
+    return runs
+
+
+def _head_seconds(out: Path, heads, clip_dir: Path, images: int) -> dict[str, float]:
+    """Seconds per image of each dense head alone, on the stored tokens (1 thread, CPU)."""
+    import numpy as np
+    import torch
+    import zarr
+
+    from batchseg.models.clip import ClipSpec, load_dense_clip
+    from batchseg.models.dense_heads import DenseHeadSettings, compute_head
+
+    group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
+    clip = load_dense_clip(ClipSpec(f"local-dir:{clip_dir}"))
+    count = min(images, 32)
+    tokens = torch.from_numpy(np.stack([group["clip_tokens"][i] for i in range(count)]))
+    cls = torch.from_numpy(np.stack([group["clip_cls"][i] for i in range(count)])) if "clip_cls" in group else None
+    sam = torch.from_numpy(np.stack([group["sam"][i] for i in range(count)]))
+    seconds = {}
+    with torch.inference_mode():
+        for head in heads:
+            started = time.perf_counter()
+            for i in range(count):
+                compute_head(clip, DenseHeadSettings(head), tokens[i : i + 1],
+                             None if cls is None else cls[i : i + 1], sam[i : i + 1])
+            seconds[head] = (time.perf_counter() - started) / count
+    return seconds
 
 
 def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: Path, args, external) -> dict:
@@ -128,25 +167,52 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
                          background=True, proposals=ProposalSettings(points_per_side=args.points_per_side))
     rows: dict[str, tuple[float, float]] = {}
     facts: dict[str, object] = {}
-    for row, changes, rounds in _variants(args):
+    for run, changes, rounds in _runs(args):
         started = time.perf_counter()
         config = PseudolabelConfig(out=out, labels=dataclasses.replace(base, **changes),
-                                   selftrain=SelfTrainSettings(epochs=args.epochs), rounds=rounds,
+                                   selftrain=_selftrain_settings(args), rounds=rounds,
                                    cluster=external, shard_size=args.shard_size, overwrite=True)
         run_pseudolabel(config, progress=False)
         report = run_evaluate(EvaluateConfig(out=out, gt=world / "gt"))
-        if row != "full":
-            s = next(r.scores for r in report.results if (r.round, r.source) == (0, "maskclip"))
-            rows[row] = (s.miou, s.pixel_accuracy)
+        scores = {(r.round, r.source): (r.scores.miou, r.scores.pixel_accuracy) for r in report.results}
+        if run != "full":
+            vote = "pool" if "pool" in run else "majority"
+            if run.startswith("maskclip ("):
+                rows[f"{run}: + SAM"] = scores[(0, "sam")]
+                continue
+            rows[run] = scores[(0, "maskclip")]
+            rows[f"{run} + SAM ({vote} vote)"] = scores[(0, "sam")]
         else:
             for r in report.results:  # in round, source order
-                if (r.round, r.source) == (0, "maskclip"):
-                    continue  # the "+ PD + KS" row: the same labels
-                rows[f"round {r.round}: {describe_source(r.round, r.source)}"] = (r.scores.miou, r.scores.pixel_accuracy)
+                rows[f"full ({args.head}) round {r.round}: {describe_source(r.round, r.source)}"] = (
+                    r.scores.miou, r.scores.pixel_accuracy)
             kinds = read_labels(out, 0).column("kind").to_pylist()
             facts["SAM masks kept per image (instance rows)"] = round(kinds.count("instance") / args.images, 2)
-        print(f"  [{name}] {row}: {time.perf_counter() - started:.0f} s", flush=True)
+            facts["rounds"] = _round_notes(out, args.rounds)
+        print(f"  [{name}] {run}: {time.perf_counter() - started:.0f} s", flush=True)
+    facts["head seconds per image"] = {k: round(v, 5) for k, v in _head_seconds(out, args.heads, clip_dir,
+                                                                               args.images).items()}
     return {"rows": rows, "facts": facts}
+
+
+def _selftrain_settings(args):
+    from batchseg.labels.selftrain import SelfTrainSettings
+
+    return SelfTrainSettings(epochs=args.epochs)
+
+
+def _round_notes(out: Path, rounds: int) -> list:
+    """What each self-training round recorded about itself (agreement, stop decisions)."""
+    from batchseg.io.tables import selftrain_folder
+
+    notes = []
+    for k in range(1, rounds + 1):
+        path = selftrain_folder(out, k) / "_round.json"
+        if path.exists():
+            info = json.loads(path.read_text())
+            notes.append({"round": k, "agreement": info["stats"].get("agreement_with_previous"),
+                          "decision": info.get("decision")})
+    return notes
 
 
 def _table(results: dict[str, dict]) -> str:
@@ -169,37 +235,41 @@ def main(argv=None) -> int:
     from distributed import Client, LocalCluster
 
     from batchseg.config import ClusterSettings
-    from batchseg.world import write_world
+    from batchseg.world import WORLD_VARIANTS, write_world
 
     toy_clip, toy_sam = _toy_models(args)
     folder, created = common.workdir(args.workdir, "bench-quality-")
+    variants = list(WORLD_VARIANTS) if args.variant == "both" else [args.variant]
     try:
-        world = folder / "world"
-        shutil.rmtree(world, ignore_errors=True)
-        write_world(world, args.images, seed=args.seed)
         clips = {}
         if args.which in ("both", "toy"):
             clips["toy CLIP"] = toy_clip
         if args.which in ("both", "floor"):
             clips["random-init CLIP"] = _random_clip(toy_clip, folder / "random-clip")
         print("\n".join(common.machine_lines()))
-        print(f"world seed {args.seed}: {args.images} images; toy SAM {toy_sam}; {args.points_per_side}x"
-              f"{args.points_per_side} points; {args.rounds} self-training rounds x {args.epochs} epochs", flush=True)
+        print(f"world seed {args.seed}: {args.images} images per variant ({', '.join(variants)}); toy CLIP "
+              f"{toy_clip}; toy SAM {toy_sam}; {args.points_per_side}x{args.points_per_side} points; "
+              f"{args.rounds} self-training rounds x {args.epochs} epochs; full pipeline head {args.head}", flush=True)
         threads = max(1, args.cores // args.workers)
         results = {}
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           silence_logs=logging.CRITICAL, env=common.thread_env(threads),
                           local_directory=str(folder / "dask")) as cluster, Client(cluster):
             external = ClusterSettings(scheduler=cluster.scheduler_address)
-            for index, (name, clip_dir) in enumerate(clips.items()):
-                out = folder / f"out-{index}"
-                shutil.rmtree(out, ignore_errors=True)
-                results[name] = _measure_clip(name, clip_dir, toy_sam, world, out, args, external)
+            for variant in variants:
+                world = folder / f"world-{variant}"
+                shutil.rmtree(world, ignore_errors=True)
+                write_world(world, args.images, seed=args.seed, options=WORLD_VARIANTS[variant])
+                for index, (name, clip_dir) in enumerate(clips.items()):
+                    out = folder / f"out-{variant}-{index}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    key = f"{variant}: {name}"
+                    results[key] = _measure_clip(key, clip_dir, toy_sam, world, out, args, external)
         print("\nmIoU and pixel accuracy (%), 13 classes (12 + background), "
-              f"{args.images} held-out images of world seed {args.seed}:")
+              f"{args.images} held-out images of world seed {args.seed} per variant:")
         print(_table(results))
         for name, result in results.items():
-            print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in result["facts"].items()))
+            print(f"{name}: " + "; ".join(f"{k} {v}" for k, v in result["facts"].items()))
         print(common.load_line())
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))

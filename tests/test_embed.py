@@ -13,6 +13,7 @@ from batchseg.io.images import content_id, decode_image
 from batchseg.io.lock import build_lock
 from batchseg.io.tables import read_manifest
 from batchseg.models.clip import ClipSpec, load_dense_clip, preprocess_clip
+from batchseg.models.dense_heads import DenseHeadSettings, compute_head
 from batchseg.models.sam import SamEncoder, SamSpec, load_sam
 from batchseg.testing import write_image_folder
 from helpers import assert_same_build, embed_args, manifest_rows, run_cli
@@ -34,7 +35,7 @@ def test_embed_writes_arrays_manifest_and_summary(image_folder, tmp_path, tiny_m
     assert sorted(r["zarr_row"] for r in rows) == list(range(8))
     group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
     shapes = {name: group[name].shape for name in group.array_keys()}
-    assert shapes == {"clip_dense": (8, 32, 8, 8), "clip_keys": (8, 64, 8, 8), "clip_global": (8, 32), "sam": (8, 32, 16, 16)}
+    assert shapes == {"clip_tokens": (8, 64, 8, 8), "clip_cls": (8, 64), "clip_global": (8, 32), "sam": (8, 32, 16, 16)}
     assert all(group[name].chunks[0] == 1 and group[name].dtype == np.float16 for name in shapes)
 
     # Values: each row equals the models run directly on that file's decoded image.
@@ -48,12 +49,20 @@ def test_embed_writes_arrays_manifest_and_summary(image_folder, tmp_path, tiny_m
         scale = 64 / max(image.width, image.height)
         assert row["clip_valid_w"] == max(1, int(image.width * scale + 0.5))
         with torch.no_grad():
-            expected = clip(preprocess_clip(image.pixels, 64, clip.mean, clip.std)[None])
+            pixels = preprocess_clip(image.pixels, 64, clip.mean, clip.std)[None]
+            expected = clip.encode_tokens(pixels)
+            full = clip(pixels)  # the whole model's MaskCLIP forward
             expected_sam = sam(sam.preprocess(image.pixels)[None])
         r = row["zarr_row"]
-        np.testing.assert_allclose(group["clip_dense"][r].astype(np.float32), expected.dense[0].numpy(), rtol=2e-3, atol=2e-3)
-        np.testing.assert_allclose(group["clip_keys"][r].astype(np.float32), expected.keys[0].numpy(), rtol=2e-3, atol=2e-3)
+        tokens = group["clip_tokens"][r].astype(np.float32)
+        np.testing.assert_allclose(tokens, expected.tokens[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(group["clip_cls"][r].astype(np.float32), expected.cls[0].numpy(), rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(group["clip_global"][r].astype(np.float32), expected.global_[0].numpy(), rtol=2e-3, atol=2e-3)
+        # Store -> head equals the full-model forward within fp16 storage tolerance.
+        with torch.no_grad():
+            head = compute_head(clip, DenseHeadSettings("maskclip"), torch.from_numpy(tokens)[None])
+        torch.testing.assert_close(head.dense, full.dense, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(head.keys, full.keys, rtol=1e-2, atol=1e-2)
         np.testing.assert_allclose(group["sam"][r].astype(np.float32), expected_sam[0].numpy(), rtol=2e-3, atol=2e-3)
 
     runs = list((out / "runs").glob("*.json"))
@@ -134,7 +143,7 @@ def test_incremental_add_rename_edit(image_folder, tmp_path, tiny_models, dask_s
     result = _embed(image_folder, out, tiny_models, dask_scheduler)
     assert _computed(result.output) == 1
     group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
-    assert group["clip_dense"].shape[0] == 11
+    assert group["clip_tokens"].shape[0] == 11
 
 
 def test_duplicate_content_is_computed_once(image_folder, tmp_path, tiny_models, dask_scheduler):
@@ -165,7 +174,7 @@ def test_changed_settings_are_refused_and_overwrite_starts_over(image_folder, tm
     assert result.exit_code == 2 and "sam:" in result.output
     result = run_cli(embed_args(image_folder, out, tiny_models, "--scheduler", dask_scheduler, "--canvas", "96", "--overwrite"))
     assert result.exit_code == 0 and _computed(result.output) == 8
-    assert zarr.open_group(str(out / "embeddings.zarr"), mode="r")["clip_dense"].shape == (8, 32, 12, 12)
+    assert zarr.open_group(str(out / "embeddings.zarr"), mode="r")["clip_tokens"].shape == (8, 64, 12, 12)
 
 
 def test_second_run_exits_75_while_the_lock_is_held(image_folder, tmp_path, tiny_models, dask_scheduler):

@@ -6,12 +6,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batchseg.io.tables import LABELS_SCHEMA, read_labels, read_manifest, round_folder
+from batchseg.io.tables import LABELS_SCHEMA, read_labels, read_manifest, round_folder, selftrain_folder
 from batchseg.labels.rle import decode_mask
 from helpers import embed_args, run_cli
 
 CLASSES = "red thing,green thing,blue thing"
-FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--epochs", "2", "-q"]
+FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--epochs", "2", "-q",
+        "--stop-agreement", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +85,7 @@ def test_round_statistics_are_recorded(build, dask_scheduler):
     assert _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "1", *FAST).exit_code == 0
     import json
 
-    info = json.loads((round_folder(build, 1) / "_round.json").read_text())
+    info = json.loads((selftrain_folder(build, 1) / "_round.json").read_text())
     assert len(info["train"]["losses"]) == 2 and all(np.isfinite(info["train"]["losses"]))
     assert 0.0 <= info["stats"]["agreement_with_previous"] <= 1.0
     assert set(info["stats"]["class_histogram"]) == set(CLASSES.split(","))
@@ -138,3 +139,71 @@ def test_vocab_file_with_synonyms_and_background(build, tmp_path, dask_scheduler
     names = set(read_labels(build, 0).column("class_name").to_pylist())
     assert names <= {"red thing", "green thing", "background"}
     assert len(list((build / "text").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("head", ["maskclip", "value", "clearclip", "sclip", "naclip", "proxy-sam"])
+def test_every_dense_head_labels_a_build_without_re_embedding(build, dask_scheduler, head):
+    before = {p: p.stat().st_mtime_ns for p in (build / "embeddings.zarr").rglob("*") if p.is_file()}
+    result = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "1", "--dense-head", head, *FAST)
+    assert result.exit_code == 0, result.output
+    _check_rows(build, 0, {"maskclip", "sam"})
+    _check_rows(build, 1, {"student", "sam"})
+    after = {p: p.stat().st_mtime_ns for p in (build / "embeddings.zarr").rglob("*") if p.is_file()}
+    assert after == before  # the store is read, never rewritten
+
+
+def test_changing_the_head_or_the_vote_recomputes_round_zero(build, dask_scheduler):
+    assert _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", *FAST).exit_code == 0
+    for extra in (["--dense-head", "naclip"], ["--dense-head", "naclip", "--region-vote", "pool"]):
+        result = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", *extra, *FAST)
+        assert result.exit_code == 0 and "round 0: 8 images" in result.output, result.output
+
+
+def test_unknown_head_lists_the_heads(build, dask_scheduler):
+    result = _label(build, dask_scheduler, "--classes", CLASSES, "--dense-head", "dino", "-q")
+    assert result.exit_code == 2
+    for name in ("maskclip", "clearclip", "sclip", "naclip", "proxy-sam"):
+        assert name in result.output
+
+
+def test_proxy_sam_needs_sam_embeddings(tmp_path, _embedded_template, dask_scheduler):
+    out = tmp_path / "nosam"
+    shutil.copytree(_embedded_template["nosam"], out)
+    result = _label(out, dask_scheduler, "--classes", CLASSES, "--dense-head", "proxy-sam", *FAST)
+    assert result.exit_code == 2 and "uses the stored SAM embeddings" in result.output
+
+
+def test_labels_folder_reads_as_a_hive_dataset(build, dask_scheduler):
+    import pyarrow.dataset as pads
+
+    assert _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "1", *FAST).exit_code == 0
+    table = pads.dataset(build / "labels", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == read_labels(build, 0).num_rows + read_labels(build, 1).num_rows
+    assert pq.read_table(round_folder(build, 1)).num_rows == read_labels(build, 1).num_rows
+    assert sorted(p.name for p in (selftrain_folder(build, 1)).iterdir()) == [
+        "_round.json", "grid.zarr", "head.json", "head.safetensors"]
+
+
+def test_a_version_1_build_is_refused_with_how_to_re_embed(build, dask_scheduler):
+    import json
+
+    info = json.loads((build / "batchseg.json").read_text())
+    info["schema_version"] = 1
+    (build / "batchseg.json").write_text(json.dumps(info))
+    result = _label(build, dask_scheduler, "--classes", CLASSES, "-q")
+    assert result.exit_code == 2 and "version-1 build" in result.output and "--overwrite" in result.output
+
+
+def test_stopping_rule_ends_self_training_and_says_why(build, dask_scheduler):
+    import json
+
+    full = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "3", "--stop-agreement", "1", *FAST)
+    assert full.exit_code == 0 and "round 3: 8 images" in full.output
+    result = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "3", *FAST, "--stop-agreement", "0.01")
+    assert result.exit_code == 0, result.output
+    assert "self-training stopped after round 1: converged" in result.output
+    assert not (build / "labels" / "round=2").exists() and not (build / "selftrain" / "round=3").exists()
+    info = json.loads((selftrain_folder(build, 1) / "_round.json").read_text())
+    assert info["decision"]["stop"] is True and "stop_agreement 0.01" in info["decision"]["why"]
+    again = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "3", *FAST, "--stop-agreement", "0.01")
+    assert again.output.count("already complete, skipped") == 2 and "stopped after round 1" in again.output

@@ -161,3 +161,39 @@ def test_cuda_matches_cpu() -> None:
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu)
     torch.testing.assert_close(mask_class_scores(probs.cuda(), masks).cpu(), mask_class_scores(probs, masks))
+
+
+def _brute_majority(labels: np.ndarray, masks: np.ndarray, num_classes: int) -> tuple[list[int], list[float]]:
+    ids, shares = [], []
+    for mask in masks:
+        votes = [int(((labels == c) & mask).sum()) for c in range(num_classes)]
+        total = sum(votes)
+        best = max(range(num_classes), key=lambda c: (votes[c], -c)) if total else -1
+        ids.append(best)
+        shares.append(votes[best] / total if total else 0.0)
+    return ids, shares
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_majority_classes_equals_counting_votes(seed):
+    from batchseg.labels.recognise import majority_classes
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, 4, size=(9, 11))
+    masks = rng.random((6, 9, 11)) < 0.4
+    masks[0] = False  # an empty mask
+    masks[1] = labels < 0  # a mask over unlabelled pixels only
+    ids, shares = majority_classes(torch.from_numpy(labels), masks, 4)
+    want_ids, want_shares = _brute_majority(labels, masks, 4)
+    assert ids.tolist() == want_ids and ids[0] == -1 and ids[1] == -1
+    np.testing.assert_allclose(shares.numpy(), want_shares, rtol=1e-6)
+
+
+def test_refine_with_given_classes_paints_them_and_skips_classless_masks():
+    probs = torch.zeros(3, 4, 4)
+    probs[0] = 1.0  # MaskCLIP says class 0 everywhere
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, :2] = True
+    masks[1, 2:] = True
+    refined = refine_semantic(probs, masks, np.array([0.9, 0.8]), class_ids=np.array([2, -1]))
+    assert refined[:2].eq(2).all() and refined[2:].eq(0).all()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import dataclasses
 
 import pytest
 import torch
@@ -300,3 +301,52 @@ def test_class_weights_enter_the_loss():
     assert same_weights(weights(plain), weights(ones))
     with pytest.raises(ValueError, match="class_weights"):
         train_head(make_head(False), one_batch, FAST, class_weights=torch.ones(C + 1))
+
+
+def test_ema_head_is_the_average_of_the_steps(tmp_path):
+    """With ema_decay the trained head equals a hand-computed EMA of its per-step weights."""
+    torch.manual_seed(0)
+    classifier = torch.randn(3, 8)
+    snapshots = []
+
+    def batches(epoch):
+        gen = torch.Generator().manual_seed(epoch)
+        for _ in range(3):
+            yield None, torch.randn(2, 8, 4, 4, generator=gen), torch.randint(0, 3, (2, 4, 4), generator=gen)
+
+    settings = SelfTrainSettings(epochs=2, ema_decay=0.9, lr=1e-2)
+    plain = SegHead(classifier, None, 8, 16, 10.0, seed=1)
+    train_head(plain, batches, dataclasses.replace(settings, ema_decay=None),
+               progress=lambda e, loss: snapshots.append(None))
+    # Recompute: replay the same optimisation, recording weights after every step.
+    replay = SegHead(classifier, None, 8, 16, 10.0, seed=1)
+    params = [p for p in replay.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        replay.train()
+        step = 0
+        for epoch in range(settings.epochs):
+            for sam, clip, target in batches(epoch):
+                loss = torch.nn.functional.cross_entropy(replay(sam, clip), target, ignore_index=-1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                decay = min(0.9, (1 + step) / (10 + step))
+                ema = [decay * e + (1 - decay) * p.detach() for e, p in zip(ema, params)]
+                step += 1
+    averaged = SegHead(classifier, None, 8, 16, 10.0, seed=1)
+    train_head(averaged, batches, settings)
+    for got, want, last in zip([p for p in averaged.parameters() if p.requires_grad], ema, params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(a, b) for a, b in zip(ema, params))  # the average is not the last step
+    for a, b in zip(plain.parameters(), params):
+        torch.testing.assert_close(a, b)  # without EMA: the last step, as the replay
+
+
+@pytest.mark.parametrize("field, value", [("class_quantile", 1.0), ("ema_decay", -0.1), ("stop_agreement", 0.0),
+                                          ("teacher_rounds", 0), ("warm_start", "yes")])
+def test_new_selftrain_settings_are_validated(field, value):
+    with pytest.raises(UsageError, match=field):
+        SelfTrainSettings(**{field: value}).validate()

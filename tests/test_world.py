@@ -171,3 +171,23 @@ def test_render_argument_checks() -> None:
         render_sample(0, 0, min_side=64, max_side=64)
     with pytest.raises(ValueError):
         render_sample(0, 0, max_objects=0)
+
+
+def test_crowded_variant_draws_only_its_colours_sizes_and_more_objects() -> None:
+    from batchseg.world import WORLD_VARIANTS
+
+    options = WORLD_VARIANTS["crowded"]
+    samples = [render_sample(21, i, options=options) for i in range(40)]
+    assert {o.colour for s in samples for o in s.objects} == {"red", "blue"}
+    assert all(96 <= min(s.image.shape[:2]) and max(s.image.shape[:2]) <= 288 for s in samples)
+    default = [render_sample(21, i) for i in range(40)]
+    assert sum(len(s.objects) for s in samples) > sum(len(s.objects) for s in default)
+
+
+@pytest.mark.parametrize("bad", [dict(colours=("purple",)), dict(shapes=()), dict(min_side=50, max_side=40),
+                                 dict(radius=(0.3, 0.1)), dict(overlap=1.5), dict(backgrounds=("marble",))])
+def test_world_options_refuse_nonsense(bad) -> None:
+    from batchseg.world import WorldOptions
+
+    with pytest.raises(ValueError):
+        WorldOptions(**bad)

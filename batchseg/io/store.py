@@ -24,18 +24,27 @@ class ModelGeometry:
     clip_canvas: int | None = None
     clip_patch: int | None = None
     clip_grid: int | None = None
-    clip_dense_dim: int | None = None
-    clip_key_dim: int | None = None
+    clip_dense_dim: int | None = None  # D: the joint image-text space
+    clip_key_dim: int | None = None  # K: keys for key smoothing
     sam_image_size: int | None = None
     sam_embed_shape: tuple[int, int, int] | None = None
+    clip_kind: str | None = None  # "vit", "resnet" or "timm"
+    clip_token_dim: int | None = None  # W: channels of the stored last-block tokens / feature map
+    clip_token_grid: int | None = None  # side of the stored token grid (ViT: = clip_grid)
 
     def array_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-image shape of every array this geometry stores, by array name."""
+        """Per-image shape of every array this geometry stores, by array name.
+
+        ``clip_tokens`` (W, t, t): what every dense head is computed from (the last ViT
+        block's input patch tokens, or a CNN tower's last feature map); ``clip_cls``
+        (W,): the ViT class token at that block's input; ``clip_global`` (D,).
+        """
         shapes: dict[str, tuple[int, ...]] = {}
         if self.clip_canvas is not None:
-            g = self.clip_grid
-            shapes["clip_dense"] = (self.clip_dense_dim, g, g)
-            shapes["clip_keys"] = (self.clip_key_dim, g, g)
+            t = self.clip_token_grid or self.clip_grid
+            shapes["clip_tokens"] = (self.clip_token_dim, t, t)
+            if self.clip_kind == "vit":
+                shapes["clip_cls"] = (self.clip_token_dim,)
             shapes["clip_global"] = (self.clip_dense_dim,)
         if self.sam_embed_shape is not None:
             shapes["sam"] = tuple(self.sam_embed_shape)

@@ -155,7 +155,13 @@ def labels_table(rows: list[dict]) -> pa.Table:
 
 
 def round_folder(out: Path, round_index: int) -> Path:
+    """Round K's label parts (Parquet only: the folder reads as a hive-partitioned dataset)."""
     return out / "labels" / f"round={round_index}"
+
+
+def selftrain_folder(out: Path, round_index: int) -> Path:
+    """Round K's other artefacts: ``_round.json``, the training-target grid, the head weights."""
+    return out / "selftrain" / f"round={round_index}"
 
 
 def read_labels(out: Path, round_index: int) -> pa.Table:

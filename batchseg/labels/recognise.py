@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["mask_class_scores", "recognise_masks", "refine_semantic"]
+__all__ = ["mask_class_scores", "majority_classes", "recognise_masks", "refine_semantic"]
 
 # Float32 elements of the flattened-mask chunk (64 MiB).
 _CHUNK_ELEMS = 2**24
@@ -105,6 +105,38 @@ def recognise_masks(
     return class_ids, scores
 
 
+def majority_classes(labels: Tensor | np.ndarray, masks: Tensor | np.ndarray, num_classes: int) -> tuple[Tensor, Tensor]:
+    """CorrCLIP's region correction: each mask takes the most frequent label inside it.
+
+    Args:
+        labels: ``(H, W)`` integer per-pixel class ids in ``[0, num_classes)``, or
+            negative for unlabelled pixels (which do not vote).
+        masks: ``(N, H, W)`` bool masks.
+
+    Returns:
+        ``(class_ids, shares)``: int64 ``(N,)`` the majority class (ties to the lowest
+        id; -1 when no labelled pixel is inside), float32 ``(N,)`` the fraction of the
+        mask's labelled pixels that voted for it, in ``[0, 1]``.
+    """
+    lab = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels).long()
+    m = _as_masks(masks, tuple(lab.shape))
+    n = m.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
+    flat = lab.reshape(-1).to(m.device)
+    voting = flat >= 0
+    onehot = torch.zeros((flat.shape[0], num_classes), dtype=torch.float32, device=m.device)
+    onehot[voting, flat[voting]] = 1.0
+    counts = torch.zeros((n, num_classes), dtype=torch.float32, device=m.device)
+    step = _rows_per_chunk(flat.shape[0], _CHUNK_ELEMS)
+    for i in range(0, n, step):
+        counts[i : i + step] = m[i : i + step].reshape(-1, flat.shape[0]).float() @ onehot
+    best, class_ids = counts.max(dim=1)
+    total = counts.sum(dim=1)
+    class_ids = torch.where(total > 0, class_ids, torch.full_like(class_ids, -1))
+    return class_ids, best / total.clamp_min(1)
+
+
 def _priority(mask_scores: Tensor, areas: Tensor) -> Tensor:
     """Rank of each mask in the overlap rule: ``(N,)`` int64, ``N - 1`` = wins everywhere it covers.
 
@@ -127,6 +159,7 @@ def refine_semantic(
     masks: Tensor | np.ndarray,
     mask_scores: Tensor | np.ndarray,
     *,
+    class_ids: Tensor | np.ndarray | None = None,
     chunk_elems: int = _CHUNK_ELEMS,
 ) -> Tensor:
     """Semantic label map where each SAM mask votes its region's class.
@@ -148,6 +181,9 @@ def refine_semantic(
         probs: ``(C, H, W)`` float class probabilities in ``[0, 1]``, original pixels.
         masks: ``(N, H, W)`` bool masks (may overlap; may be empty).
         mask_scores: ``(N,)`` float priority of each mask (NaN = lowest).
+        class_ids: ``(N,)`` the class each mask paints (e.g. :func:`majority_classes`);
+            default: :func:`recognise_masks` on ``probs``. A mask with class -1
+            paints nothing (its pixels keep the lower-ranked or MaskCLIP label).
         chunk_elems: elements of the mask chunk held at once (memory bound only).
 
     Returns:
@@ -164,9 +200,19 @@ def refine_semantic(
     if n == 0:
         return labels
 
-    # min_score=-inf: only empty masks get -1, and those cover no pixel, so no -1
-    # is ever painted (even if ``probs`` held scores below 0).
-    class_ids, _ = recognise_masks(probs, m, -float("inf"), chunk_elems=chunk_elems)
+    if class_ids is None:
+        # min_score=-inf: only empty masks get -1, and those cover no pixel.
+        class_ids, _ = recognise_masks(probs, m, -float("inf"), chunk_elems=chunk_elems)
+    else:
+        class_ids = torch.as_tensor(np.asarray(class_ids) if isinstance(class_ids, np.ndarray) else class_ids)
+        if class_ids.shape != (n,):
+            raise ValueError(f"class_ids must be ({n},), got {tuple(class_ids.shape)}")
+        keep = class_ids >= 0  # a mask without a class does not take part in the vote
+        m, scores_t, class_ids = m[keep.to(m.device)], scores_t[keep], class_ids[keep]
+        n = m.shape[0]
+        if n == 0:
+            return labels
+    class_ids = class_ids.to(device=probs.device, dtype=torch.int64)
     areas = m.flatten(1).sum(dim=1, dtype=torch.int64)
     rank = _priority(scores_t, areas).to(probs.device)
 

@@ -54,6 +54,17 @@ class SelfTrainSettings:
     # Class weights (pixel frequency)^-class_balance in the loss; 0 = plain cross-entropy.
     # Without it the head drops rare classes: pseudo labels are mostly background.
     class_balance: float = 0.5
+    # Per-class thresholds: a class keeps at least its most confident (1 - class_quantile)
+    # share of pixels even when they fall below conf_thresh, so classes the teacher is
+    # never sure about still have targets (None: conf_thresh alone).
+    class_quantile: float | None = 0.5
+    # MaskCLIP+'s schedule: rounds 1..teacher_rounds learn from round 0 (the labeller),
+    # later rounds from the round before.
+    teacher_rounds: int = 1
+    warm_start: bool = True  # a round starts from the previous round's head, not from MaskCLIP
+    ema_decay: float | None = 0.99  # the saved head is the exponential moving average of the steps
+    # Stop when a round agrees with the one before on at least this share of cells (None: never).
+    stop_agreement: float | None = 0.98
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
@@ -71,6 +82,16 @@ class SelfTrainSettings:
             ("conf_thresh", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
             ("class_balance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         ]
+        if not isinstance(self.teacher_rounds, int) or isinstance(self.teacher_rounds, bool) or self.teacher_rounds < 1:
+            raise UsageError(f"self-training teacher_rounds must be an integer >= 1, got {self.teacher_rounds!r}")
+        if not isinstance(self.warm_start, bool):
+            raise UsageError(f"self-training warm_start must be true or false, got {self.warm_start!r}")
+        optional = [
+            ("class_quantile", lambda v: 0 <= v < 1, "a number in [0, 1) or None"),
+            ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) or None"),
+            ("stop_agreement", lambda v: 0 < v <= 1, "a number in (0, 1] or None"),
+        ]
+        checks += [c for c in optional if getattr(self, c[0]) is not None]
         for name, ok, allowed in checks:
             value = getattr(self, name)
             if (
@@ -266,7 +287,9 @@ def train_head(
         batches: ``batches(epoch)`` yields ``(sam (B,Cs,G,G) | None, clip (B,D,g,g),
             target (B,G,G) integer ids in [0, C) or -1 = ignore)``; features may be
             float16. The caller shuffles (deterministically per epoch).
-        settings: validated here; ``epochs``, ``lr``, ``weight_decay``, ``seed`` are used.
+        settings: validated here; ``epochs``, ``lr``, ``weight_decay``, ``seed`` and
+            ``ema_decay`` are used (with ``ema_decay`` the head ends as the exponential
+            moving average of its weights over the steps, a steadier teacher).
         progress: called as ``progress(epoch, mean_loss)`` after each epoch.
         class_weights: optional ``(C,)`` loss weight per class (see
             :func:`balanced_class_weights`); ``None`` weighs every pixel the same.
@@ -291,6 +314,7 @@ def train_head(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(settings.seed)
         optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        ema = [p.detach().clone() for p in params] if settings.ema_decay is not None else None
         head.train()
         for epoch in range(settings.epochs):
             loss_sum, pixel_sum = 0.0, 0
@@ -304,6 +328,12 @@ def train_head(
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                if ema is not None:
+                    # Warm-up of the decay (as timm's ModelEmaV2 with warmup): early steps move
+                    # the average more, so short runs still end near the trained weights.
+                    decay = min(settings.ema_decay, (1 + report.steps) / (10 + report.steps))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
                 report.steps += 1
                 report.pixels_used += valid
                 loss_sum += float(loss.detach()) * valid  # pixel-weighted: batches differ in labelled pixels
@@ -312,6 +342,10 @@ def train_head(
             report.losses.append(mean)
             if progress is not None:
                 progress(epoch, mean)
+        if ema is not None and report.steps:
+            with torch.no_grad():
+                for p, averaged in zip(params, ema):
+                    p.copy_(averaged)
     head.train(was_training)
     report.seconds = time.perf_counter() - start
     return report

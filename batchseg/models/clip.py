@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
 from batchseg.io.geometry import letterbox
+from batchseg.models.dense_heads import ClipTokens
 from batchseg.models.clip_resnet import (
     RESNET_STRIDE,
     check_resnet,
@@ -68,18 +69,17 @@ class ClipSpec:
         pretrained: open_clip pretrained tag or a checkpoint file path. ``None`` or
             ``"random"`` = random init; for ``local-dir:`` the folder's weights are
             loaded unless this is ``"random"``.
-        dense_form: ``"official"`` (MaskCLIP) or ``"clear"`` (ClearCLIP, ViT only).
+
+    The dense head is not part of the spec: ``embed`` stores tokens every head can
+    use, and ``pseudolabel --dense-head`` picks one at label time.
     """
 
     model: str
     pretrained: str | None = None
-    dense_form: str = "official"
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ModelLoadError("CLIP model name is empty")
-        if self.dense_form not in DENSE_FORMS:
-            raise ModelLoadError(f"unknown dense form {self.dense_form!r}; choose one of {', '.join(DENSE_FORMS)}")
 
 
 class DenseClipOutput(NamedTuple):
@@ -135,6 +135,7 @@ class DenseClip(nn.Module):
             native = (side, side)
             self.dense_dim = visual.attnpool.c_proj.out_features
             self.key_dim = visual.attnpool.k_proj.out_features
+            self.token_dim = visual.attnpool.v_proj.in_features
             if dense_form == "clear":
                 raise ModelLoadError("dense form 'clear' (ClearCLIP) is defined for ViT towers only; use 'official'")
         else:
@@ -143,7 +144,7 @@ class DenseClip(nn.Module):
             patch = visual.patch_size[0]
             native = tuple(visual.grid_size)
             self.dense_dim = visual.proj.shape[1]
-            self.key_dim = visual.transformer.width
+            self.key_dim = self.token_dim = visual.transformer.width
         if canvas is None:
             if native[0] != native[1]:
                 raise ModelLoadError(f"the model was trained on a non-square grid {native}; pass a canvas size")
@@ -153,6 +154,7 @@ class DenseClip(nn.Module):
                 f"canvas must be a positive multiple of the model's patch size {patch}, got {canvas!r}"
             )
         self.canvas, self.patch, self.grid = canvas, patch, canvas // patch
+        self.token_grid = self.grid  # stored tokens and CLIP's dense grid coincide for ViT and ResNet
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.dense_form = dense_form
@@ -172,27 +174,57 @@ class DenseClip(nn.Module):
         Pixels are cast to the tower's weight dtype (so a ``.half()`` model takes float32
         input); under autocast the weights stay float32 and autocast picks the dtype.
         """
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, self.canvas, self.canvas):
-            raise ValueError(
-                f"expected pixels of shape (B, 3, {self.canvas}, {self.canvas}), got {tuple(pixels.shape)}"
-            )
+        self._check_pixels(pixels)
         visual = self.model.visual
-        pixels = pixels.to(visual.conv1.weight.dtype)
+        pixels = pixels.to(_input_dtype(visual))
         if self.kind == "resnet":
             return DenseClipOutput(*resnet_features(visual, pixels))
         return self._vit_forward(visual, pixels)
 
-    def _vit_forward(self, visual: nn.Module, pixels: Tensor) -> DenseClipOutput:
+    def encode_tokens(self, pixels: Tensor) -> ClipTokens:
+        """(B, 3, canvas, canvas) normalised pixels -> what ``embed`` stores (:class:`ClipTokens`).
+
+        ViT: the last block's input tokens (patch grid and class token) and the global
+        embedding; ResNet: the layer4 map and the attention-pooled embedding. Every
+        dense head (:mod:`batchseg.models.dense_heads`) is a function of these.
+        """
+        self._check_pixels(pixels)
+        visual = self.model.visual
+        pixels = pixels.to(_input_dtype(visual))
+        if self.kind == "resnet":
+            f = visual.stem(pixels)
+            f = visual.layer4(visual.layer3(visual.layer2(visual.layer1(f))))
+            return ClipTokens(f, None, visual.attnpool(f))
+        if self.kind != "vit":
+            from batchseg.models.clip_timm import timm_tokens
+
+            return ClipTokens(*timm_tokens(visual, pixels))
+        x, y = self._vit_last_block_io(visual, pixels)
+        pooled, _ = visual._pool(y)
+        return ClipTokens(tokens_to_map(x[:, 1:], self.grid, self.grid), x[:, 0], pooled @ visual.proj)
+
+    def _vit_last_block_io(self, visual: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(input, output) of the last block, (B, 1 + g*g, W) each, batch first."""
         transformer = visual.transformer
         x = visual._embeds(pixels)  # (B, 1 + g*g, W): class token first, positions added, ln_pre
         if not transformer.batch_first:
             x = x.transpose(0, 1)  # blocks built with batch_first=False expect (L, B, W)
         for block in transformer.resblocks[:-1]:
             x = block(x)
-        last = transformer.resblocks[-1]
-        y = last(x)  # the normal last block: the global embedding's path
+        y = transformer.resblocks[-1](x)
         if not transformer.batch_first:
             x, y = x.transpose(0, 1), y.transpose(0, 1)
+        return x, y
+
+    def _check_pixels(self, pixels: Tensor) -> None:
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, self.canvas, self.canvas):
+            raise ValueError(
+                f"expected pixels of shape (B, 3, {self.canvas}, {self.canvas}), got {tuple(pixels.shape)}"
+            )
+
+    def _vit_forward(self, visual: nn.Module, pixels: Tensor) -> DenseClipOutput:
+        last = visual.transformer.resblocks[-1]
+        x, y = self._vit_last_block_io(visual, pixels)  # y: the normal last block, the global path
         pooled, _ = visual._pool(y)  # same pooling/ln_post order as VisionTransformer.forward
         global_ = pooled @ visual.proj
 
@@ -208,6 +240,10 @@ class DenseClip(nn.Module):
         return DenseClipOutput(
             tokens_to_map(dense, self.grid, self.grid), tokens_to_map(keys, self.grid, self.grid), global_
         )
+
+
+def _input_dtype(visual: nn.Module) -> torch.dtype:
+    return next(visual.parameters()).dtype
 
 
 def _keys_and_values(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -306,7 +342,9 @@ def _resize_positional_embedding(visual: nn.Module, kind: str, native: tuple[int
         visual.preprocess_cfg["size"] = canvas
 
 
-def load_dense_clip(spec: ClipSpec, canvas: int | None = None, device: str | torch.device = "cpu") -> DenseClip:
+def load_dense_clip(
+    spec: ClipSpec, canvas: int | None = None, device: str | torch.device = "cpu", dense_form: str = "official"
+) -> DenseClip:
     """Build or load the open_clip model named by ``spec`` and wrap it in :class:`DenseClip`.
 
     ``canvas`` None means the model's own image size; otherwise positional embeddings
@@ -327,7 +365,7 @@ def load_dense_clip(spec: ClipSpec, canvas: int | None = None, device: str | tor
     model = _create(spec, source, device)
     pp = open_clip.get_model_preprocess_cfg(model)
     mean, std = pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD)
-    return DenseClip(model, canvas, mean=mean, std=std, dense_form=spec.dense_form)
+    return DenseClip(model, canvas, mean=mean, std=std, dense_form=dense_form)
 
 
 def _resolve(spec: ClipSpec) -> tuple[str, dict | None]:

@@ -49,6 +49,9 @@ class LoadedModels:
             clip_grid=clip.grid if clip else None,
             clip_dense_dim=clip.dense_dim if clip else None,
             clip_key_dim=clip.key_dim if clip else None,
+            clip_kind=clip.kind if clip else None,
+            clip_token_dim=clip.token_dim if clip else None,
+            clip_token_grid=clip.token_grid if clip else None,
             sam_image_size=sam.image_size if sam else None,
             sam_embed_shape=tuple(sam.embed_shape) if sam else None,
         )

@@ -169,9 +169,10 @@ def _forward(models: LoadedModels, batch: list[_Prepared]) -> dict[str, np.ndarr
     with torch.inference_mode():
         if models.clip is not None:
             pixels = torch.stack([entry.clip_pixels for entry in batch]).to(device, models.dtype, non_blocking=True)
-            result = models.clip(pixels)
-            outputs["clip_dense"] = result.dense
-            outputs["clip_keys"] = result.keys
+            result = models.clip.encode_tokens(pixels)
+            outputs["clip_tokens"] = result.tokens
+            if result.cls is not None:
+                outputs["clip_cls"] = result.cls
             outputs["clip_global"] = result.global_
         if models.sam is not None:
             pixels = torch.stack([entry.sam_pixels for entry in batch]).to(device, models.dtype, non_blocking=True)

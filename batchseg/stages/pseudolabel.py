@@ -3,8 +3,9 @@
 Round 0 labels every stored image from its CLIP dense features (and SAM proposals
 decoded from its stored SAM embedding); round k trains a light head on round k-1's
 confident labels and predicts every image again. Each round lives in
-``OUT/labels/round=K/`` with its Parquet parts, its target grid and ``_round.json``
-(settings key, statistics); a round whose key and inputs are unchanged is skipped.
+``OUT/labels/round=K/`` (Parquet parts only, so the folder reads as a hive-partitioned
+dataset) and ``OUT/selftrain/round=K/`` (its target grid, head weights and ``_round.json``:
+settings key, statistics); a round whose key and inputs are unchanged is skipped.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file, writ
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
-from batchseg.io.tables import read_manifest, remove_temporaries, round_folder, visible_parts
+from batchseg.io.tables import read_manifest, remove_temporaries, round_folder, selftrain_folder, visible_parts
 from batchseg.labels.selftrain import settings_record
 from batchseg.labels.text_cache import text_classifier, with_background
 from batchseg.models.clip import ClipSpec
+from batchseg.models.dense_heads import check_head_supported
 from batchseg.models.sam import SamSpec
 from batchseg.stages.embed import new_run_id
 from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, LabelShard, RoundContext, run_label_shard
@@ -42,6 +44,8 @@ class RoundSummary:
     classes: int  # classes present in the round's targets
     seconds: float
     skipped: bool
+    stopped: bool = False  # self-training stops after this round (the stopping rule fired)
+    decision: str = ""  # why self-training stopped or went on after this round
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ class PseudolabelSummary:
         lines = ["pseudolabel finished:"]
         for r in self.rounds:
             state = "already complete, skipped" if r.skipped else f"{r.images} images, {r.segments} segments"
-            lines.append(f"  round {r.round}: {state}; {r.classes} classes; {r.seconds:.1f} s")
+            lines.append(f"  round {r.round}: {state}; {r.classes} classes present; {r.seconds:.1f} s")
+            if r.stopped:
+                lines.append(f"  self-training stopped after round {r.round}: {r.decision}")
         lines.append(f"outputs: {self.out / 'labels'}/round=K/part-*.parquet ({self.seconds:.1f} s in all)")
         return "\n".join(lines)
 
@@ -137,9 +143,11 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
     with build_lock(config.out):
         build, geometry = _stored_build(config)
         use_sam = _use_sam(config, geometry)
+        check_head_supported(config.labels.dense_head, geometry.clip_kind, use_sam)
         images = _images(config.out)
         if config.overwrite:
             shutil.rmtree(config.out / "labels", ignore_errors=True)
+            shutil.rmtree(config.out / "selftrain", ignore_errors=True)
         vocab = config.labels.vocabulary
         vocab = with_background(vocab) if config.labels.background else vocab
         clip_spec = ClipSpec(**build["embed"]["models"]["clip"])
@@ -152,8 +160,13 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                 if round_index > 0:
                     key = _sha({"previous": key, "selftrain": settings_record(config.selftrain), "round": round_index})
                 ctx = RoundContext(config.out, round_index, vocab.names, classifier, config.labels, geometry,
-                                   use_sam, sam_spec, round_folder(config.out, round_index) / "head.safetensors")
-                summaries.append(_run_round(client, config, ctx, images, key, run_id, progress))
+                                   use_sam, sam_spec, clip_spec,
+                                   selftrain_folder(config.out, round_index) / "head.safetensors")
+                summary = _run_round(client, config, ctx, images, key, run_id, progress)
+                summaries.append(summary)
+                if summary.stopped:
+                    _remove_rounds_after(config.out, round_index)
+                    break
         _record(config, run_id, text_key, summaries)
     return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started)
 
@@ -162,21 +175,27 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
                run_id: str, progress: bool) -> RoundSummary:
     start = time.perf_counter()
     folder = round_folder(config.out, ctx.round_index)
-    info = _read_round_info(folder)
+    artefacts = selftrain_folder(config.out, ctx.round_index)
+    info = _read_round_info(artefacts)
     images_key = _sha([image.image_id for image in images])
     resources = gpu_resources(config.cluster)
     if info and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key):
         done = _committed_ids(folder) if ctx.round_index == 0 else {image.image_id for image in images}
         pending = [image for image in images if image.image_id not in done]
         if not pending:
-            return RoundSummary(ctx.round_index, 0, 0, len(info["stats"]["class_histogram"]), 0.0, skipped=True)
+            decision = info.get("decision") or {}
+            present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
+            return RoundSummary(ctx.round_index, 0, 0, present, 0.0, skipped=True,
+                                stopped=bool(decision.get("stop")), decision=decision.get("why", ""))
     else:
         shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(artefacts, ignore_errors=True)
         pending = list(images)
     folder.mkdir(parents=True, exist_ok=True)
+    artefacts.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder)
     grid, _ = ctx.head_grid
-    _ensure_grid(folder, store_rows(config.out), grid)
+    _ensure_grid(artefacts, store_rows(config.out), grid)
 
     train = None
     if ctx.round_index > 0:
@@ -193,7 +212,9 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     ]
     rows = _run_label_shards(client, ctx, shards, resources, progress)
     stats = round_stats(config.out, ctx.round_index, images, ctx.names)
-    write_json_atomic(folder / ROUND_FILE, {
+    decision = _decision(config, ctx.round_index, stats)
+    write_json_atomic(artefacts / ROUND_FILE, {
+        "decision": decision,
         "key": key,
         "images_key": images_key,
         "round": ctx.round_index,
@@ -205,7 +226,38 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "run_id": run_id,
     })
     classes = sum(count > 0 for count in stats["class_histogram"].values())
-    return RoundSummary(ctx.round_index, len(pending), rows, classes, time.perf_counter() - start, skipped=False)
+    return RoundSummary(ctx.round_index, len(pending), rows, classes, time.perf_counter() - start, skipped=False,
+                        stopped=decision["stop"], decision=decision["why"])
+
+
+def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
+    """Whether self-training goes on after this round, and why (recorded in ``_round.json``).
+
+    There is no ground truth to check against, so the rule watches the labels
+    themselves: once a round changes fewer than ``1 - stop_agreement`` of the cells
+    of the round before, more rounds only re-learn the same labels (and drift on
+    their errors), so the rounds stop there.
+    """
+    threshold = config.selftrain.stop_agreement
+    agreement = stats.get("agreement_with_previous")
+    if round_index == config.rounds:
+        return {"stop": False, "why": "last round requested"}
+    if round_index == 0:
+        return {"stop": False, "why": "round 0 is the labeller; self-training follows"}
+    if threshold is not None and agreement is not None and agreement >= threshold:
+        return {"stop": True, "why": f"converged: {agreement:.4f} of cells agree with round {round_index - 1} "
+                                     f"(stop_agreement {threshold})"}
+    shown = "n/a" if agreement is None else f"{agreement:.4f}"
+    return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}, below {threshold}"}
+
+
+def _remove_rounds_after(out: Path, round_index: int) -> None:
+    """Drop rounds a previous run made beyond where self-training now stops (stale)."""
+    for parent in (out / "labels", out / "selftrain"):
+        for folder in parent.glob("round=*"):
+            suffix = folder.name.split("=", 1)[1]
+            if suffix.isdigit() and int(suffix) > round_index:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resources, progress: bool) -> int:

@@ -17,9 +17,9 @@ import pyarrow.dataset as ds
 import torch
 import zarr
 
-from batchseg.config import LabelSettings
+from batchseg.config import LabelSettings, ModelSettings
 from batchseg.io.store import ModelGeometry, store_path
-from batchseg.io.tables import labels_table, round_folder, write_part_atomic
+from batchseg.io.tables import labels_table, round_folder, selftrain_folder, write_part_atomic
 from batchseg.labels.image_labels import (
     ImageFrame,
     grid_probs_to_work,
@@ -31,9 +31,12 @@ from batchseg.labels.image_labels import (
 )
 from batchseg.labels.maskclip import maskclip_probs
 from batchseg.labels.proposals import generate_proposals
-from batchseg.labels.recognise import recognise_masks, refine_semantic
+from batchseg.labels.recognise import majority_classes, recognise_masks, refine_semantic
 from batchseg.labels.rle import decode_mask
 from batchseg.labels.selftrain import SegHead, load_head, predict_probs
+from batchseg.models.clip import ClipSpec, DenseClip
+from batchseg.models.dense_heads import compute_head
+from batchseg.models.runtime import ModelBuilders, get_models
 from batchseg.models.sam import SamSpec, load_sam
 
 GRID_STORE = "grid.zarr"
@@ -65,6 +68,7 @@ class RoundContext:
     geometry: ModelGeometry
     use_sam: bool
     sam_spec: SamSpec | None
+    clip_spec: ClipSpec | None = None  # the build's CLIP: its last block computes the dense head
     head_path: Path | None = None  # the round's trained head (rounds >= 1)
 
     @property
@@ -73,6 +77,11 @@ class RoundContext:
         if self.use_sam:
             return self.geometry.sam_embed_shape[1], self.geometry.sam_image_size
         return self.geometry.clip_grid, self.geometry.clip_canvas
+
+    @property
+    def dense_on_sam_grid(self) -> bool:
+        """The dense head's output lies on SAM's grid (proxy-sam), not CLIP's."""
+        return self.settings.dense_head.needs_sam
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,26 @@ _HEAD_CACHE: dict[tuple[str, float], SegHead] = {}
 _LOCK = threading.Lock()
 
 
+def _clip(ctx: RoundContext) -> DenseClip:
+    """The build's CLIP, loaded once per worker (float32: heads are cheap, and exact)."""
+    settings = ModelSettings(clip=ctx.clip_spec, sam=None, clip_canvas=ctx.geometry.clip_canvas, precision="fp32")
+    return get_models(settings, ModelBuilders(), device="cpu").clip
+
+
+def head_features(ctx: RoundContext, group: zarr.Group, rows: list[int], with_keys: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chosen dense head on stored tokens of ``rows``: float32 (B, D, h, w) and keys (B, K, h, w)."""
+    tokens = torch.from_numpy(np.stack([np.asarray(group["clip_tokens"][r]) for r in rows]))
+    cls = None
+    if "clip_cls" in group:
+        cls = torch.from_numpy(np.stack([np.asarray(group["clip_cls"][r]) for r in rows]))
+    sam = None
+    if ctx.dense_on_sam_grid:
+        sam = torch.from_numpy(np.stack([np.asarray(group["sam"][r]) for r in rows]))
+    out = compute_head(_clip(ctx), ctx.settings.dense_head, tokens, cls, sam)
+    return out.dense, (out.keys if with_keys else None)
+
+
 def _sam(spec: SamSpec) -> torch.nn.Module:
     with _LOCK:
         if spec not in _SAM_CACHE:
@@ -121,10 +150,14 @@ def _frame(ctx: RoundContext, image: LabelImage) -> ImageFrame:
     return ImageFrame.create(image.image_id, image.height, image.width, ctx.settings.work_max_side)
 
 
-def _valid(ctx: RoundContext, image: LabelImage) -> tuple[int, int]:
-    if ctx.use_sam:
+def _valid(ctx: RoundContext, image: LabelImage, sam_canvas: bool | None = None) -> tuple[int, int]:
+    if ctx.use_sam if sam_canvas is None else sam_canvas:
         return image.sam_valid_h, image.sam_valid_w
     return image.clip_valid_h, image.clip_valid_w
+
+
+def _dense_canvas(ctx: RoundContext) -> int:
+    return ctx.geometry.sam_image_size if ctx.dense_on_sam_grid else ctx.geometry.clip_canvas
 
 
 def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor, label: np.ndarray,
@@ -134,10 +167,15 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
         rows = semantic_rows(frame, label, confidence, ctx.names, "sam", ctx.round_index)
         return rows, label, confidence
     mask_tensor = torch.from_numpy(masks)
-    class_ids, scores = recognise_masks(probs, mask_tensor)
+    if ctx.settings.region_vote == "majority":
+        class_ids, scores = majority_classes(torch.from_numpy(label), mask_tensor, probs.shape[0])
+    else:
+        class_ids, scores = recognise_masks(probs, mask_tensor)
     class_ids, scores = class_ids.numpy(), scores.numpy()
-    rows = instance_rows(frame, masks, class_ids, scores, ctx.names, "sam", ctx.round_index)
-    refined = refine_semantic(probs, mask_tensor, torch.from_numpy(scores)).numpy().astype(np.int64)
+    voted = class_ids >= 0  # a mask over unlabelled pixels only (bg floor) has no class
+    rows = instance_rows(frame, masks[voted], class_ids[voted], scores[voted], ctx.names, "sam", ctx.round_index)
+    refined = refine_semantic(probs, mask_tensor, torch.from_numpy(scores),
+                              class_ids=torch.from_numpy(class_ids)).numpy().astype(np.int64)
     if ctx.settings.bg_floor is not None:
         # Pixels no mask covers keep the floor's "unlabelled".
         uncovered = ~masks.any(axis=0)
@@ -149,12 +187,12 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
 
 def _round0_image(ctx: RoundContext, group: zarr.Group, image: LabelImage) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
-    dense = torch.from_numpy(np.asarray(group["clip_dense"][image.zarr_row])).float()
-    keys = torch.from_numpy(np.asarray(group["clip_keys"][image.zarr_row])).float()
+    dense, keys = head_features(ctx, group, [image.zarr_row], with_keys=True)
     settings = ctx.settings
-    grid_probs = maskclip_probs(dense, keys, ctx.classifier, key_smoothing=settings.key_smoothing,
+    grid_probs = maskclip_probs(dense[0], keys[0], ctx.classifier, key_smoothing=settings.key_smoothing,
                                 prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh)
-    probs = grid_probs_to_work(grid_probs, ctx.geometry.clip_canvas, image.clip_valid_h, image.clip_valid_w, frame)
+    valid_h, valid_w = _valid(ctx, image, sam_canvas=ctx.dense_on_sam_grid)
+    probs = grid_probs_to_work(grid_probs, _dense_canvas(ctx), valid_h, valid_w, frame)
     label, confidence = label_and_confidence(probs, settings.bg_floor)
     rows = semantic_rows(frame, label, confidence, ctx.names, "maskclip", 0)
     if not ctx.use_sam:
@@ -196,7 +234,7 @@ def _student_image(ctx: RoundContext, group: zarr.Group, image: LabelImage,
                    sam_masks: dict[str, list[dict]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
     head = _head(ctx.head_path, ctx.classifier)
-    clip = torch.from_numpy(np.asarray(group["clip_dense"][image.zarr_row]))[None]
+    clip, _ = head_features(ctx, group, [image.zarr_row])
     sam = torch.from_numpy(np.asarray(group["sam"][image.zarr_row]))[None] if ctx.use_sam else None
     grid_probs = predict_probs(head, sam, clip)[0]
     grid, canvas = ctx.head_grid
@@ -218,7 +256,7 @@ def run_label_shard(ctx: RoundContext, shard: LabelShard) -> LabelShardResult:
     if part.exists():  # committed by an earlier attempt of this task
         return LabelShardResult(shard.shard_id, len(shard.images), 0, 0.0, already_committed=True)
     group = zarr.open_group(str(store_path(ctx.out)), mode="r")
-    grid_store = zarr.open_group(str(round_folder(ctx.out, ctx.round_index) / GRID_STORE), mode="r+")
+    grid_store = zarr.open_group(str(selftrain_folder(ctx.out, ctx.round_index) / GRID_STORE), mode="r+")
     grid, canvas = ctx.head_grid
     sam_masks = _stored_sam_masks(shard) if ctx.round_index > 0 else {}
     rows: list[dict] = []

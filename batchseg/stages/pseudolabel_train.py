@@ -14,13 +14,16 @@ import torch
 import zarr
 
 from batchseg.io.store import store_path
-from batchseg.io.tables import round_folder
+from batchseg.io.tables import selftrain_folder
 from batchseg.labels.selftrain import (
-    SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, save_head, train_head,
+    SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, load_head, save_head, train_head,
 )
-from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext
+from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
+# Dense head features are computed once per training task and kept in memory up to this
+# size (float16); beyond it they are recomputed for every batch of every epoch.
+FEATURE_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -35,15 +38,32 @@ def _read_rows(array: zarr.Array, rows: list[int]) -> np.ndarray:
     return np.stack([np.asarray(array[row]) for row in rows])
 
 
+def target_round(round_index: int, settings: SelfTrainSettings) -> int:
+    """Which round's labels round ``round_index`` learns from (MaskCLIP+'s schedule)."""
+    return 0 if round_index <= settings.teacher_rounds else round_index - 1
+
+
 def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: SelfTrainSettings) -> TrainResult:
-    """Train this round's head on round ``ctx.round_index - 1``'s targets; save it to ``ctx.head_path``."""
+    """Train this round's head on the targets of :func:`target_round`; save it to ``ctx.head_path``.
+
+    With ``settings.warm_start`` the head starts from the previous round's head (round 1
+    starts from MaskCLIP itself: the zero-initialised correction).
+    """
     torch.manual_seed(settings.seed)
     features = zarr.open_group(str(store_path(ctx.out)), mode="r")
-    targets = zarr.open_group(str(round_folder(ctx.out, ctx.round_index - 1) / GRID_STORE), mode="r")
+    source = target_round(ctx.round_index, settings)
+    targets = zarr.open_group(str(selftrain_folder(ctx.out, source) / GRID_STORE), mode="r")
     rows = sorted(image.zarr_row for image in images)
     sam_channels = ctx.geometry.sam_embed_shape[0] if ctx.use_sam else None
-    head = SegHead(ctx.classifier, sam_channels, ctx.geometry.clip_dense_dim, settings.hidden,
-                   settings.temperature, seed=settings.seed)
+    previous = selftrain_folder(ctx.out, ctx.round_index - 1) / ctx.head_path.name
+    if settings.warm_start and ctx.round_index > 1 and previous.exists():
+        head = load_head(previous, ctx.classifier)
+    else:
+        head = SegHead(ctx.classifier, sam_channels, ctx.geometry.clip_dense_dim, settings.hidden,
+                       settings.temperature, seed=settings.seed)
+    thresholds = class_thresholds(targets, rows, settings, len(ctx.names))
+
+    clip_features = _HeadFeatures(ctx, features, rows)
 
     def batches(epoch: int):
         order = np.random.default_rng([settings.seed, epoch]).permutation(rows)
@@ -51,38 +71,91 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
             chunk = [int(r) for r in order[start : start + settings.batch_size]]
             label = torch.from_numpy(_read_rows(targets["label"], chunk).astype(np.int64))
             confidence = torch.from_numpy(_read_rows(targets["conf"], chunk).astype(np.float32))
-            label[confidence < settings.conf_thresh] = -1
-            clip = torch.from_numpy(_read_rows(features["clip_dense"], chunk)).float()
+            label[confidence < thresholds[label.clamp_min(0)]] = -1
+            clip = clip_features(chunk)
             sam = torch.from_numpy(_read_rows(features["sam"], chunk)).float() if ctx.use_sam else None
             yield sam, clip, label
 
     weights = None
     if settings.class_balance > 0:
-        counts = target_counts(targets, rows, settings.conf_thresh, len(ctx.names))
+        counts = target_counts(targets, rows, thresholds, len(ctx.names))
         weights = balanced_class_weights(counts, settings.class_balance)
     report: TrainReport = train_head(head, batches, settings, class_weights=weights)
     save_head(head, ctx.head_path)
     return TrainResult(list(report.losses), report.steps, report.seconds, report.pixels_used)
 
 
-def target_counts(targets: zarr.Group, rows: list[int], conf_thresh: float, num_classes: int) -> np.ndarray:
-    """Pixels per class that training will use (label set, confidence >= ``conf_thresh``)."""
+class _HeadFeatures:
+    """The dense head's features per zarr row, cached in memory when they fit."""
+
+    def __init__(self, ctx: RoundContext, group: zarr.Group, rows: list[int]) -> None:
+        self.ctx, self.group = ctx, group
+        first, _ = head_features(ctx, group, rows[:1])
+        self.cache: dict[int, torch.Tensor] | None = None
+        if first.numel() * 2 * len(rows) <= FEATURE_CACHE_BYTES:
+            self.cache = {}
+            for start in range(0, len(rows), 16):
+                chunk = rows[start : start + 16]
+                dense, _ = head_features(ctx, group, chunk)
+                self.cache.update(zip(chunk, dense.half()))
+
+    def __call__(self, chunk: list[int]) -> torch.Tensor:
+        if self.cache is not None:
+            return torch.stack([self.cache[row] for row in chunk]).float()
+        return head_features(self.ctx, self.group, chunk)[0]
+
+
+def target_counts(targets: zarr.Group, rows: list[int], thresholds: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Cells per class that training will use (label set, confidence >= its class's threshold)."""
     counts = np.zeros(num_classes, dtype=np.int64)
+    limits = thresholds.numpy()
     for start in range(0, len(rows), STATS_BLOCK):
         chunk = rows[start : start + STATS_BLOCK]
         label = _read_rows(targets["label"], chunk).astype(np.int64)
         confidence = _read_rows(targets["conf"], chunk).astype(np.float32)
-        used = (label >= 0) & (confidence >= conf_thresh)
+        used = (label >= 0) & (confidence >= limits[np.maximum(label, 0)])
         counts += np.bincount(label[used], minlength=num_classes)
     return counts
 
 
+CONF_BINS = 1000  # confidence histogram resolution for the per-class quantiles
+
+
+def class_thresholds(targets: zarr.Group, rows: list[int], settings: SelfTrainSettings, num_classes: int
+                     ) -> torch.Tensor:
+    """Confidence threshold per class, float32 (C,).
+
+    ``conf_thresh`` for every class; with ``class_quantile`` q, a class's threshold is
+    lowered to the q-quantile of its own cells' confidences when that is below
+    ``conf_thresh`` (streamed histograms, so memory does not grow with the dataset).
+    """
+    limits = torch.full((num_classes,), float(settings.conf_thresh))
+    if settings.class_quantile is None:
+        return limits
+    histogram = np.zeros((num_classes, CONF_BINS), dtype=np.int64)
+    for start in range(0, len(rows), STATS_BLOCK):
+        chunk = rows[start : start + STATS_BLOCK]
+        label = _read_rows(targets["label"], chunk).astype(np.int64).ravel()
+        confidence = _read_rows(targets["conf"], chunk).astype(np.float32).ravel()
+        keep = label >= 0
+        bins = np.clip((confidence[keep] * CONF_BINS).astype(np.int64), 0, CONF_BINS - 1)
+        np.add.at(histogram, (label[keep], bins), 1)
+    for k in range(num_classes):
+        total = histogram[k].sum()
+        if total == 0:
+            continue
+        # Lower edge of the bin holding the q-quantile: at least (1 - q) of the cells pass.
+        cut = int(np.searchsorted(np.cumsum(histogram[k]), settings.class_quantile * total, side="right"))
+        limits[k] = min(float(settings.conf_thresh), cut / CONF_BINS)
+    return limits
+
+
 def round_stats(out: Path, round_index: int, images: tuple[LabelImage, ...], names: tuple[str, ...]) -> dict:
     """Class histogram, mean confidence and agreement with the previous round, on target grids."""
-    grid = zarr.open_group(str(round_folder(out, round_index) / GRID_STORE), mode="r")
+    grid = zarr.open_group(str(selftrain_folder(out, round_index) / GRID_STORE), mode="r")
     previous = None
     if round_index > 0:
-        previous = zarr.open_group(str(round_folder(out, round_index - 1) / GRID_STORE), mode="r")
+        previous = zarr.open_group(str(selftrain_folder(out, round_index - 1) / GRID_STORE), mode="r")
     rows = sorted(image.zarr_row for image in images)
     histogram = np.zeros(len(names), dtype=np.int64)
     conf_sum, labelled, agree, both = 0.0, 0, 0, 0

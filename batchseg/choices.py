@@ -1,0 +1,13 @@
+"""The named choices users pick from, in one import-light place (no torch, no Dask).
+
+The CLI builds its ``click.Choice`` lists from these tuples, and the library validates
+against the same tuples, so an option and its check can never disagree.
+"""
+from __future__ import annotations
+
+# Training-free dense CLIP heads computed at label time (batchseg.models.dense_heads).
+DENSE_HEADS = ("maskclip", "value", "clearclip", "sclip", "naclip", "proxy-sam")
+# How a SAM mask picks its class: "majority" of the per-pixel labels inside it (CorrCLIP's
+# region correction), or "pool": argmax of the probabilities pooled inside it (Open-Vocabulary
+# SAM's SAM+CLIP baseline).
+REGION_VOTES = ("majority", "pool")

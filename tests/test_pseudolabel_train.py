@@ -1,0 +1,46 @@
+"""Self-training targets: per-class thresholds and MaskCLIP+'s schedule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from batchseg.labels.selftrain import SelfTrainSettings
+from batchseg.stages.pseudolabel_train import class_thresholds, target_counts, target_round
+
+
+def _grid(tmp_path, labels: np.ndarray, conf: np.ndarray) -> zarr.Group:
+    group = zarr.open_group(str(tmp_path / "grid.zarr"), mode="w", zarr_format=3)
+    group.create_array("label", data=labels.astype(np.int16), chunks=(1, *labels.shape[1:]))
+    group.create_array("conf", data=conf.astype(np.float16), chunks=(1, *labels.shape[1:]))
+    return group
+
+
+def test_class_thresholds_follow_each_class_quantile(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 3, size=(6, 8, 8))
+    conf = rng.random((6, 8, 8))
+    conf[labels == 2] *= 0.3  # class 2: the labeller is never sure of it
+    group = _grid(tmp_path, labels, conf)
+    settings = SelfTrainSettings(conf_thresh=0.5, class_quantile=0.5)
+    limits = class_thresholds(group, list(range(6)), settings, 4).numpy()
+    stored = np.asarray(group["conf"][:]).astype(np.float32)
+    for k in range(3):
+        values = np.sort(stored[labels == k])
+        # The cell of rank floor(q n) (0-based), rounded down to its 1/1000 histogram bin.
+        want = min(0.5, np.floor(values[int(0.5 * values.size)] * 1000) / 1000)
+        assert limits[k] == pytest.approx(want, abs=1e-6)
+        assert (values >= limits[k]).mean() >= 0.5  # at least (1 - q) of the class trains
+    assert limits[3] == 0.5  # a class without cells keeps the global threshold
+    assert limits[2] < 0.2
+    # At least half of class 2's cells now train, none did with conf_thresh alone.
+    counts = target_counts(group, list(range(6)), class_thresholds(group, list(range(6)), settings, 4), 4)
+    plain = target_counts(group, list(range(6)), class_thresholds(
+        group, list(range(6)), SelfTrainSettings(conf_thresh=0.5, class_quantile=None), 4), 4)
+    assert plain[2] == 0 and counts[2] >= (labels == 2).sum() // 2
+
+
+@pytest.mark.parametrize("teacher_rounds, expected", [(1, [0, 1, 2]), (2, [0, 0, 2]), (3, [0, 0, 0])])
+def test_target_round_follows_maskclip_plus_schedule(teacher_rounds, expected):
+    settings = SelfTrainSettings(teacher_rounds=teacher_rounds)
+    assert [target_round(k, settings) for k in (1, 2, 3)] == expected
