@@ -133,21 +133,25 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
 
 PSEUDOLABEL_HELP = f"""Label every embedded image in OUT without annotation.
 
-Round 0: MaskCLIP labels from the stored CLIP dense features (prompt denoising, key
-smoothing), SAM everything-mode masks decoded from the stored SAM embeddings and
-recognised with CLIP (instance rows), SAM masks voting the semantic map. Rounds
-1..N: a light head trained on the previous round's confident labels predicts every
-image again (MaskCLIP+ self-training). No image is re-encoded.
+Round 0: labels from a training-free dense CLIP head computed from the stored tokens
+(--dense-head: MaskCLIP by default, or ClearCLIP, SCLIP, NACLIP, ProxyCLIP with SAM as
+the proxy; prompt denoising, key smoothing), SAM everything-mode masks decoded from
+the stored SAM embeddings, each taking its region's majority label (instance rows)
+and voting it into the semantic map. Rounds 1..N: a light head trained on confident
+labels predicts every image again (MaskCLIP+ self-training), until the rounds stop
+changing the labels (--stop-agreement). No image is re-encoded.
 
-Writes OUT/labels/round=K/part-*.parquet (COCO RLE masks in original pixels) and
-OUT/selftrain/round=K/_round.json (statistics, training targets, head weights). Reruns skip complete rounds; changing
-the classes or settings recomputes what they affect.
+Writes OUT/labels/round=K/part-*.parquet (COCO RLE masks in original pixels; the
+folder reads as a hive-partitioned Parquet dataset) and OUT/selftrain/round=K/
+(_round.json statistics and stop decision, training targets, head weights). Reruns
+skip complete rounds; changing the classes or settings recomputes what they affect.
 
 \b
 Examples:
   batchseg pseudolabel out/ --classes "cat,dog|puppy,sofa" --rounds 3
   batchseg pseudolabel out/ --vocab classes.txt --background --no-sam --rounds 0
   batchseg pseudolabel out/ --classes "car,road,tree" --no-key-smoothing   # ablation
+  batchseg pseudolabel out/ --classes "car,road,tree" --dense-head naclip   # another head, same embeddings
 
 {EXIT_CODES_HELP}"""
 

@@ -163,3 +163,20 @@ class SlowClipBuilder:
 
     def __call__(self, spec: ClipSpec, canvas: int | None, device: str) -> torch.nn.Module:
         return _Slow(build_clip(spec, canvas, device), self.delay)
+
+
+@dataclass(frozen=True)
+class RewriteOnLoadClipBuilder:
+    """Builds the real CLIP after rewriting ``path`` with ``data``: the file changes after the
+    driver hashed it and before the worker decodes it (the race ``changed`` rows record)."""
+
+    path: str
+    data: bytes
+
+    def __call__(self, spec: ClipSpec, canvas: int | None, device: str) -> torch.nn.Module:
+        Path(self.path).write_bytes(self.data)
+        return build_clip(spec, canvas, device)
+
+
+def rewrite_on_load_builders(path: Path, data: bytes) -> ModelBuilders:
+    return ModelBuilders(clip=RewriteOnLoadClipBuilder(str(path), data))

@@ -214,3 +214,32 @@ def test_help_shows_examples_and_exit_codes():
     result = run_cli(["embed", "--help"])
     assert result.exit_code == 0
     assert "batchseg embed photos/ out/" in result.output and "75" in result.output
+
+
+def test_same_checkpoint_by_a_relative_path_is_the_same_build(image_folder, tmp_path, tiny_models, dask_scheduler,
+                                                              monkeypatch):
+    out = tmp_path / "out"
+    assert _embed(image_folder, out, tiny_models, dask_scheduler).exit_code == 0
+    monkeypatch.chdir(tiny_models.sam_checkpoint.parent)
+    args = embed_args(image_folder, out, tiny_models, "--scheduler", dask_scheduler)
+    args[args.index("--sam-checkpoint") + 1] = tiny_models.sam_checkpoint.name  # relative spelling
+    result = run_cli(args)
+    assert result.exit_code == 0, result.output
+    assert "0 computed" in result.output
+
+
+def test_checkpoint_retrained_in_place_is_refused(image_folder, tmp_path, tiny_models, dask_scheduler):
+    import shutil as _shutil
+
+    from batchseg.models.sam import SAM_ARCHS, build_sam_model, save_sam_checkpoint
+
+    ckpt = tmp_path / ("sam" + tiny_models.sam_checkpoint.suffix)
+    _shutil.copy(tiny_models.sam_checkpoint, ckpt)
+    out = tmp_path / "out"
+    args = embed_args(image_folder, out, tiny_models, "--scheduler", dask_scheduler)
+    args[args.index("--sam-checkpoint") + 1] = str(ckpt)
+    assert run_cli(args).exit_code == 0
+    torch.manual_seed(123)
+    save_sam_checkpoint(build_sam_model(SAM_ARCHS["tiny"]), ckpt)
+    result = run_cli(args)
+    assert result.exit_code == 2 and "weights_sha256" in result.output

@@ -100,3 +100,21 @@ def test_embed_on_an_external_dask_cluster(image_folder, tmp_path, tiny_models):
             os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=30)
+
+
+def test_file_rewritten_between_plan_and_decode_is_a_changed_row(image_folder, tmp_path, tiny_models):
+    from batchseg.testing import rewrite_on_load_builders
+
+    src = tmp_path / "src"
+    write_image_folder(src, 3, seed=9)
+    victim = sorted(src.rglob("*.png"))[0]
+    other = sorted(src.rglob("*.jpg"))[0].read_bytes()
+    summary = run_embed(_config(src, tmp_path / "out", tiny_models),
+                        builders=rewrite_on_load_builders(victim, other), progress=False)
+    rows = {r["path"]: r for r in read_manifest(tmp_path / "out").to_pylist()}
+    row = rows[victim.relative_to(src).as_posix()]
+    assert row["status"] == "changed" and "changed after it was hashed" in row["error"] and row["zarr_row"] is None
+    assert summary.failed == 1 and summary.ok == 2
+    again = run_embed(_config(src, tmp_path / "out", tiny_models), progress=False)
+    # The victim now holds another file's bytes: the rerun records it as that file's duplicate.
+    assert again.computed == 0 and again.duplicates == 1

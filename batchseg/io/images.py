@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "FAILURE_STATUSES", "IMAGE_EXTENSIONS", "STATUS_DUPLICATE", "STATUS_OK",
+    "DEFAULT_MAX_PIXELS", "FAILURE_STATUSES", "IMAGE_EXTENSIONS", "STATUS_CHANGED", "STATUS_DUPLICATE", "STATUS_OK",
     "DecodedImage", "FoundFile", "ImageError", "content_id", "decode_image", "discover_images",
     "read_image_bytes",
 ]
@@ -48,9 +48,10 @@ STATUS_NOT_AN_IMAGE = "not_an_image"
 STATUS_TOO_LARGE = "too_large"
 STATUS_UNREADABLE = "unreadable"
 STATUS_DECODE_ERROR = "decode_error"
+STATUS_CHANGED = "changed"  # the file's bytes changed between planning (hashing) and decoding
 FAILURE_STATUSES: frozenset[str] = frozenset({STATUS_EMPTY, STATUS_TRUNCATED, STATUS_NOT_AN_IMAGE,
                                               STATUS_TOO_LARGE, STATUS_UNREADABLE,
-                                              STATUS_DECODE_ERROR})
+                                              STATUS_DECODE_ERROR, STATUS_CHANGED})
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})

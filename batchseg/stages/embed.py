@@ -95,7 +95,7 @@ def _check_build(config: EmbedConfig, build: dict | None) -> ModelGeometry | Non
 def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, run_id: str) -> None:
     data = read_build_file(config.out) or {"schema_version": BUILD_SCHEMA_VERSION, "created_by_run": run_id}
     data["batchseg_version"] = batchseg.__version__
-    data["embed"] = {"models": config.models.to_json(), "geometry": geometry.to_json()}
+    data["embed"] = {"models": config.models.resolved().to_json(), "geometry": geometry.to_json()}
     write_json_atomic(config.out / BUILD_FILE, data)
 
 

@@ -21,14 +21,13 @@ import torch
 
 from batchseg.config import ModelSettings
 from batchseg.io.geometry import letterbox
-from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
+from batchseg.io.images import STATUS_CHANGED, ImageError, content_id, decode_image, read_image_bytes
 from batchseg.io.store import RowWriter
 from batchseg.io.tables import manifest_table, write_part_atomic
 from batchseg.models.clip import preprocess_clip
 from batchseg.models.runtime import LoadedModels, ModelBuilders, get_models, set_torch_threads
 
 CURRENT_RUN_FILE = ".current_run"
-STATUS_CHANGED = "changed"
 
 
 @dataclass(frozen=True)
