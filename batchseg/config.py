@@ -87,6 +87,8 @@ class ModelSettings:
         mine = self.resolved().to_json()
         diffs = []
         for key in ("clip", "sam", "precision", "weights_sha256"):
+            if key == "weights_sha256" and key not in stored:
+                continue  # recorded by builds since the content-hash identity; paths still compared
             if mine[key] != stored.get(key):
                 diffs.append(f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(mine[key])}")
         if self.clip_canvas is not None and stored_canvas is not None and self.clip_canvas != stored_canvas:

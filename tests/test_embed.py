@@ -243,3 +243,16 @@ def test_checkpoint_retrained_in_place_is_refused(image_folder, tmp_path, tiny_m
     save_sam_checkpoint(build_sam_model(SAM_ARCHS["tiny"]), ckpt)
     result = run_cli(args)
     assert result.exit_code == 2 and "weights_sha256" in result.output
+
+
+def test_output_folder_inside_the_source_is_not_embedded(tmp_path, tiny_models, dask_scheduler):
+    src = tmp_path / "src"
+    write_image_folder(src, 3, seed=4)
+    out = src / "build"
+    assert _embed(src, out, tiny_models, dask_scheduler).exit_code == 0
+    (out / "report").mkdir()
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(out / "report" / "thumb.png")
+    result = _embed(src, out, tiny_models, dask_scheduler)
+    assert result.exit_code == 0, result.output
+    assert not any(r["path"].startswith("build/") for r in read_manifest(out).to_pylist())
+    assert "0 computed" in result.output

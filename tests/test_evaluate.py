@@ -345,3 +345,13 @@ def test_error_bad_png(tmp_path, values, mode, message):
     _png(gt / "a" / "img1.png", values, mode=mode)
     result = invoke(out, "--gt", gt)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_build_in_use_is_not_scored_exit_75(tmp_path, png_gt):
+    from batchseg.io.lock import build_lock
+
+    out = _build(tmp_path, NAMES, PNG_ROUNDS)
+    with build_lock(out):
+        result = invoke(out, "--gt", png_gt)
+    assert result.exit_code == 75 and "another batchseg run is using" in result.output
+    assert not (out / "eval").exists()

@@ -140,8 +140,11 @@ def _stat_failure(entry: os.DirEntry, err: OSError) -> str:
     return f"unreadable: cannot stat file: {_one_line(err.strerror or err)}"
 
 
-def discover_images(root: str | os.PathLike) -> list[FoundFile]:
+def discover_images(root: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> list[FoundFile]:
     """Return every image-extension file under ``root``, sorted by relative path bytes.
+
+    Folders in ``exclude`` (e.g. the build's own output folder when it lies inside the
+    source: its report and overlay images are not source images) are never entered.
 
     Symlinks to files and directories are followed; each directory is entered once
     (keyed by device and inode) so link cycles cannot loop. Names starting with
@@ -161,6 +164,12 @@ def discover_images(root: str | os.PathLike) -> list[FoundFile]:
         raise NotADirectoryError(f"image folder is not a directory: {shown}")
 
     visited = {(root_st.st_dev, root_st.st_ino)}
+    for folder in exclude:
+        try:
+            excluded = os.stat(folder)
+        except OSError:
+            continue  # not created yet: nothing inside it to skip
+        visited.add((excluded.st_dev, excluded.st_ino))
     found: list[tuple[bytes, FoundFile]] = []
     stack: list[tuple[bytes, bytes]] = [(root_b, b"")]
     while stack:

@@ -149,7 +149,7 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
 
     manifest = read_manifest(out)
     try:
-        files = discover_images(config.source)
+        files = discover_images(config.source, exclude=(config.out,))
     except OSError as exc:
         raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
     plan = plan_embed(files, manifest, run_id)

@@ -52,6 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from batchseg.config import read_build_file, write_json_atomic
+from batchseg.io.lock import build_lock
 from batchseg.errors import UsageError
 from batchseg.io.tables import (
     SCHEMA_NAME_KEY,
@@ -528,8 +529,17 @@ def _pred_map(rows: list[tuple[int, dict]], shape: tuple[int, int], num_classes:
 
 
 def run_evaluate(config: EvaluateConfig) -> EvaluateReport:
-    """Score every round and source of ``config.out`` against the ground truth; write the results."""
+    """Score every round and source of ``config.out`` against the ground truth; write the results.
+
+    Holds the build lock: a build being written (a pseudolabel round half done, an
+    ``embed --overwrite``) is never scored; a second run exits at once (75).
+    """
     config.validate()
+    with build_lock(config.out):
+        return _evaluate(config)
+
+
+def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     notes: list[str] = []
     images = _manifest_images(config.out)
     tables = {k: read_labels(config.out, k) for k in _rounds(config.out)}

@@ -36,7 +36,7 @@ from batchseg.labels.rle import decode_mask
 from batchseg.labels.selftrain import SegHead, load_head, predict_probs
 from batchseg.models.clip import ClipSpec, DenseClip
 from batchseg.models.dense_heads import compute_head
-from batchseg.models.runtime import ModelBuilders, get_models
+from batchseg.models.runtime import ModelBuilders, get_models, pick_device
 from batchseg.models.sam import SamSpec, load_sam
 
 GRID_STORE = "grid.zarr"
@@ -110,9 +110,10 @@ _LOCK = threading.Lock()
 
 
 def _clip(ctx: RoundContext) -> DenseClip:
-    """The build's CLIP, loaded once per worker (float32: heads are cheap, and exact)."""
+    """The build's CLIP on the worker's device, loaded once per worker (float32: heads are
+    cheap, and exact)."""
     settings = ModelSettings(clip=ctx.clip_spec, sam=None, clip_canvas=ctx.geometry.clip_canvas, precision="fp32")
-    return get_models(settings, ModelBuilders(), device="cpu").clip
+    return get_models(settings, ModelBuilders(), device=pick_device()).clip
 
 
 def head_features(ctx: RoundContext, group: zarr.Group, rows: list[int], with_keys: bool = False
@@ -125,15 +126,18 @@ def head_features(ctx: RoundContext, group: zarr.Group, rows: list[int], with_ke
     sam = None
     if ctx.dense_on_sam_grid:
         sam = torch.from_numpy(np.stack([np.asarray(group["sam"][r]) for r in rows]))
-    out = compute_head(_clip(ctx), ctx.settings.dense_head, tokens, cls, sam)
-    return out.dense, (out.keys if with_keys else None)
+    clip = _clip(ctx)
+    device = next(clip.parameters()).device
+    tokens, cls, sam = (None if t is None else t.to(device) for t in (tokens, cls, sam))
+    out = compute_head(clip, ctx.settings.dense_head, tokens, cls, sam)
+    return out.dense.cpu(), (out.keys.cpu() if with_keys else None)
 
 
 def _sam(spec: SamSpec) -> torch.nn.Module:
     with _LOCK:
         if spec not in _SAM_CACHE:
             _SAM_CACHE.clear()
-            _SAM_CACHE[spec] = load_sam(spec).eval()
+            _SAM_CACHE[spec] = load_sam(spec, device=pick_device()).eval()
         return _SAM_CACHE[spec]
 
 
@@ -142,7 +146,7 @@ def _head(path: Path, classifier: torch.Tensor) -> SegHead:
     with _LOCK:
         if key not in _HEAD_CACHE:
             _HEAD_CACHE.clear()
-            _HEAD_CACHE[key] = load_head(path, classifier).eval()
+            _HEAD_CACHE[key] = load_head(path, classifier).to(pick_device()).eval()
         return _HEAD_CACHE[key]
 
 
@@ -236,7 +240,7 @@ def _student_image(ctx: RoundContext, group: zarr.Group, image: LabelImage,
     head = _head(ctx.head_path, ctx.classifier)
     clip, _ = head_features(ctx, group, [image.zarr_row])
     sam = torch.from_numpy(np.asarray(group["sam"][image.zarr_row]))[None] if ctx.use_sam else None
-    grid_probs = predict_probs(head, sam, clip)[0]
+    grid_probs = predict_probs(head, sam, clip)[0].cpu()
     grid, canvas = ctx.head_grid
     valid_h, valid_w = _valid(ctx, image)
     probs = grid_probs_to_work(grid_probs, canvas, valid_h, valid_w, frame)

@@ -18,6 +18,7 @@ from batchseg.io.tables import selftrain_folder
 from batchseg.labels.selftrain import (
     SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, load_head, save_head, train_head,
 )
+from batchseg.models.runtime import pick_device
 from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
@@ -61,6 +62,7 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
     else:
         head = SegHead(ctx.classifier, sam_channels, ctx.geometry.clip_dense_dim, settings.hidden,
                        settings.temperature, seed=settings.seed)
+    head = head.to(pick_device())  # train on the worker's GPU when it has one
     thresholds = class_thresholds(targets, rows, settings, len(ctx.names))
 
     clip_features = _HeadFeatures(ctx, features, rows)
@@ -81,7 +83,7 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
         counts = target_counts(targets, rows, thresholds, len(ctx.names))
         weights = balanced_class_weights(counts, settings.class_balance)
     report: TrainReport = train_head(head, batches, settings, class_weights=weights)
-    save_head(head, ctx.head_path)
+    save_head(head.cpu(), ctx.head_path)
     return TrainResult(list(report.losses), report.steps, report.seconds, report.pixels_used)
 
 
