@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from batchseg.models.text import Vocabulary
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Upper bounds on counts: far past any real use, low enough that a typo cannot exhaust the machine.
+MAX_ROUNDS = 50
+MAX_SHARD_SIZE = 100_000
+MAX_BATCH_SIZE = 4096
+MAX_LOCAL_PROCESSES = 1024
 BUILD_FILE = "batchseg.json"
 # 2: embed stores last-block tokens (clip_tokens, clip_cls) instead of one head's output.
 BUILD_SCHEMA_VERSION = 2
@@ -106,12 +111,12 @@ class ClusterSettings:
     torch_threads: int | None = None  # per worker; None: cores / workers
 
     def validate(self) -> None:
-        if self.workers < 1:
-            raise UsageError(f"--workers must be at least 1, got {self.workers}")
-        if self.gpus < 0:
-            raise UsageError(f"--gpus must be 0 or more, got {self.gpus}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.torch_threads}")
+        if not 1 <= self.workers <= MAX_LOCAL_PROCESSES:
+            raise UsageError(f"--workers must be between 1 and {MAX_LOCAL_PROCESSES}, got {self.workers}")
+        if not 0 <= self.gpus <= MAX_LOCAL_PROCESSES:
+            raise UsageError(f"--gpus must be between 0 and {MAX_LOCAL_PROCESSES}, got {self.gpus}")
+        if self.torch_threads is not None and not 1 <= self.torch_threads <= MAX_LOCAL_PROCESSES:
+            raise UsageError(f"--threads must be between 1 and {MAX_LOCAL_PROCESSES}, got {self.torch_threads}")
 
     def threads_per_worker(self) -> int:
         if self.torch_threads is not None:
@@ -141,8 +146,10 @@ class EmbedConfig:
             raise UsageError(f"output {self.out} exists and is not a folder")
         if self.out.resolve() == self.source.resolve():
             raise UsageError("the output folder must differ from the source folder")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise UsageError("--batch-size and --shard-size must be at least 1")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            raise UsageError(f"--shard-size must be between 1 and {MAX_SHARD_SIZE}, got {self.shard_size}")
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
         self.models.validate()
@@ -263,10 +270,10 @@ class PseudolabelConfig:
             raise UsageError(
                 f"{self.out} is not a batchseg build (no {BUILD_FILE}); run `batchseg embed SRC {self.out}` first"
             )
-        if self.rounds < 0:
-            raise UsageError(f"--rounds must be 0 or more, got {self.rounds}")
-        if self.shard_size < 1:
-            raise UsageError("--shard-size must be at least 1")
+        if not 0 <= self.rounds <= MAX_ROUNDS:
+            raise UsageError(f"--rounds must be between 0 and {MAX_ROUNDS}, got {self.rounds}")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            raise UsageError(f"--shard-size must be between 1 and {MAX_SHARD_SIZE}, got {self.shard_size}")
         self.labels.validate()
         self.selftrain.validate()
         self.cluster.validate()

@@ -188,7 +188,9 @@ def test_second_run_exits_75_while_the_lock_is_held(image_folder, tmp_path, tiny
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--workers", "0"], "--workers must be at least 1"),
+        (["--workers", "0"], "--workers must be between 1 and 1024"),
+        (["--batch-size", "100000"], "--batch-size must be between 1 and 4096"),
+        (["--threads", "5000"], "--threads must be between 1 and 1024"),
         (["--sam-checkpoint", "/nonexistent/sam.pth"], "/nonexistent/sam.pth"),
         (["--clip-model", "local-dir:/nonexistent/clip"], "/nonexistent/clip"),
         (["--clip-model", "No-Such-Model"], "No-Such-Model"),

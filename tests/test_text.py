@@ -240,3 +240,9 @@ def test_classifier_key_is_stable_and_sensitive():
         classifier_key("ViT-B-16/openai", vocab, tuple(reversed(templates))),
     ]
     assert len({base, *variants}) == len(variants) + 1
+
+
+@pytest.mark.parametrize("text", ["cat,do\x07g", "cat,\u200bdog", "cat|ki\x1bten", "x" * 300])
+def test_control_characters_and_absurd_lengths_are_refused(text):
+    with pytest.raises(UsageError, match="control or invisible|over 200 characters"):
+        parse_classes(text)

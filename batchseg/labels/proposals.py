@@ -68,6 +68,9 @@ NmsKind = Literal["fast", "torchvision"]
 _DEFAULT_CHUNK_ELEMS = 2**25
 
 
+MAX_POINTS_PER_SIDE = 256  # 65,536 prompts per image: far past any useful density
+
+
 @dataclass(frozen=True)
 class ProposalSettings:
     """Everything-mode settings; names and defaults are SAM's (``SamAutomaticMaskGenerator``).
@@ -111,6 +114,8 @@ class ProposalSettings:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        if self.points_per_side > MAX_POINTS_PER_SIDE:
+            raise ValueError(f"points_per_side must be at most {MAX_POINTS_PER_SIDE}, got {self.points_per_side}")
         if self.points_per_side < 1:
             problems.append(f"points_per_side must be >= 1, got {self.points_per_side}")
         if self.points_per_batch < 1:

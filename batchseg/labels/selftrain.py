@@ -68,11 +68,11 @@ class SelfTrainSettings:
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
-        for name in ("epochs", "batch_size", "hidden"):
+        for name, most in (("epochs", 10_000), ("batch_size", 4096), ("hidden", 8192)):
             value = getattr(self, name)
             # bool is an int subclass; True as "1 epoch" is a mistake, not a value.
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"self-training {name} must be an integer >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise UsageError(f"self-training {name} must be an integer in [1, {most}], got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise UsageError(f"self-training seed must be an integer in [0, 2**63), got {self.seed!r}")
         checks: list[tuple[str, Callable[[float], bool], str]] = [

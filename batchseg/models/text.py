@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -101,6 +102,13 @@ class Vocabulary:
             for term in terms:
                 if not term.strip():
                     raise UsageError(f"class {name!r} has an empty name or synonym")
+                if any(unicodedata.category(ch)[0] == "C" for ch in term):
+                    raise UsageError(
+                        f"class name or synonym {term!r} contains a control or invisible character; "
+                        "class names are written into label files and exports: use plain text"
+                    )
+                if len(term) > MAX_TERM_CHARS:
+                    raise UsageError(f"class name or synonym {term[:40]!r}... is over {MAX_TERM_CHARS} characters")
                 # CLIP's tokenizer lower-cases, so 'Cat' and 'cat' are the same prompt.
                 key = term.casefold()
                 if key in seen:
@@ -114,6 +122,9 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+MAX_TERM_CHARS = 200  # CLIP's context is 77 tokens; a longer 'name' is a mistake
 
 
 def _clean(term: str) -> str:
