@@ -330,6 +330,43 @@ def export(out, dest, fmt, round_index, source, kind, min_score, split, seed, im
     click.echo(summary.text())
 
 
+REPORT_HELP = f"""Write a static HTML report about the build in OUT to OUT/report/index.html.
+
+One page with its images, no script and nothing fetched: it opens offline in any
+browser. It shows the build (files, failures by kind, runs), label statistics per
+round (rows per source, class histogram, mean confidence, agreement between rounds),
+the latest evaluations (mIoU chart, per-class IoU), qc flags with thumbnails and
+students with their metrics when those exist, and a gallery: for each class the
+images where it covers the most pixels, drawn with their labels and class names.
+
+\b
+Examples:
+  batchseg report out/                       # then open out/report/index.html
+  batchseg report out/ --round 0 --source maskclip --per-class 8
+  batchseg report out/ --src /mnt/photos     # source images moved since embed
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=REPORT_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--round", "round_index", type=int, default=None, help="Gallery round (default: the last).")
+@click.option("--source", default=None, help="Gallery label source (default: sam when present).")
+@click.option("--per-class", type=int, default=4, show_default=True, help="Gallery images per class.")
+@click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Source image folder (default: the one the last embed run read).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def report(out, round_index, source, per_class, src, quiet) -> None:
+    from batchseg.stages.report import ReportConfig, run_report
+
+    try:
+        summary = run_report(ReportConfig(out=out, src=src, round=round_index, source=source, per_class=per_class),
+                             progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
     if pretrained is None:
         return None if model.startswith("local-dir:") else "openai"

@@ -17,8 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from batchseg.errors import UsageError
 from batchseg.io.build_info import check_label_part
 
+SOURCE_PREFERENCE = ("sam", "student", "maskclip")  # SAM-refined first: each round's best labels
 ROW_COLUMNS = ("image_id", "kind", "segment_id", "class_id", "class_name", "score", "source", "bbox", "area", "mask")
 
 
@@ -100,3 +102,21 @@ def sources_and_kinds(parts: list[Path]) -> dict[tuple[str, str], int]:
             key = (row["source"], row["kind"])
             counts[key] = counts.get(key, 0) + row["count_all"]
     return counts
+
+
+def choose_source(available: dict[tuple[str, str], int], kind: str, requested: str | None, round_index: int) -> str:
+    """The source to export: ``requested`` if the round has rows of it, else the preferred one."""
+    sources = sorted({s for (s, k), n in available.items() if k == kind and n > 0})
+    if not sources:
+        kinds = sorted({k for (_, k), n in available.items() if n > 0})
+        raise UsageError(f"round {round_index} has no {kind} label rows (it has: {', '.join(kinds) or 'none'}); "
+                         "choose another --kind or --round")
+    if requested is not None:
+        if requested not in sources:
+            raise UsageError(f"round {round_index} has no {kind} rows from source {requested!r}; "
+                             f"--source must be one of: {', '.join(sources)}")
+        return requested
+    for source in SOURCE_PREFERENCE:
+        if source in sources:
+            return source
+    return sources[0]

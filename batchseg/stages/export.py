@@ -39,10 +39,10 @@ from batchseg.export.png import PngWriter
 from batchseg.export.yolo import YoloWriter
 from batchseg.io.build_info import BuildImage, embed_source, label_parts, label_rounds, manifest_summary, vocabulary
 from batchseg.io.files import place_image, remove_temporaries_under
-from batchseg.io.label_stream import LabelFilter, LabelUnit, image_groups, plan_units, sources_and_kinds
+from batchseg.io.label_stream import LabelFilter, LabelUnit, choose_source, image_groups, plan_units, sources_and_kinds
 from batchseg.io.lock import LOCK_NAME, build_lock
 from batchseg.stages.embed import new_run_id
-from batchseg.stages.export_plan import ExportConfig, assign_split, choose_source, export_names, split_names
+from batchseg.stages.export_plan import ExportConfig, assign_split, export_names, split_names
 
 SETTINGS_FILE = "_export.json"
 STATE = "_export"

@@ -15,7 +15,6 @@ from batchseg.io.build_info import BuildImage
 from batchseg.io.files import IMAGE_MODES
 
 KINDS = ("semantic", "instance")
-SOURCE_PREFERENCE = ("sam", "student", "maskclip")  # SAM-refined first: each round's best labels
 TRAIN = "train"
 
 
@@ -131,21 +130,3 @@ def export_names(images: dict[str, BuildImage]) -> dict[str, str]:
         stems.add(stem)
         names[image.image_id] = str(path)
     return names
-
-
-def choose_source(available: dict[tuple[str, str], int], kind: str, requested: str | None, round_index: int) -> str:
-    """The source to export: ``requested`` if the round has rows of it, else the preferred one."""
-    sources = sorted({s for (s, k), n in available.items() if k == kind and n > 0})
-    if not sources:
-        kinds = sorted({k for (_, k), n in available.items() if n > 0})
-        raise UsageError(f"round {round_index} has no {kind} label rows (it has: {', '.join(kinds) or 'none'}); "
-                         "choose another --kind or --round")
-    if requested is not None:
-        if requested not in sources:
-            raise UsageError(f"round {round_index} has no {kind} rows from source {requested!r}; "
-                             f"--source must be one of: {', '.join(sources)}")
-        return requested
-    for source in SOURCE_PREFERENCE:
-        if source in sources:
-            return source
-    return sources[0]
