@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from batchseg.config import read_build_file
 from batchseg.errors import UsageError
 from batchseg.io.tables import LABELS_VERSION, check_version, read_manifest, round_folder
 
 ROUND_FILE = "_round.json"
+BUILD_FILE = "batchseg.json"  # batchseg.config.BUILD_FILE; config is not imported: it loads torch
 ROUND_FILE_HOMES = ("selftrain", "labels")  # newest layout first
 
 
@@ -86,6 +86,17 @@ def check_label_part(part: Path) -> None:
     check_version(pq.read_schema(part), "labels", LABELS_VERSION, part)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file; {} when absent; a UsageError naming the file when unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not readable JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
 def read_round_file(out: Path, round_index: int) -> dict | None:
     """A round's ``_round.json`` (statistics, settings), wherever the build keeps it; None if absent.
 
@@ -94,17 +105,13 @@ def read_round_file(out: Path, round_index: int) -> dict | None:
     for home in ROUND_FILE_HOMES:
         path = out / home / f"round={round_index}" / ROUND_FILE
         if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UsageError(f"{path} is not readable JSON ({exc}); rerun pseudolabel") from None
+            return read_json(path)
     return None
 
 
 def vocabulary(out: Path, rounds: list[int]) -> tuple[str, ...]:
     """The build's class names by class id: the last pseudolabel run's, else those the label rows name."""
-    build = read_build_file(out) or {}
-    classes = ((build.get("pseudolabel") or {}).get("labels") or {}).get("classes")
+    classes = ((read_json(out / BUILD_FILE).get("pseudolabel") or {}).get("labels") or {}).get("classes")
     if classes:
         return tuple(str(c) for c in classes)
     names: dict[int, str] = {}

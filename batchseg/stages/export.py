@@ -31,7 +31,6 @@ from typing import Iterator
 from tqdm import tqdm
 
 import batchseg
-from batchseg.config import write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.export import Category, ExportItem, FormatWriter
 from batchseg.export.coco import CocoWriter
@@ -40,8 +39,8 @@ from batchseg.export.yolo import YoloWriter
 from batchseg.io.build_info import BuildImage, embed_source, label_parts, label_rounds, manifest_summary, vocabulary
 from batchseg.io.files import place_image, remove_temporaries_under
 from batchseg.io.label_stream import LabelFilter, LabelUnit, choose_source, image_groups, plan_units, sources_and_kinds
+from batchseg.io.runs import new_run_id, write_json_file, write_run_record
 from batchseg.io.lock import LOCK_NAME, build_lock
-from batchseg.stages.embed import new_run_id
 from batchseg.stages.export_plan import ExportConfig, assign_split, export_names, split_names
 
 SETTINGS_FILE = "_export.json"
@@ -140,7 +139,7 @@ def _prepare_dest(dest: Path, settings: dict, overwrite: bool) -> None:
                 target.unlink()
     elif any(p.name not in ours for p in dest.iterdir()):
         raise UsageError(f"{dest} is not empty and holds no batchseg export; choose an empty or new folder")
-    write_json_atomic(path, {"settings": settings, "status": "running"})
+    write_json_file(path, {"settings": settings, "status": "running"})
 
 
 def _marker(dest: Path, unit: str) -> Path:
@@ -209,7 +208,7 @@ def _export_locked(config: ExportConfig, run_id: str, progress: bool, started: f
         parts_written=len(pending), parts_skipped=len(units) - len(pending), unknown_images=totals["unknown"],
         seconds=time.perf_counter() - started, files=files,
     )
-    write_json_atomic(config.dest / SETTINGS_FILE, {
+    write_json_file(config.dest / SETTINGS_FILE, {
         "settings": settings, "status": "finished", "run_id": run_id, "out": str(config.out.resolve()),
         "classes": list(names), "images": summary.images, "annotations": summary.annotations,
         "splits": summary.split_counts, "files": files,
@@ -251,19 +250,13 @@ def _write_unit(config: ExportConfig, writer: FormatWriter, unit: LabelUnit, flt
         "splits": counts["splits"],
         "files": result.files + placed,
     }
-    write_json_atomic_mkdir(_marker(config.dest, unit.name), record)
+    write_json_file(_marker(config.dest, unit.name), record)
     return record
-
-
-def write_json_atomic_mkdir(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, data)
 
 
 def _record_run(config: ExportConfig, run_id: str, status: str, summary: ExportSummary | None,
                 error: str | None) -> None:
     record = {
-        "run_id": run_id,
         "command": "export",
         "argv": sys.argv,
         "status": status,
@@ -281,4 +274,4 @@ def _record_run(config: ExportConfig, run_id: str, status: str, summary: ExportS
         },
     }
     if config.out.is_dir():
-        write_json_atomic_mkdir(config.out / "runs" / f"{run_id}.json", record)
+        write_run_record(config.out, run_id, record)

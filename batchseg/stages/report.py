@@ -19,16 +19,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 import batchseg
-from batchseg.config import write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.build_info import embed_source, label_parts
 from batchseg.io.files import write_text_atomic
 from batchseg.io.label_stream import choose_source, sources_and_kinds
+from batchseg.io.runs import new_run_id, write_run_record
 from batchseg.io.lock import build_lock
 from batchseg.report.collect import ReportData, collect
 from batchseg.report.gallery import GalleryImage, draw_overlay, draw_thumbnail, pick_gallery, semantic_rows
 from batchseg.report.html import ReportPage, render_page
-from batchseg.stages.embed import new_run_id
 
 REPORT = "report"
 IMAGES = "img"
@@ -170,10 +169,7 @@ def _swap_in(new: Path, final: Path) -> None:
 
 def _record_run(config: ReportConfig, run_id: str, status: str, summary: ReportSummary | None,
                 error: str | None) -> None:
-    runs = config.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(runs / f"{run_id}.json", {
-        "run_id": run_id,
+    write_run_record(config.out, run_id, {
         "command": "report",
         "argv": sys.argv,
         "status": status,
