@@ -302,6 +302,20 @@ def test_dest_rules(labelled, tmp_path):
     assert any(r["command"] == "export" and r["status"] == "finished" for r in records)
 
 
+def test_overwrite_starts_over_and_stale_vocabularies_are_refused(tmp_path):
+    build = write_labelled_build(tmp_path / "b", 3, seed=5, rounds=0, evaluation=False)
+    assert export(build.out, tmp_path / "ds", "--format", "png", "--images", "none").exit_code == 0
+    (tmp_path / "ds" / "labels" / "train" / "leftover.png").write_bytes(b"x")
+    result = export(build.out, tmp_path / "ds", "--format", "png", "--images", "none", "--overwrite")
+    assert result.exit_code == 0 and "1 label parts written, 0 already done" in result.output  # all again
+    assert not (tmp_path / "ds" / "labels" / "train" / "leftover.png").exists()
+    assert len(list((tmp_path / "ds" / "labels").rglob("*.png"))) == 3
+    (build.out / "batchseg.json").write_text(json.dumps({"schema_version": 1, "pseudolabel": {"labels": {
+        "classes": ["cat", "dog"]}}}))
+    result = CliRunner().invoke(cli, ["export", str(build.out), str(tmp_path / "ds2"), "--format", "coco"])
+    assert result.exit_code == 2 and "labelled with another vocabulary" in result.output
+
+
 def test_missing_source_images_are_a_usage_error(tmp_path):
     build = write_labelled_build(tmp_path / "b", 2, seed=5, rounds=0, evaluation=False)
     os.rename(build.images, tmp_path / "moved")

@@ -109,6 +109,18 @@ def read_round_file(out: Path, round_index: int) -> dict | None:
     return None
 
 
+def round_class_names(out: Path, round_index: int) -> dict[int, str]:
+    """class id -> class name as the label rows of one round name them (two columns read)."""
+    names: dict[int, str] = {}
+    for part in label_parts(out, round_index):
+        pairs = pq.read_table(part, columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
+        for pair in pairs.to_pylist():
+            if names.setdefault(pair["class_id"], pair["class_name"]) != pair["class_name"]:
+                raise UsageError(f"round {round_index} of {out} names class id {pair['class_id']} both "
+                                 f"{names[pair['class_id']]!r} and {pair['class_name']!r}; rerun pseudolabel with --overwrite")
+    return names
+
+
 def vocabulary(out: Path, rounds: list[int]) -> tuple[str, ...]:
     """The build's class names by class id: the last pseudolabel run's, else those the label rows name."""
     classes = ((read_json(out / BUILD_FILE).get("pseudolabel") or {}).get("labels") or {}).get("classes")
@@ -116,10 +128,8 @@ def vocabulary(out: Path, rounds: list[int]) -> tuple[str, ...]:
         return tuple(str(c) for c in classes)
     names: dict[int, str] = {}
     for k in rounds:
-        for part in label_parts(out, k):
-            pairs = pq.read_table(part, columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
-            for pair in pairs.to_pylist():
-                names.setdefault(pair["class_id"], pair["class_name"])
+        for class_id, name in round_class_names(out, k).items():
+            names.setdefault(class_id, name)
     if not names:
         return ()
     return tuple(names.get(cid, f"class_{cid}") for cid in range(max(names) + 1))

@@ -36,7 +36,9 @@ from batchseg.export import Category, ExportItem, FormatWriter
 from batchseg.export.coco import CocoWriter
 from batchseg.export.png import PngWriter
 from batchseg.export.yolo import YoloWriter
-from batchseg.io.build_info import BuildImage, embed_source, label_parts, label_rounds, manifest_summary, vocabulary
+from batchseg.io.build_info import (
+    BuildImage, embed_source, label_parts, label_rounds, manifest_summary, read_json, round_class_names, vocabulary,
+)
 from batchseg.io.files import place_image, remove_temporaries_under
 from batchseg.io.label_stream import LabelFilter, LabelUnit, choose_source, image_groups, plan_units, sources_and_kinds
 from batchseg.io.runs import new_run_id, write_json_file, write_run_record
@@ -124,10 +126,10 @@ def _prepare_dest(dest: Path, settings: dict, overwrite: bool) -> None:
     path = dest / SETTINGS_FILE
     ours = {LOCK_NAME, LOCK_NAME + ".owner"}
     if path.exists():
-        stored = json.loads(path.read_text()).get("settings")
-        if stored == settings:
+        stored = read_json(path).get("settings") or {}
+        if stored == settings and not overwrite:
             return
-        if not overwrite:
+        if stored != settings and not overwrite:
             diffs = [f"{k}: {stored.get(k)!r} -> {settings.get(k)!r}" for k in settings if stored.get(k) != settings.get(k)]
             raise UsageError(f"{dest} holds an export with other settings ({'; '.join(diffs)}); "
                              "pass --overwrite to replace it, or choose a new DEST")
@@ -172,6 +174,10 @@ def _make_writer(config: ExportConfig, categories: list[Category], description: 
 def _export_locked(config: ExportConfig, run_id: str, progress: bool, started: float) -> ExportSummary:
     round_index, source, parts = _resolve(config)
     names = vocabulary(config.out, [round_index])
+    stale = {k: n for k, n in round_class_names(config.out, round_index).items() if k >= len(names) or names[k] != n}
+    if stale:
+        raise UsageError(f"round {round_index} was labelled with another vocabulary than the build's last pseudolabel "
+                         f"run (class ids {sorted(stale)[:5]}); rerun pseudolabel, or export another --round")
     if config.format == "png" and len(names) >= config.ignore_value:
         raise UsageError(f"--ignore-value {config.ignore_value} is a class id of this build ({len(names)} classes); "
                          f"use a value of at least {len(names)}, e.g. 65535")
@@ -202,6 +208,7 @@ def _export_locked(config: ExportConfig, run_id: str, progress: bool, started: f
     finally:
         bar.close()
     files = writer.finish([unit.name for unit in units], splits)
+    files += (["labels/"] if config.format != "coco" else []) + (["images/"] if src is not None else [])
     summary = ExportSummary(
         run_id=run_id, dest=config.dest, format=config.format, round=round_index, source=source, kind=config.kind,
         images=totals["images"], annotations=totals["annotations"], split_counts=totals["splits"],
