@@ -159,7 +159,10 @@ def _qc(page: ReportPage) -> str:
     html = ['<h2 id="qc">Quality control</h2>',
             f'<p class="muted">{qc.total_rows} images scored, {len(page.data.qc_flagged)} flagged.</p>']
     if page.data.qc_flagged:
-        flagged = Table(list(page.data.qc_flagged[0].keys()), page.data.qc_flagged, len(page.data.qc_flagged))
+        images = page.data.build.images
+        rows = [{"path": images[r["image_id"]].path if r.get("image_id") in images else "-", **r}
+                for r in page.data.qc_flagged]
+        flagged = Table(list(rows[0].keys()), rows, len(rows))
         html.append(_generic_table(flagged, page.qc_thumbs))
     elif qc.rows:
         html.append(_generic_table(qc, limit=20))
