@@ -35,6 +35,7 @@ def cli() -> None:
       embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
       pseudolabel  stored embeddings -> MaskCLIP labels, SAM masks recognised, self-training rounds
       evaluate     labels of every round and source -> IoU against a few hand-labelled images
+      export       labels of a round -> COCO JSON, PNG label maps or YOLO polygons; report: an HTML page
     """
 
 
@@ -301,6 +302,105 @@ def evaluate(out, gt, ignore_index, gt_offset) -> None:
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(report.text())
+
+
+EXPORT_HELP = f"""Write the labels of one round of OUT as a dataset in DEST that training code reads.
+
+\b
+Formats:
+  coco  DEST/annotations/instances_SPLIT.json: RLE masks, boxes, areas, scores
+        (Detectron2, MMDetection, pycocotools); category id = class id + 1
+  png   DEST/labels/SPLIT/PATH.png: one palette label map per image at original size,
+        value = class id, --ignore-value where unlabelled; classes.txt, legend.json
+  yolo  DEST/labels/SPLIT/PATH.txt: Ultralytics segmentation polygons (normalised),
+        simplified to --tolerance pixels; DEST/data.yaml
+
+Images go to DEST/images/SPLIT/PATH (--images copy, or link for symlinks, or none).
+Label rows come from one round (--round, default the last), one source (--source,
+default the round's SAM-refined labels) and kind (semantic: one region per class and
+image; instance: one per SAM mask), with score at least --min-score. --split val=0.1
+puts a stable, seeded tenth of the images (by image id) in a val split. Reruns are
+incremental: only label parts not yet exported are read.
+
+\b
+Examples:
+  batchseg export out/ ds-coco/ --format coco --split val=0.1
+  batchseg export out/ ds-yolo/ --format yolo --kind instance --min-score 0.5 --images link
+  batchseg export out/ ds-png/ --format png --round 0 --source maskclip --images none
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=EXPORT_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["coco", "png", "yolo"]), required=True, help="Dataset format.")
+@click.option("--round", "round_index", type=int, default=None, help="Label round to export (default: the last).")
+@click.option("--source", default=None, help="Label source: sam, maskclip or student (default: sam when present).")
+@click.option("--kind", type=click.Choice(["semantic", "instance"]), default="semantic", show_default=True,
+              help="Label rows: semantic (one region per class) or instance (one per SAM mask).")
+@click.option("--min-score", type=float, default=0.0, show_default=True, help="Leave out rows scored below this.")
+@click.option("--split", default=None, help="Held-out splits by image id, e.g. val=0.1 or val=0.1,test=0.1.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--images", type=click.Choice(["copy", "link", "none"]), default="copy", show_default=True,
+              help="Put the images into DEST: copy them, symlink them, or leave them out.")
+@click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Source image folder (default: the one the last embed run read).")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="YOLO: polygon simplification tolerance in pixels (0: every boundary pixel).")
+@click.option("--ignore-value", type=int, default=255, show_default=True, help="PNG: value of unlabelled pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace an export in DEST made with other settings.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(out, dest, fmt, round_index, source, kind, min_score, split, seed, images, src, tolerance, ignore_value,
+           overwrite, quiet) -> None:
+    from batchseg.stages.export import run_export
+    from batchseg.stages.export_plan import ExportConfig, parse_split
+
+    try:
+        config = ExportConfig(out=out, dest=dest, format=fmt, round=round_index, source=source, kind=kind,
+                              min_score=min_score, split=parse_split(split), seed=seed, images=images, src=src,
+                              tolerance=tolerance, ignore_value=ignore_value, overwrite=overwrite)
+        summary = run_export(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
+REPORT_HELP = f"""Write a static HTML report about the build in OUT to OUT/report/index.html.
+
+One page with its images, no script and nothing fetched: it opens offline in any
+browser. It shows the build (files, failures by kind, runs), label statistics per
+round (rows per source, class histogram, mean confidence, agreement between rounds),
+the latest evaluations (mIoU chart, per-class IoU), qc flags with thumbnails and
+students with their metrics when those exist, and a gallery: for each class the
+images where it covers the most pixels, drawn with their labels and class names.
+
+\b
+Examples:
+  batchseg report out/                       # then open out/report/index.html
+  batchseg report out/ --round 0 --source maskclip --per-class 8
+  batchseg report out/ --src /mnt/photos     # source images moved since embed
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=REPORT_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--round", "round_index", type=int, default=None, help="Gallery round (default: the last).")
+@click.option("--source", default=None, help="Gallery label source (default: sam when present).")
+@click.option("--per-class", type=int, default=4, show_default=True, help="Gallery images per class.")
+@click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Source image folder (default: the one the last embed run read).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def report(out, round_index, source, per_class, src, quiet) -> None:
+    from batchseg.stages.report import ReportConfig, run_report
+
+    try:
+        summary = run_report(ReportConfig(out=out, src=src, round=round_index, source=source, per_class=per_class),
+                             progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
 
 
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:

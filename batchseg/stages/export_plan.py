@@ -1,0 +1,132 @@
+"""The plan of `batchseg export`: settings, the round and source to read, splits, file names.
+
+Splits are a pure function of (seed, image id): an image keeps its split when images
+are added or removed, and the same seed gives the same split on any machine.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from batchseg.errors import UsageError
+from batchseg.export import FORMATS
+from batchseg.io.build_info import BuildImage
+from batchseg.io.files import IMAGE_MODES
+
+KINDS = ("semantic", "instance")
+TRAIN = "train"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One `batchseg export` run. ``round``/``source`` None: chosen from the build."""
+
+    out: Path
+    dest: Path
+    format: str
+    round: int | None = None
+    source: str | None = None
+    kind: str = "semantic"
+    min_score: float = 0.0
+    split: tuple[tuple[str, float], ...] = ()  # (name, fraction); the rest is "train"
+    seed: int = 0
+    images: str = "copy"
+    src: Path | None = None  # source images; None: the folder the last embed run read
+    tolerance: float = 1.0  # YOLO polygon simplification, pixels
+    ignore_value: int = 255  # PNG value of unlabelled pixels
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not (self.out / "manifest").is_dir():
+            raise UsageError(f"{self.out} is not a batchseg build (no manifest); run `batchseg embed SRC {self.out}` first")
+        if self.dest.exists() and not self.dest.is_dir():
+            raise UsageError(f"destination {self.dest} exists and is not a folder")
+        if self.dest.resolve() == self.out.resolve() or self.out.resolve() in self.dest.resolve().parents:
+            raise UsageError("the destination must be outside the build folder OUT")
+        if self.kind not in KINDS:
+            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.format == "png" and self.kind != "semantic":
+            raise UsageError("--format png writes semantic label maps (one class per pixel); use --kind semantic")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise UsageError(f"--min-score must be in [0, 1], got {self.min_score}")
+        if self.round is not None and self.round < 0:
+            raise UsageError(f"--round must be 0 or more, got {self.round}")
+        if self.images not in IMAGE_MODES:
+            raise UsageError(f"--images must be one of {', '.join(IMAGE_MODES)}, got {self.images!r}")
+        if self.tolerance < 0:
+            raise UsageError(f"--tolerance must be 0 or more pixels, got {self.tolerance}")
+        if not 1 <= self.ignore_value <= 65535:
+            raise UsageError(f"--ignore-value must be in 1..65535, got {self.ignore_value}")
+        if self.src is not None and not self.src.is_dir():
+            raise UsageError(f"--src {self.src} is not a folder")
+
+    def settings(self) -> dict:
+        """What the files in DEST depend on: a rerun with other settings needs --overwrite."""
+        data = asdict(self)
+        for key in ("out", "dest", "src", "overwrite"):
+            data.pop(key)
+        data["split"] = [list(pair) for pair in self.split]
+        return data
+
+
+def parse_split(text: str | None) -> tuple[tuple[str, float], ...]:
+    """``"val=0.1,test=0.05"`` -> (("val", 0.1), ("test", 0.05)); the rest of the images is train."""
+    if not text:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        name, sep, value = item.strip().partition("=")
+        name = name.strip()
+        try:
+            fraction = float(value) if sep else float("nan")
+        except ValueError:
+            fraction = float("nan")
+        if not name or not name.isidentifier() or not 0.0 < fraction < 1.0:
+            raise UsageError(f"--split takes NAME=FRACTION pairs with 0 < FRACTION < 1, e.g. val=0.1; got {item!r}")
+        if name == TRAIN or name in (n for n, _ in pairs):
+            raise UsageError(f"--split names must be distinct and not {TRAIN!r} (the rest is train); got {name!r}")
+        pairs.append((name, fraction))
+    if sum(f for _, f in pairs) >= 1.0:
+        raise UsageError(f"--split fractions must add up to less than 1 (the rest is train), got {text!r}")
+    return tuple(pairs)
+
+
+def split_names(split: tuple[tuple[str, float], ...]) -> list[str]:
+    return [TRAIN] + [name for name, _ in split]
+
+
+def unit_interval(seed: int, image_id: str) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, image id)."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_split(image_id: str, split: tuple[tuple[str, float], ...], seed: int) -> str:
+    u, edge = unit_interval(seed, image_id), 0.0
+    for name, fraction in split:
+        edge += fraction
+        if u < edge:
+            return name
+    return TRAIN
+
+
+def export_names(images: dict[str, BuildImage]) -> dict[str, str]:
+    """Relative name of each image in DEST (its source path), made unique per stem.
+
+    Label files drop the extension, so two images ``a/x.jpg`` and ``a/x.png`` would share
+    ``a/x.txt``: the second keeps its path with a short id suffix on the stem.
+    """
+    names: dict[str, str] = {}
+    stems: set[str] = set()
+    for image in sorted(images.values(), key=lambda im: im.path):
+        path = PurePosixPath(image.path)
+        stem = str(path.with_suffix(""))
+        if stem in stems:
+            path = path.with_name(f"{path.stem}__{image.image_id[:8]}{path.suffix}")
+            stem = str(path.with_suffix(""))
+        stems.add(stem)
+        names[image.image_id] = str(path)
+    return names
