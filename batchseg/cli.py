@@ -277,12 +277,12 @@ exact_duplicate (same bytes as the path in exact_duplicate_of). Later stages lea
 flagged images out (batchseg.qc.flags.flagged_image_ids).
 
 \b
-Methods (in a PCA-reduced space of at most --max-dim dimensions, robustly scaled):
+Methods (on --features, PCA-reduced to at most --max-dim dimensions, robustly scaled):
   rglasso  Robust Graphical Lasso (ADMM): Mahalanobis distance under a sparse precision
            that outlier rows cannot bend (default)
   mogaal   MO-GAAL: 1 - D(x) of a discriminator trained against k generators
   mcd      Minimum Covariance Determinant (scikit-learn MinCovDet): a robust baseline
-Near-duplicates: cosine similarity of the embeddings >= --dup-threshold, all pairs
+Near-duplicates: cosine similarity of --dup-features >= --dup-threshold, all pairs
 compared exactly; each group keeps its oldest image and flags the others.
 
 The fitted model is kept in OUT/qc/_model.json; a rerun scores only new files with it
@@ -293,6 +293,7 @@ Examples:
   batchseg qc out/                                  # rglasso, flag the top 5%
   batchseg qc out/ --method mcd --compare rglasso,mogaal --refit
   batchseg qc out/ --threshold 9.5 --dup-threshold 0.99 --refit
+  batchseg qc out/ --features dense-mean --dup-features dense-grid --refit
   python -c "import pandas as pd; print(pd.read_parquet('out/qc').query('flagged'))"
 
 {EXIT_CODES_HELP}"""
@@ -310,6 +311,12 @@ Examples:
               help="Flag scores above this raw value of --method instead of using --contamination.")
 @click.option("--dup-threshold", type=float, default=None,
               help="Cosine similarity from which two images are near-duplicates.  [default: 0.97]")
+@click.option("--features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
+              help="What the detectors see: the global CLIP embedding, or the dense features averaged over "
+                   "the image (dense-mean) or over a 2x2 grid (dense-grid).  [default: global]")
+@click.option("--dup-features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
+              help="What near-duplicates are compared on (dense-grid keeps the layout: crops and re-encodes "
+                   "of one image match, other images with the same content do not).  [default: global]")
 @click.option("--max-dim", type=int, default=None, help="Largest reduced dimension.  [default: 32]")
 @click.option("--fit-sample", type=int, default=None,
               help="Fit the detectors on at most this many images (seeded sample).  [default: 20000]")
@@ -317,8 +324,8 @@ Examples:
 @click.option("--refit", is_flag=True, help="Fit the model again and rescore every file.")
 @click.option("--threads", type=int, default=None, help="Torch threads (MO-GAAL).  [default: torch's]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def qc(out, method, compare, contamination, threshold, dup_threshold, max_dim, fit_sample, seed, refit, threads,
-       quiet) -> None:
+def qc(out, method, compare, contamination, threshold, dup_threshold, features, dup_features, max_dim, fit_sample,
+       seed, refit, threads, quiet) -> None:
     from batchseg.errors import UsageError
     from batchseg.qc.settings import QcSettings
     from batchseg.stages.qc import QcConfig, run_qc
@@ -332,7 +339,8 @@ def qc(out, method, compare, contamination, threshold, dup_threshold, max_dim, f
             raise UsageError("give at most one of --contamination and --threshold")
         given = {name: value for name, value in (
             ("method", method), ("contamination", contamination), ("threshold", threshold),
-            ("dup_threshold", dup_threshold), ("max_dim", max_dim), ("fit_sample", fit_sample), ("seed", seed),
+            ("dup_threshold", dup_threshold), ("features", features), ("dup_features", dup_features),
+            ("max_dim", max_dim), ("fit_sample", fit_sample), ("seed", seed),
         ) if value is not None}
         if compare is not None:
             given["compare"] = tuple(name.strip() for name in compare.split(",") if name.strip())

@@ -145,13 +145,15 @@ def test_incremental_rerun_scores_only_new_files_and_refit_rescores(build, tiny_
 
     changed = qc(out, "--method", "mcd")
     assert changed.exit_code == 2 and "--refit" in changed.output and "method: 'rglasso' -> 'mcd'" in changed.output
-    refit = qc(out, "--method", "mcd", "--refit")
+    refit = qc(out, "--method", "mcd", "--features", "dense-mean", "--dup-features", "dense-grid", "--refit")
     assert refit.exit_code == 0 and "fitted a new model" in refit.output and "12 of 12" in refit.output
     assert len(list((out / "qc").glob("part-*.parquet"))) == 1
     table = _table(out)
     assert table["score_mcd"].notna().sum() == 11 and table["score_rglasso"].isna().all()
     # The stored settings carry over: the near-duplicate threshold given at the first fit stays.
-    assert json.loads((out / "qc" / "_model.json").read_text())["settings"]["dup_threshold"] == float(DUP)
+    settings = json.loads((out / "qc" / "_model.json").read_text())["settings"]
+    assert settings["dup_threshold"] == float(DUP) and settings["features"] == "dense-mean"
+    assert table.loc["c/near.png", "reason"] == "near_duplicate"  # a one-pixel change keeps the layout too
 
 
 def test_lock_held_exits_75(build):
@@ -170,6 +172,7 @@ def test_lock_held_exits_75(build):
         (["--compare", "mcd,lof"], "unknown method 'lof'"),
         (["--dup-threshold", "1.5"], "--dup-threshold must be a cosine similarity"),
         (["--max-dim", "1"], "--max-dim must be at least 2"),
+        (["--features", "pixels"], "Invalid value for '--features'"),
         (["--threshold", "-1"], "--threshold must be >= 0"),
     ],
 )

@@ -64,8 +64,14 @@ def qc_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=qc_schema())
 
 
-def write_qc_part(out: Path, run_id: str, rows: list[dict]) -> Path:
-    return write_part_atomic(qc_table(rows), qc_folder(out) / f"part-{run_id}.parquet")
+def qc_table_from_columns(columns: dict[str, Any]) -> pa.Table:
+    """A qc table from whole columns (lists or numpy arrays, None/NaN-free where non-nullable)."""
+    schema = qc_schema()
+    return pa.Table.from_arrays([pa.array(columns[f.name], type=f.type) for f in schema], schema=schema)
+
+
+def write_qc_part(out: Path, run_id: str, table: pa.Table) -> Path:
+    return write_part_atomic(table.cast(qc_schema()), qc_folder(out) / f"part-{run_id}.parquet")
 
 
 def read_qc(out: Path) -> pa.Table:

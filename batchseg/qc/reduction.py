@@ -4,12 +4,14 @@ The covariance of the raw embeddings (D x D) is accumulated chunk by chunk
 (``Moments``), so fitting the reduction reads any number of rows in O(D²) memory.
 The reduced dimension k keeps the detectors' k x k covariance well-posed:
 
-    k = max(2, min(max_dim, D, n_fit // 10, k99))
+    k = max(2, min(max_dim, D, n_fit // 5))
 
-where n_fit is the number of rows the detectors are fitted on (at least 10 rows per
-dimension: a covariance from fewer is too noisy to invert), and k99 the number of
-principal components that explain 99% of the variance (the rest is noise the
-detectors would fit). Coordinates are then centred and scaled per component by the
+where n_fit is the number of rows the detectors are fitted on: at least 5 rows per
+dimension, or the k x k covariance is too noisy to invert (MCD needs more than k rows
+in its half-sample). Low-variance components are kept on purpose: outliers often differ
+from the data exactly where the data varies least (with the toy CLIP, keeping only
+the components that explain 99% of the variance, 6 of 64, dropped the AUROC of
+injected outliers from about 0.8 to below 0.5). Coordinates are then centred and scaled per component by the
 median and MAD of the fit rows (robust: outliers do not set the scale).
 """
 from __future__ import annotations
@@ -18,8 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_ROWS_PER_DIM = 10
-VARIANCE_KEPT = 0.99
+MIN_ROWS_PER_DIM = 5
 
 
 class Moments:
@@ -44,13 +45,7 @@ class Moments:
 
 def choose_dim(eigenvalues: np.ndarray, n_fit: int, max_dim: int) -> int:
     """The reduced dimension k (module docstring); ``eigenvalues`` in descending order."""
-    positive = np.clip(eigenvalues, 0.0, None)
-    total = positive.sum()
-    if total > 0:
-        k99 = int(np.searchsorted(np.cumsum(positive) / total, VARIANCE_KEPT) + 1)
-    else:
-        k99 = 2
-    return max(2, min(max_dim, len(eigenvalues), n_fit // MIN_ROWS_PER_DIM, k99))
+    return max(2, min(max_dim, len(eigenvalues), n_fit // MIN_ROWS_PER_DIM))
 
 
 @dataclass

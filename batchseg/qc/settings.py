@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchseg.errors import UsageError
+from batchseg.qc.features import FEATURES
 
 METHODS = ("rglasso", "mogaal", "mcd")
 DEFAULT_CONTAMINATION = 0.05
@@ -25,6 +26,8 @@ class QcSettings:
     contamination: float | None = DEFAULT_CONTAMINATION
     threshold: float | None = None
     dup_threshold: float = DEFAULT_DUP_THRESHOLD  # cosine similarity of near-duplicates
+    features: str = "global"  # what the detectors see (batchseg.qc.features)
+    dup_features: str = "global"  # what near-duplicates are compared on
     max_dim: int = 32  # the reduced dimension is at most this
     fit_sample: int = 20_000  # detectors are fitted on at most this many images (seeded sample)
     rho: float = 0.05  # rglasso: ℓ1 weight on the precision's off-diagonal entries
@@ -48,6 +51,9 @@ class QcSettings:
             raise UsageError(f"--threshold must be >= 0 (scores are distances or 1 - D(x)), got {self.threshold}")
         if not -1.0 <= self.dup_threshold <= 1.0:
             raise UsageError(f"--dup-threshold must be a cosine similarity in [-1, 1], got {self.dup_threshold}")
+        for option, value in (("--features", self.features), ("--dup-features", self.dup_features)):
+            if value not in FEATURES:
+                raise UsageError(f"{option}: unknown feature {value!r}; choose from {', '.join(FEATURES)}")
         if self.max_dim < 2:
             raise UsageError(f"--max-dim must be at least 2, got {self.max_dim}")
         if self.fit_sample < 20:

@@ -5,9 +5,11 @@ writes ``OUT/qc/part-*.parquet`` (one row per current file, ``batchseg.io.qc_tab
 the fitted model beside it and a run record. Steps:
 
 1. plan (``qc_plan``): which files have no row from the current model;
-2. gather: stream every embedded image's global embedding from the store in chunks,
-   unit-normalise it into a private float32 memory-mapped file ``OUT/qc/_work-RUN.f32``
-   (deleted at the end) and accumulate the D x D moments for the PCA;
+2. gather: stream every embedded image's stored CLIP arrays in chunks, turn them into
+   unit feature vectors (``batchseg.qc.features``: the global embedding by default, or
+   pooled dense features) in private float32 memory-mapped files
+   ``OUT/qc/_work-RUN-FEATURE.npy`` (deleted at the end), and accumulate the D x D
+   moments for the PCA;
 3. fit (first run or ``--refit``): reduction and detectors on a seeded sample of at
    most ``fit_sample`` images (``batchseg.qc.model``);
 4. score the new images in chunks and search near-duplicates of the new images
@@ -17,8 +19,9 @@ the fitted model beside it and a run record. Steps:
 Runs in the driver process: the work is a few matrix products over an (N, D) file
 that streams from disk, which a Dask cluster would only add transfers to.
 Memory: chunk_rows x D for reading and scoring, D x D moments, fit_sample x D for
-fitting, dup_block² floats for the duplicate search, and the new rows themselves
-(about 250 bytes per file); the embeddings stay on disk (N x D x 4 bytes).
+fitting, dup_block² floats for the duplicate search, and per file its manifest and qc
+rows (ids and paths; measured in bench/qc.py); the embeddings stay on disk
+(N x D x 4 bytes, read back through the page cache).
 """
 from __future__ import annotations
 
@@ -32,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import batchseg
-from batchseg.config import BUILD_FILE, write_json_atomic
+from batchseg.config import BUILD_FILE, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.qc_table import (
@@ -42,6 +47,7 @@ from batchseg.io.qc_table import (
     REASON_NEAR_DUPLICATE,
     REASON_OUTLIER,
     qc_folder,
+    qc_table_from_columns,
     read_model_files,
     read_qc,
     remove_parts_except,
@@ -50,13 +56,13 @@ from batchseg.io.qc_table import (
 )
 from batchseg.io.store import STORE_NAME, iter_rows, open_array
 from batchseg.io.tables import read_manifest, remove_temporaries
-from batchseg.qc.duplicates import group_pairs, normalise_rows, similar_pairs
+from batchseg.qc.duplicates import group_pairs, similar_pairs
+from batchseg.qc.features import STORE_ARRAY, compute_features
 from batchseg.qc.model import QcModel, fit_qc_model
 from batchseg.qc.reduction import Moments
 from batchseg.qc.settings import METHODS, QcSettings
-from batchseg.stages.qc_plan import QcFile, QcPlan, plan_qc
+from batchseg.stages.qc_plan import QcPlan, plan_qc
 
-EMBEDDING = "clip_global"
 MIN_IMAGES = 5
 
 
@@ -185,25 +191,44 @@ def run_qc(config: QcConfig, progress: bool = True) -> QcSummary:
         return summary
 
 
-def _gather(out: Path, plan: QcPlan, work: Path, chunk_rows: int, progress: bool) -> tuple[np.memmap, Moments]:
-    """Unit-normalised embeddings of every image into a memmap (N, D) float32, and their moments."""
+def _gather(out: Path, plan: QcPlan, settings: QcSettings, work: Path, chunk_rows: int,
+            progress: bool) -> tuple[dict[str, np.memmap], Moments]:
+    """Every image's features (``settings.features`` and ``dup_features``) into memory-mapped
+    (N, F) float32 files beside ``work``, and the moments of the detectors' features."""
     from tqdm import tqdm
 
-    try:
-        dim = int(open_array(out, EMBEDDING).shape[1])
-    except KeyError:
-        raise UsageError(f"{out / STORE_NAME} has no {EMBEDDING} array: embed with CLIP (without --no-clip)") from None
-    unit = np.lib.format.open_memmap(work, mode="w+", dtype=np.float32, shape=(len(plan.image_ids), dim))
-    moments = Moments(dim)
+    build = read_build_file(out) or {}
+    geometry = build.get("embed", {}).get("geometry", {})
+    canvas, grid = geometry.get("clip_canvas"), geometry.get("clip_grid")
+    names = sorted({settings.features, settings.dup_features})
+    arrays = sorted({STORE_ARRAY[name] for name in names})
+    for array in arrays:
+        try:
+            open_array(out, array)
+        except KeyError:
+            raise UsageError(f"{out / STORE_NAME} has no {array} array: embed with CLIP (without --no-clip)") from None
+    if canvas is None and any(name != "global" for name in names):
+        raise UsageError(f"{out / BUILD_FILE} does not record the CLIP geometry; rerun embed with CLIP")
+    files: dict[str, np.memmap] = {}
+    moments: Moments | None = None
     done = 0
+    readers = [iter_rows(out, array, plan.zarr_rows, chunk_rows) for array in arrays]
     with tqdm(total=len(plan.image_ids), desc="qc read", unit="img", disable=not progress) as bar:
-        for rows in iter_rows(out, EMBEDDING, plan.zarr_rows, chunk_rows):
-            normalised = normalise_rows(rows)
-            unit[done:done + len(rows)] = normalised
-            moments.add(normalised)
-            done += len(rows)
-            bar.update(len(rows))
-    return unit, moments
+        for chunks in zip(*readers):
+            stored = dict(zip(arrays, chunks))
+            valid = plan.valid_hw[done:done + len(chunks[0])]
+            for name in names:
+                values = compute_features(name, stored[STORE_ARRAY[name]], valid, canvas or 0, grid or 0)
+                if name not in files:
+                    files[name] = np.lib.format.open_memmap(work.with_name(f"{work.stem}-{name}.npy"), mode="w+",
+                                                            dtype=np.float32, shape=(len(plan.image_ids), values.shape[1]))
+                files[name][done:done + len(values)] = values
+                if name == settings.features:
+                    moments = moments or Moments(values.shape[1])
+                    moments.add(values)
+            done += len(chunks[0])
+            bar.update(len(chunks[0]))
+    return files, moments
 
 
 def _score(model: QcModel, unit: np.ndarray, indices: list[int], chunk_rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -218,7 +243,7 @@ def _score(model: QcModel, unit: np.ndarray, indices: list[int], chunk_rows: int
     return scores, outlier
 
 
-def _near_duplicates(plan: QcPlan, unit: np.ndarray, existing, threshold: float, block: int,
+def _near_duplicates(plan: QcPlan, unit: np.ndarray, stored_groups: tuple[list, list], threshold: float, block: int,
                      progress: bool) -> dict[int, tuple[int, float]]:
     """New image index -> (representative index, similarity) for new images that are near-duplicates.
 
@@ -234,10 +259,9 @@ def _near_duplicates(plan: QcPlan, unit: np.ndarray, existing, threshold: float,
     with tqdm(total=len(plan.new_images), desc="qc near-duplicates", unit="img", disable=not progress) as bar:
         i, j, sims = similar_pairs(unit, threshold, plan.new_images if not is_new.all() else None, block, bar.update)
     stored_i, stored_j = [], []
-    for row in existing:
-        rep = row["near_duplicate_of"]
-        if rep is not None and row["image_id"] in index and rep in index:
-            stored_i.append(index[row["image_id"]])
+    for image_id, rep in zip(*stored_groups):
+        if rep is not None and image_id in index and rep in index:
+            stored_i.append(index[image_id])
             stored_j.append(index[rep])
     order = np.where(is_new, count, 0) + np.arange(count)  # old images first, then manifest order
     groups = group_pairs(count, np.concatenate([i, np.asarray(stored_i, dtype=np.int64)]),
@@ -266,7 +290,6 @@ def _qc_locked(config: QcConfig, run_id: str, progress: bool) -> QcSummary:
                          f"run `batchseg embed SRC {out}` on more images first")
     folder.mkdir(parents=True, exist_ok=True)
     model, fitted = stored, False
-    rows: list[dict] = []
     near: dict[int, tuple[int, float]] = {}
     scores: dict[str, np.ndarray] = {}
     outlier = np.zeros(0, dtype=bool)
@@ -274,26 +297,28 @@ def _qc_locked(config: QcConfig, run_id: str, progress: bool) -> QcSummary:
     work = folder / f"_work-{run_id}.npy"
     try:
         if plan.new_files:
-            unit, moments = _gather(out, plan, work, config.chunk_rows, progress)
+            settings = model.settings if model is not None else settings
+            features, moments = _gather(out, plan, settings, work, config.chunk_rows, progress)
             if model is None:
                 rng = np.random.default_rng(settings.seed)
                 count = len(plan.image_ids)
                 sample = np.sort(rng.choice(count, size=min(settings.fit_sample, count), replace=False))
-                model = fit_qc_model(moments, np.asarray(unit[sample]), settings)
+                model = fit_qc_model(moments, np.asarray(features[settings.features][sample]), settings)
                 write_model_files(out, *model.to_parts())
                 fitted = True
-            scores, outlier = _score(model, unit, plan.new_images, config.chunk_rows)
+            scores, outlier = _score(model, features[settings.features], plan.new_images, config.chunk_rows)
             position = {k: p for p, k in enumerate(plan.new_images)}
-            existing = [] if fitted else existing_table.select(["image_id", "near_duplicate_of"]).to_pylist()
-            near = _near_duplicates(plan, unit, existing, model.settings.dup_threshold, config.dup_block, progress)
-            del unit
+            stored_groups = ([], []) if fitted else (existing_table.column("image_id").to_pylist(),
+                                                     existing_table.column("near_duplicate_of").to_pylist())
+            near = _near_duplicates(plan, features[settings.dup_features], stored_groups, settings.dup_threshold,
+                                    config.dup_block, progress)
+            del features
     finally:
-        work.unlink(missing_ok=True)
-    index = plan.index
-    for file in plan.new_files:
-        rows.append(_row(file, index[file.image_id], position, scores, outlier, near, plan, model, run_id))
-    if rows or fitted:
-        write_qc_part(out, run_id, rows)
+        for leftover in folder.glob(f"{work.stem}-*.npy"):
+            leftover.unlink(missing_ok=True)
+    table = _new_rows(plan, position, scores, outlier, near, model, run_id)
+    if table.num_rows or fitted:
+        write_qc_part(out, run_id, table)
     if fitted:
         remove_parts_except(out, run_id)
     model_id = model.model_id if model is not None else "-"
@@ -303,11 +328,11 @@ def _qc_locked(config: QcConfig, run_id: str, progress: bool) -> QcSummary:
         model_id=model_id,
         fitted=fitted,
         files=len(plan.files),
-        new_files=len(rows),
-        outliers=sum(r["outlier"] for r in rows),
-        near_duplicates=sum(r["near_duplicate_of"] is not None for r in rows),
-        exact_duplicates=sum(r["exact_duplicate_of"] is not None for r in rows),
-        flagged=sum(r["flagged"] for r in rows),
+        new_files=table.num_rows,
+        outliers=int(pc.sum(table.column("outlier")).as_py() or 0),
+        near_duplicates=table.num_rows - table.column("near_duplicate_of").null_count,
+        exact_duplicates=table.num_rows - table.column("exact_duplicate_of").null_count,
+        flagged=int(pc.sum(table.column("flagged")).as_py() or 0),
         seconds=time.perf_counter() - started,
         model_info=model.info if model is not None else {},
     )
@@ -325,25 +350,40 @@ def _stored_settings(out: Path) -> QcSettings | None:
         return None
 
 
-def _row(file: QcFile, k: int, position: dict[int, int], scores: dict[str, np.ndarray], outlier: np.ndarray,
-         near: dict[int, tuple[int, float]], plan: QcPlan, model: QcModel, run_id: str) -> dict:
-    row = {"image_id": file.image_id, "path": file.path, "outlier": False, "near_duplicate_of": None,
-           "similarity": None, "exact_duplicate_of": file.exact_duplicate_of, "flagged": False, "reason": None,
-           "model_id": model.model_id, "run_id": run_id}
+def _new_rows(plan: QcPlan, position: dict[int, int], scores: dict[str, np.ndarray], outlier: np.ndarray,
+              near: dict[int, tuple[int, float]], model: QcModel | None, run_id: str) -> pa.Table:
+    """The qc rows of this run's new files, built column by column (no dict per row)."""
+    files = plan.new_files
+    count = len(files)
+    index = plan.index
+    exact = np.array([f.exact_duplicate_of is not None for f in files], dtype=bool)
+    # Where each file's image sits among this run's scored images (-1: an exact copy, not scored).
+    at = np.array([-1 if e else position[index[f.image_id]] for f, e in zip(files, exact)], dtype=np.int64)
+    scored = at >= 0
+    columns: dict[str, object] = {"image_id": [f.image_id for f in files], "path": [f.path for f in files]}
     for name in METHODS:
-        row[f"score_{name}"] = None
-    if file.exact_duplicate_of is not None:
-        row.update(flagged=True, reason=REASON_EXACT_DUPLICATE)
-        return row
-    p = position[k]
-    for name, values in scores.items():
-        row[f"score_{name}"] = float(values[p])
-    row["outlier"] = bool(outlier[p])
-    if k in near:
-        rep, similarity = near[k]
-        row.update(near_duplicate_of=plan.image_ids[rep], similarity=None if np.isnan(similarity) else similarity)
-    if row["outlier"]:
-        row.update(flagged=True, reason=REASON_OUTLIER)
-    elif row["near_duplicate_of"] is not None:
-        row.update(flagged=True, reason=REASON_NEAR_DUPLICATE)
-    return row
+        values = np.full(count, np.nan)
+        if name in scores:
+            values[scored] = scores[name][at[scored]]
+        columns[f"score_{name}"] = pa.array(values, mask=~scored if name in scores else np.ones(count, dtype=bool))
+    is_outlier = np.zeros(count, dtype=bool)
+    is_outlier[scored] = outlier[at[scored]]
+    near_of: list[str | None] = [None] * count
+    similarity: list[float | None] = [None] * count
+    for row, f in enumerate(files):
+        k = index[f.image_id]
+        if scored[row] and k in near:
+            rep, value = near[k]
+            near_of[row] = plan.image_ids[rep]
+            similarity[row] = None if np.isnan(value) else value
+    is_near = np.array([n is not None for n in near_of], dtype=bool)
+    reason = np.where(exact, REASON_EXACT_DUPLICATE,
+                      np.where(is_outlier, REASON_OUTLIER, np.where(is_near, REASON_NEAR_DUPLICATE, "")))
+    flagged = exact | is_outlier | is_near
+    columns.update(
+        outlier=is_outlier, near_duplicate_of=near_of, similarity=similarity,
+        exact_duplicate_of=[f.exact_duplicate_of for f in files], flagged=flagged,
+        reason=pa.array(reason.tolist(), mask=~flagged, type=pa.string()),
+        model_id=[model.model_id if model is not None else ""] * count, run_id=[run_id] * count,
+    )
+    return qc_table_from_columns(columns)

@@ -26,6 +26,7 @@ class QcPlan:
     files: list[QcFile] = field(default_factory=list)  # every current file, manifest order
     image_ids: list[str] = field(default_factory=list)  # unique embedded images, oldest first
     zarr_rows: list[int] = field(default_factory=list)  # their rows in embeddings.zarr
+    valid_hw: list[tuple[int | None, int | None]] = field(default_factory=list)  # valid region on the CLIP canvas
     new_files: list[QcFile] = field(default_factory=list)
     new_images: list[int] = field(default_factory=list)  # indices into image_ids, ascending
 
@@ -36,18 +37,20 @@ class QcPlan:
 
 def plan_qc(manifest: pa.Table, qc_rows: pa.Table, model_id: str | None) -> QcPlan:
     """Compare the manifest with the qc rows of ``model_id`` (None: everything is new)."""
-    rows = manifest.select(["image_id", "path", "status", "zarr_row", "run_id"]).to_pylist()
+    rows = manifest.select(["image_id", "path", "status", "zarr_row", "run_id", "clip_valid_h", "clip_valid_w"]).to_pylist()
     rows.sort(key=lambda r: r["run_id"] or "")  # stable: manifest order within a run
-    embedded: dict[str, tuple[int, str]] = {}  # image id -> (zarr row, path) of its first ok row
+    embedded: dict[str, tuple[int, str, tuple]] = {}  # image id -> (zarr row, path, valid h/w) of its first ok row
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["path"]] = row
         if row["status"] == STATUS_OK and row["image_id"] and row["zarr_row"] is not None:
-            embedded.setdefault(row["image_id"], (int(row["zarr_row"]), row["path"]))
+            valid = (row["clip_valid_h"], row["clip_valid_w"])
+            embedded.setdefault(row["image_id"], (int(row["zarr_row"]), row["path"], valid))
     plan = QcPlan()
-    for image_id, (zarr_row, _) in embedded.items():
+    for image_id, (zarr_row, _, valid) in embedded.items():
         plan.image_ids.append(image_id)
         plan.zarr_rows.append(zarr_row)
+        plan.valid_hw.append(valid)
     done = set()
     if model_id is not None and qc_rows.num_rows:
         for row in qc_rows.select(["path", "image_id", "model_id"]).to_pylist():

@@ -1,0 +1,61 @@
+"""Per-image feature vectors that qc computes from the stored CLIP arrays, unit length.
+
+- ``global``: the stored global CLIP embedding (``clip_global``, (D,)).
+- ``dense-mean``: the dense MaskCLIP features (``clip_dense``, (C, g, g)) averaged over
+  the grid cells that cover the image (the letterbox padding left out): (C,). It sees
+  every region of the image, not only what the global embedding summarises.
+- ``dense-grid``: the same cells averaged in a 2 x 2 grid over the image and
+  concatenated: (4C,). It keeps the coarse layout, so two images with the same content
+  in a different arrangement differ, while a crop or a re-encode of one image does not.
+
+Every vector is scaled to unit length (cosine geometry), zero vectors stay zero.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from batchseg.qc.duplicates import normalise_rows
+
+FEATURES = ("global", "dense-mean", "dense-grid")
+STORE_ARRAY = {"global": "clip_global", "dense-mean": "clip_dense", "dense-grid": "clip_dense"}
+
+
+def valid_cells(valid: int | None, canvas: int, grid: int) -> int:
+    """Grid cells (along one side) that the image's valid region touches, at least 1."""
+    if valid is None:
+        return grid
+    return max(1, min(grid, math.ceil(valid * grid / canvas)))
+
+
+def _halves(cells: int) -> tuple[slice, slice]:
+    if cells < 2:
+        return slice(0, 1), slice(0, 1)
+    middle = cells // 2
+    return slice(0, middle), slice(middle, cells)
+
+
+def compute_features(name: str, stored: np.ndarray, valid_hw: list[tuple[int | None, int | None]],
+                     canvas: int, grid: int) -> np.ndarray:
+    """Feature ``name`` of a chunk of images: (m, F) float32, unit rows.
+
+    ``stored``: the chunk of ``STORE_ARRAY[name]``: (m, D) for ``global``, (m, C, g, g)
+    for the dense ones; ``valid_hw``: per image, the valid region on the CLIP canvas
+    (manifest ``clip_valid_h``, ``clip_valid_w``), pixels.
+    """
+    if name == "global":
+        return normalise_rows(stored)
+    if name not in FEATURES:
+        raise ValueError(f"unknown feature {name!r}; choose from {FEATURES}")
+    dense = np.asarray(stored, dtype=np.float32)
+    rows = []
+    for values, (valid_h, valid_w) in zip(dense, valid_hw):
+        cells_h, cells_w = valid_cells(valid_h, canvas, grid), valid_cells(valid_w, canvas, grid)
+        region = values[:, :cells_h, :cells_w]
+        if name == "dense-mean":
+            rows.append(region.mean(axis=(1, 2)))
+        else:
+            rows.append(np.concatenate([region[:, h, w].mean(axis=(1, 2))
+                                        for h in _halves(cells_h) for w in _halves(cells_w)]))
+    return normalise_rows(np.stack(rows))
