@@ -151,30 +151,40 @@ def _precision_at(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
     return float(labels[top].mean())
 
 
-def quality(args, work: Path) -> dict:
+CONFIGS = (
+    ("global", ["--dup-threshold", "0.97"]),  # the defaults
+    ("dense", ["--features", "dense-mean", "--dup-features", "dense-grid", "--dup-threshold", "0.98"]),
+)
+
+
+def _stored_features(out: Path, paths: list[str], name: str) -> np.ndarray:
+    """Feature ``name`` of ``paths`` (unit rows), computed from the store as qc does."""
+    from batchseg.config import read_build_file
+    from batchseg.io.store import iter_rows
+    from batchseg.io.tables import read_manifest
+    from batchseg.qc.features import STORE_ARRAY, compute_features
+
+    manifest = {r["path"]: r for r in read_manifest(out).to_pylist()}
+    geometry = read_build_file(out)["embed"]["geometry"]
+    stored = np.concatenate(list(iter_rows(out, STORE_ARRAY[name], [manifest[p]["zarr_row"] for p in paths])))
+    valid = [(manifest[p]["clip_valid_h"], manifest[p]["clip_valid_w"]) for p in paths]
+    return compute_features(name, stored, valid, geometry["clip_canvas"], geometry["clip_grid"])
+
+
+def _evaluate(args, out: Path, config: str, contamination: float, outliers, near, kinds) -> dict:
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from batchseg.assets import TOY_CLIP_DIR
     from batchseg.io.qc_table import read_model_files
-    from batchseg.io.store import iter_rows
     from batchseg.io.tables import read_manifest
-    from batchseg.qc.duplicates import brute_force_pairs, normalise_rows
     from batchseg.qc.model import QcModel
 
-    src, out = work / "src", work / "out"
-    outliers, near, kinds = write_folder(src, args)
-    contamination = len(outliers) / (args.images + len(outliers))
-    embed_s = _run(["embed", str(src), str(out), "--clip-model", f"local-dir:{TOY_CLIP_DIR}", "--no-sam",
-                    "--precision", "fp32", "--workers", "1", "--threads", "1", "--quiet"])
-    qc_s = _run(["qc", str(out), "--method", "rglasso", "--compare", "mogaal,mcd",
-                 "--contamination", f"{contamination:.6f}", "--threads", "1", "--quiet"])
     table = pd.read_parquet(out / "qc").set_index("path")
+    model = QcModel.from_parts(*read_model_files(out))
     evaluated = table[~table.index.str.startswith("near/")]
     labels = np.asarray(evaluated.index.str.startswith("outliers/"), dtype=int)
     k = int(labels.sum())
-    rows, results = [], {"contamination": contamination, "outliers": k, "world": args.images,
-                         "near": len(near), "embed_seconds": embed_s, "qc_seconds": qc_s}
+    rows, results = [], {"reduced_dim": model.reduction.dim}
     for method in ("rglasso", "mogaal", "mcd"):
         scores = evaluated[f"score_{method}"].to_numpy()
         auroc, precision = roc_auc_score(labels, scores), _precision_at(labels, scores, k)
@@ -182,12 +192,6 @@ def quality(args, work: Path) -> dict:
         results[method] = {"auroc": auroc, "precision_at_k": precision}
     flagged = evaluated["outlier"].to_numpy()
     results["rglasso_flags"] = {"flagged": int(flagged.sum()), "true_flagged": int((flagged & (labels == 1)).sum())}
-
-    # The stored embeddings of the evaluated files, in the model's reduced space (for pyod and the sweep).
-    manifest = {r["path"]: r for r in read_manifest(out).to_pylist()}
-    model = QcModel.from_parts(*read_model_files(out))
-    paths = list(table.index)
-    unit = normalise_rows(np.concatenate(list(iter_rows(out, "clip_global", [manifest[p]["zarr_row"] for p in paths]))))
     if not args.skip_pyod:
         try:
             from pyod.models.mo_gaal import MO_GAAL
@@ -198,8 +202,7 @@ def quality(args, work: Path) -> dict:
 
             torch.manual_seed(0)
             np.random.seed(0)
-            keep = [i for i, p in enumerate(paths) if not p.startswith("near/")]
-            z = model.reduction.project(unit[keep])
+            z = model.reduction.project(_stored_features(out, list(evaluated.index), model.settings.features))
             with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per epoch
                 detector = MO_GAAL(contamination=contamination).fit(z)
             raw = detector.decision_function(z)
@@ -207,44 +210,73 @@ def quality(args, work: Path) -> dict:
                 auroc, precision = roc_auc_score(labels, values), _precision_at(labels, values, k)
                 rows.append((name, f"{auroc:.3f}", f"{precision:.3f}"))
                 results[name] = {"auroc": auroc, "precision_at_k": precision}
-    print(f"\n{args.images} world images (seed {args.seed}) + {k} injected outliers ({', '.join(KINDS)}) + "
-          f"{len(near)} near-copies; toy CLIP embed {embed_s:.1f} s, qc {qc_s:.1f} s "
-          f"(reduced dim {model.reduction.dim}, {model.reduction.explained:.3f} of the variance)")
+    print(f"\n[{config}] features {model.settings.features}, reduced dim {model.reduction.dim} "
+          f"({model.reduction.explained:.3f} of the variance); outliers among {len(evaluated)} images:")
     print(common.table(["method", "AUROC", f"precision@{k}"], rows))
-    per_kind = []
     ranks = evaluated["score_rglasso"].rank(ascending=False)
-    for kind in KINDS:
-        members = [p for p in outliers if kinds[p] == kind]
-        per_kind.append((kind, len(members), " ".join(str(int(ranks[p])) for p in members)))
-    print("\nrglasso rank of each injected outlier (1 = most outlying, of %d):" % len(evaluated))
-    print(common.table(["kind", "images", "ranks"], per_kind))
+    per_kind = [(kind, " ".join(str(int(ranks[p])) for p in outliers if kinds[p] == kind)) for kind in KINDS]
+    print(f"rglasso rank of each injected outlier (1 = most outlying, of {len(evaluated)}):")
+    print(common.table(["kind", "ranks"], per_kind))
 
     # Near-duplicates: the CLI's flags as pairs (member, the image it is flagged a copy of),
-    # right when that is a planted (copy, original) pair in either direction; then a sweep
-    # of the threshold over brute-force pairs.
-    ids = {p: manifest[p]["image_id"] for p in paths}
-    path_of = {image_id: p for p, image_id in ids.items()}
-    truth_paths = {frozenset((c, o)) for c, o in near.items()}
+    # right when that is a planted (copy, original) pair in either direction.
+    manifest = {r["path"]: r for r in read_manifest(out).to_pylist()}
+    path_of = {manifest[p]["image_id"]: p for p in table.index}
+    truth = {frozenset((c, o)) for c, o in near.items()}
     flagged_near = table[table["near_duplicate_of"].notna()]
     predicted = {frozenset((p, path_of[row["near_duplicate_of"]])) for p, row in flagged_near.iterrows()}
-    right = len(predicted & truth_paths)
+    right = len(predicted & truth)
     precision = right / len(predicted) if predicted else float("nan")
-    recall = right / len(truth_paths)
-    results["near_duplicates"] = {"threshold": model.settings.dup_threshold, "flagged": len(flagged_near),
-                                  "right": right, "precision": precision, "recall": recall}
-    sweep = []
+    results["near_duplicates"] = {"features": model.settings.dup_features, "threshold": model.settings.dup_threshold,
+                                  "flagged": len(flagged_near), "right": right, "precision": precision,
+                                  "recall": right / len(truth)}
+    print(f"near-duplicates (--dup-features {model.settings.dup_features} --dup-threshold "
+          f"{model.settings.dup_threshold}): {len(flagged_near)} flagged, {right} of them as a copy of their "
+          f"planted partner: precision {precision:.3f}, recall {right / len(truth):.3f}")
+    return results
+
+
+def _sweep(out: Path, near: dict[str, str]) -> dict:
+    """Pairwise precision/recall of the near-duplicate definition over thresholds, per feature."""
+    from batchseg.io.tables import read_manifest
+    from batchseg.qc.duplicates import brute_force_pairs
+
+    paths = sorted(r["path"] for r in read_manifest(out).to_pylist() if r["status"] == "ok")
     index = {p: i for i, p in enumerate(paths)}
     truth = {tuple(sorted((index[c], index[o]))) for c, o in near.items()}
-    for threshold in (0.9, 0.95, 0.97, 0.98, 0.99, 0.995):
-        pairs = brute_force_pairs(unit, threshold)
-        tp = len(pairs & truth)
-        sweep.append((threshold, len(pairs), tp, f"{tp / len(pairs):.3f}" if pairs else "n/a", f"{tp / len(truth):.3f}"))
-    results["near_sweep"] = [list(row) for row in sweep]
-    print(f"\nnear-duplicates flagged by batchseg qc (--dup-threshold {model.settings.dup_threshold}): "
-          f"{len(flagged_near)} flagged, {right} of them flagged as a copy of their planted partner; "
-          f"precision {precision:.3f}, recall {recall:.3f}")
-    print("pairwise, all pairs of the stored embeddings (truth: the planted copy-original pairs):")
-    print(common.table(["cosine >=", "pairs", "true pairs", "precision", "recall"], sweep))
+    rows, results = [], {}
+    for name in ("global", "dense-mean", "dense-grid"):
+        unit = _stored_features(out, paths, name)
+        for threshold in (0.95, 0.97, 0.98, 0.99, 0.995):
+            pairs = brute_force_pairs(unit, threshold)
+            tp = len(pairs & truth)
+            precision = tp / len(pairs) if pairs else float("nan")
+            rows.append((name, threshold, len(pairs), tp, f"{precision:.3f}", f"{tp / len(truth):.3f}"))
+            results[f"{name} {threshold}"] = {"pairs": len(pairs), "true": tp}
+    print("\nnear-duplicate pairs over all images (truth: the planted copy-original pairs):")
+    print(common.table(["features", "cosine >=", "pairs", "true pairs", "precision", "recall"], rows))
+    return results
+
+
+def quality(args, work: Path) -> dict:
+    from batchseg.assets import TOY_CLIP_DIR
+
+    src, out = work / "src", work / "out"
+    outliers, near, kinds = write_folder(src, args)
+    contamination = len(outliers) / (args.images + len(outliers))
+    embed_s = _run(["embed", str(src), str(out), "--clip-model", f"local-dir:{TOY_CLIP_DIR}", "--no-sam",
+                    "--precision", "fp32", "--workers", "1", "--threads", "1", "--quiet"])
+    print(f"\n{args.images} world images (seed {args.seed}) + {len(outliers)} injected outliers "
+          f"({', '.join(KINDS)}, in turn) + {len(near)} near-copies (crops, re-encodes); toy CLIP embed {embed_s:.1f} s")
+    results = {"contamination": contamination, "outliers": len(outliers), "world": args.images,
+               "near": len(near), "embed_seconds": embed_s}
+    for config, extra in CONFIGS:
+        seconds = _run(["qc", str(out), "--method", "rglasso", "--compare", "mogaal,mcd", "--refit",
+                        "--contamination", f"{contamination:.6f}", "--threads", "1", "--quiet", *extra])
+        results[config] = _evaluate(args, out, config, contamination, outliers, near, kinds)
+        results[config]["qc_seconds"] = seconds
+        print(f"batchseg qc {' '.join(extra)}: {seconds:.1f} s (process start, fit of all three, scoring)")
+    results["sweep"] = _sweep(out, near)
     return results
 
 
