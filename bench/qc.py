@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dup-sizes", default="10000,30000", help="counts for the all-pairs search (default 10000,30000)")
     parser.add_argument("--dim", type=int, default=512, help="synthetic embedding dimension (default 512, ViT-B/16's)")
     parser.add_argument("--skip-pyod", action="store_true", help="do not run pyod's MO_GAAL")
+    parser.add_argument("--bookkeeping", type=int, default=1_000_000,
+                        help="files for the per-file memory measurement (default 1000000; 0: skip)")
+    parser.add_argument("--bookkeeping-only", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--workdir", default=None, help="keep images and build here (default: a temp folder, deleted)")
     return parser.parse_args(argv)
@@ -332,11 +335,49 @@ def speed(args) -> dict:
     print(common.table(["rows", "dim", "step", "seconds"], rows_out))
     print(f"peak RSS of this process: {common.mib(common.peak_rss_bytes())} MiB")
     results["peak_rss_mib"] = common.peak_rss_bytes() / 2**20
+    if args.bookkeeping:
+        env = {**os.environ, **common.thread_env(1), "PYTHONPATH": str(common.ROOT)}
+        child = subprocess.run([sys.executable, __file__, "--bookkeeping-only", str(args.bookkeeping)], env=env,
+                               capture_output=True, text=True, check=True)
+        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        results["bookkeeping"] = measured
+        print(f"per-file bookkeeping (manifest plan + qc rows) for {measured['files']} files, in a fresh process: "
+              f"{measured['peak_above_start_mib']:.0f} MiB above the process's memory after reading the manifest")
     return results
+
+
+def bookkeeping(n: int) -> dict:
+    """Memory of qc's per-file bookkeeping for ``n`` files (plan + new rows), in this process."""
+    import pyarrow as pa
+
+    from batchseg.io.qc_table import qc_schema
+    from batchseg.io.tables import manifest_schema
+    from batchseg.stages.qc import _new_rows
+    from batchseg.stages.qc_plan import plan_qc
+
+    rng = np.random.default_rng(0)
+    ids = [f"{v:064x}" for v in rng.integers(0, 2**62, n)]
+    columns = {"image_id": ids, "path": [f"d{i // 1000:05d}/img{i:08d}.jpg" for i in range(n)],
+               "status": ["ok"] * n, "zarr_row": np.arange(n), "run_id": ["20260101T000000Z-aaaaaa"] * n,
+               "clip_valid_h": np.full(n, 224, dtype=np.int32), "clip_valid_w": np.full(n, 168, dtype=np.int32)}
+    schema = manifest_schema()
+    manifest = pa.table({f.name: pa.array(columns.get(f.name, [None] * n), type=f.type) for f in schema},
+                        schema=schema)
+    del columns, ids
+    base = common.current_rss_bytes()
+    plan = plan_qc(manifest, qc_schema().empty_table(), None)
+    position = {k: p for p, k in enumerate(plan.new_images)}
+    scores = {name: rng.random(n) for name in ("rglasso", "mogaal", "mcd")}
+    table = _new_rows(plan, position, scores, scores["rglasso"] > 0.95, {}, None, "20260101T000000Z-bbbbbb")
+    assert table.num_rows == n
+    return {"files": n, "peak_above_start_mib": (common.peak_rss_bytes() - base) / 2**20}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.bookkeeping_only:
+        print(json.dumps(bookkeeping(args.bookkeeping_only)))
+        return
     common.setup_logging()
     for line in common.machine_lines():
         print(line)
