@@ -313,7 +313,7 @@ Examples:
               help="Cosine similarity from which two images are near-duplicates.  [default: 0.97]")
 @click.option("--features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
               help="What the detectors see: the global CLIP embedding, or the dense features averaged over "
-                   "the image (dense-mean) or over a 2x2 grid (dense-grid).  [default: global]")
+                   "the image (dense-mean) or over a 4x4 grid (dense-grid).  [default: global]")
 @click.option("--dup-features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
               help="What near-duplicates are compared on (dense-grid keeps the layout: crops and re-encodes "
                    "of one image match, other images with the same content do not).  [default: global]")

@@ -40,7 +40,10 @@ from pathlib import Path
 import _common as common
 import numpy as np
 
-WORLD_SEED = 7100  # no training run or other benchmark uses it
+# No training run or other benchmark uses these: 7100 chose dense-grid's 4 x 4 grid and the
+# dense configuration's --dup-threshold 0.98; the default, 7200, measures them unseen.
+TUNING_SEED = 7100
+WORLD_SEED = 7200
 KINDS = ("blank", "near_constant", "noise", "inverted", "jpeg_damage", "text", "gradient")
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from batchseg.qc.features import compute_features, valid_cells
+from batchseg.qc.features import compute_features, grid_slices, valid_cells
 
 
 @pytest.mark.parametrize("valid,expected", [(None, 8), (128, 8), (64, 4), (65, 5), (1, 1), (0, 1)])
@@ -27,7 +27,7 @@ def test_dense_grid_keeps_the_layout():
     flipped = dense[:, :, ::-1, :].copy()  # same cells, other arrangement
     grid = compute_features("dense-grid", np.concatenate([dense, flipped]), [(None, None)] * 2, 128, 8)
     mean = compute_features("dense-mean", np.concatenate([dense, flipped]), [(None, None)] * 2, 128, 8)
-    assert grid.shape == (2, 12) and mean.shape == (2, 3)
+    assert grid.shape == (2, 48) and mean.shape == (2, 3)
     assert mean[0] @ mean[1] == pytest.approx(1.0, abs=1e-5)
     assert grid[0] @ grid[1] < 0.99
 
@@ -37,3 +37,10 @@ def test_global_is_normalised_and_unknown_names_refused():
     np.testing.assert_allclose(compute_features("global", rows, [], 0, 0), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-3)
     with pytest.raises(ValueError, match="unknown feature"):
         compute_features("pixels", np.zeros((1, 2, 2, 2)), [(None, None)], 16, 2)
+
+
+@pytest.mark.parametrize("cells", [1, 2, 3, 4, 5, 8])
+def test_grid_slices_are_four_non_empty_ranges_covering_the_cells(cells):
+    slices = grid_slices(cells)
+    assert len(slices) == 4 and all(s.stop > s.start >= 0 and s.stop <= cells for s in slices)
+    assert set().union(*(range(s.start, s.stop) for s in slices)) == set(range(cells))

@@ -4,9 +4,11 @@
 - ``dense-mean``: the dense MaskCLIP features (``clip_dense``, (C, g, g)) averaged over
   the grid cells that cover the image (the letterbox padding left out): (C,). It sees
   every region of the image, not only what the global embedding summarises.
-- ``dense-grid``: the same cells averaged in a 2 x 2 grid over the image and
-  concatenated: (4C,). It keeps the coarse layout, so two images with the same content
+- ``dense-grid``: the same cells averaged in a 4 x 4 grid over the image and
+  concatenated: (16C,). It keeps the coarse layout, so two images with the same content
   in a different arrangement differ, while a crop or a re-encode of one image does not.
+  (4 x 4 rather than 2 x 2 or 3 x 3: on bench/qc.py's world seed 7100 it separated
+  near-copies from look-alikes best; the result reported is on another seed.)
 
 Every vector is scaled to unit length (cosine geometry), zero vectors stay zero.
 """
@@ -29,11 +31,17 @@ def valid_cells(valid: int | None, canvas: int, grid: int) -> int:
     return max(1, min(grid, math.ceil(valid * grid / canvas)))
 
 
-def _halves(cells: int) -> tuple[slice, slice]:
-    if cells < 2:
-        return slice(0, 1), slice(0, 1)
-    middle = cells // 2
-    return slice(0, middle), slice(middle, cells)
+GRID_SPLITS = 4
+
+
+def grid_slices(cells: int, parts: int = GRID_SPLITS) -> list[slice]:
+    """``parts`` consecutive, non-empty ranges over ``cells`` (overlapping when cells < parts)."""
+    slices = []
+    for part in range(parts):
+        start = part * cells // parts
+        stop = max((part + 1) * cells // parts, start + 1)
+        slices.append(slice(min(start, cells - 1), min(stop, cells)))
+    return slices
 
 
 def compute_features(name: str, stored: np.ndarray, valid_hw: list[tuple[int | None, int | None]],
@@ -57,5 +65,5 @@ def compute_features(name: str, stored: np.ndarray, valid_hw: list[tuple[int | N
             rows.append(region.mean(axis=(1, 2)))
         else:
             rows.append(np.concatenate([region[:, h, w].mean(axis=(1, 2))
-                                        for h in _halves(cells_h) for w in _halves(cells_w)]))
+                                        for h in grid_slices(cells_h) for w in grid_slices(cells_w)]))
     return normalise_rows(np.stack(rows))

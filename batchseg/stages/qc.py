@@ -110,7 +110,12 @@ class QcSummary:
 
     def text(self) -> str:
         fit = "fitted a new model" if self.fitted else "scored with the stored model"
-        return (
+        details = ""
+        rglasso = self.model_info.get("rglasso") if self.fitted else None
+        if rglasso:
+            details = (f"rglasso: {rglasso['iterations']} iterations ({rglasso['admm_iterations']} ADMM), "
+                       f"{rglasso['criterion']}; reduced dimension {self.model_info['reduced_dim']}\n")
+        return details + (
             f"qc finished ({fit} {self.model_id}): {self.new_files} of {self.files} files scored this run; "
             f"{self.outliers} outliers, {self.near_duplicates} near-duplicates, {self.exact_duplicates} exact "
             f"duplicates; {self.flagged} flagged, in {self.seconds:.1f} s\n"
