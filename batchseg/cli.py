@@ -35,6 +35,7 @@ def cli() -> None:
       embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
       pseudolabel  stored embeddings -> MaskCLIP labels, SAM masks recognised, self-training rounds
       evaluate     labels of every round and source -> IoU against a few hand-labelled images
+      qc           stored embeddings -> outlier scores, near-duplicates, flags (OUT/qc)
       export       labels of a round -> COCO JSON, PNG label maps or YOLO polygons; report: an HTML page
     """
 
@@ -398,6 +399,97 @@ def report(out, round_index, source, per_class, src, quiet) -> None:
     try:
         summary = run_report(ReportConfig(out=out, src=src, round=round_index, source=source, per_class=per_class),
                              progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
+QC_HELP = f"""Find the images in OUT that should not be trusted, from the stored embeddings.
+
+Reads the global CLIP embeddings that `embed` stored (never the images) and writes
+OUT/qc/part-*.parquet: one row per file with each method's outlier score, a flag and
+the reason: outlier, near_duplicate (of the image id in near_duplicate_of) or
+exact_duplicate (same bytes as the path in exact_duplicate_of). Later stages leave
+flagged images out (batchseg.qc.flags.flagged_image_ids).
+
+\b
+Methods (on --features, PCA-reduced to at most --max-dim dimensions, robustly scaled):
+  rglasso  Robust Graphical Lasso (ADMM): Mahalanobis distance under a sparse precision
+           that outlier rows cannot bend (default)
+  mogaal   MO-GAAL: 1 - D(x) of a discriminator trained against k generators
+  mcd      Minimum Covariance Determinant (scikit-learn MinCovDet): a robust baseline
+Near-duplicates: cosine similarity of --dup-features >= --dup-threshold, all pairs
+compared exactly; each group keeps its oldest image and flags the others.
+
+The fitted model is kept in OUT/qc/_model.json; a rerun scores only new files with it
+and keeps its settings. --refit fits again (and applies changed settings).
+
+\b
+Examples:
+  batchseg qc out/                                  # rglasso, flag the top 5%
+  batchseg qc out/ --method mcd --compare rglasso,mogaal --refit
+  batchseg qc out/ --threshold 9.5 --dup-threshold 0.99 --refit
+  batchseg qc out/ --features dense-mean --dup-features dense-grid --refit
+  python -c "import pandas as pd; print(pd.read_parquet('out/qc').query('flagged'))"
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=QC_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--method", type=click.Choice(["rglasso", "mogaal", "mcd"]), default=None,
+              help="Detector whose scores flag outliers.  [default: rglasso]")
+@click.option("--compare", default=None, metavar="M1,M2",
+              help="Further detectors to score for comparison (columns only, no flags), e.g. mogaal,mcd.")
+@click.option("--contamination", type=float, default=None,
+              help="Flag this fraction of the fit sample (the threshold is that score quantile).  [default: 0.05]")
+@click.option("--threshold", type=float, default=None,
+              help="Flag scores above this raw value of --method instead of using --contamination.")
+@click.option("--dup-threshold", type=float, default=None,
+              help="Cosine similarity from which two images are near-duplicates.  [default: 0.97]")
+@click.option("--features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
+              help="What the detectors see: the global CLIP embedding, or the dense features averaged over "
+                   "the image (dense-mean) or over a 4x4 grid (dense-grid).  [default: global]")
+@click.option("--dup-features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
+              help="What near-duplicates are compared on (dense-grid keeps the layout: crops and re-encodes "
+                   "of one image match, other images with the same content do not).  [default: global]")
+@click.option("--max-dim", type=int, default=None, help="Largest reduced dimension.  [default: 32]")
+@click.option("--fit-sample", type=int, default=None,
+              help="Fit the detectors on at most this many images (seeded sample).  [default: 20000]")
+@click.option("--seed", type=int, default=None, help="Seed of the fit sample, MCD and MO-GAAL.  [default: 0]")
+@click.option("--refit", is_flag=True, help="Fit the model again and rescore every file.")
+@click.option("--threads", type=int, default=None, help="Torch threads (MO-GAAL).  [default: torch's]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def qc(out, method, compare, contamination, threshold, dup_threshold, features, dup_features, max_dim, fit_sample,
+       seed, refit, threads, quiet) -> None:
+    from batchseg.errors import UsageError
+    from batchseg.qc.settings import QcSettings
+    from batchseg.stages.qc import QcConfig, run_qc
+
+    try:
+        if not out.exists():
+            raise UsageError(f"output folder {out} does not exist; run `batchseg embed SRC {out}` first")
+        if threads is not None and threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
+        if contamination is not None and threshold is not None:
+            raise UsageError("give at most one of --contamination and --threshold")
+        given = {name: value for name, value in (
+            ("method", method), ("contamination", contamination), ("threshold", threshold),
+            ("dup_threshold", dup_threshold), ("features", features), ("dup_features", dup_features),
+            ("max_dim", max_dim), ("fit_sample", fit_sample), ("seed", seed),
+        ) if value is not None}
+        if compare is not None:
+            given["compare"] = tuple(name.strip() for name in compare.split(",") if name.strip())
+        if threshold is not None:
+            given["contamination"] = None
+        elif contamination is not None:
+            given["threshold"] = None
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        config = QcConfig(out=out, settings=QcSettings(**given), given=frozenset(given), refit=refit)
+        summary = run_qc(config, progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())

@@ -6,6 +6,7 @@ workers never touch the same file.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def read_row(out: Path, name: str, row: int) -> np.ndarray:
 
 def open_array(out: Path, name: str) -> zarr.Array:
     return zarr.open_group(str(store_path(out)), mode="r")[name]
+
+
+def iter_rows(out: Path, name: str, rows: Sequence[int], chunk_rows: int = 1024) -> Iterator[np.ndarray]:
+    """Stored rows ``rows`` of array ``name``, ``chunk_rows`` at a time, in the given order.
+
+    Yields (m, *row_shape) arrays in the stored dtype, so memory stays O(chunk_rows) rows
+    however many are asked for.
+    """
+    array = open_array(out, name)
+    for start in range(0, len(rows), chunk_rows):
+        wanted = np.asarray(rows[start:start + chunk_rows], dtype=np.int64)
+        order = np.argsort(wanted, kind="stable")  # sorted reads, then back to the asked order
+        values = np.asarray(array.oindex[wanted[order]])
+        result = np.empty_like(values)
+        result[order] = values
+        yield result
