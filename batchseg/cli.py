@@ -208,11 +208,12 @@ Examples:
 @click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
 @click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
               help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, region_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
-                class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, overwrite, quiet) -> None:
+                class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
     from batchseg.errors import UsageError
     from batchseg.labels.proposals import ProposalSettings
@@ -257,6 +258,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
             shard_size=shard_size,
             overwrite=overwrite,
+            include_flagged=include_flagged,
         )
         summary = run_pseudolabel(config, progress=not quiet)
     except BatchsegError as exc:

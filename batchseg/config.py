@@ -264,6 +264,7 @@ class PseudolabelConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     shard_size: int = 64
     overwrite: bool = False
+    include_flagged: bool = False  # label images `batchseg qc` flagged too
 
     def validate(self) -> None:
         if not (self.out / BUILD_FILE).exists():

@@ -211,3 +211,16 @@ def test_stopping_rule_ends_self_training_and_says_why(build, dask_scheduler):
     assert info["decision"]["stop"] is True and "stop_agreement 0.01" in info["decision"]["why"]
     again = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "3", *FAST, "--stop-agreement", "0.01")
     assert again.output.count("already complete, skipped") == 2 and "stopped after round 1" in again.output
+
+
+def test_images_flagged_by_qc_are_left_out_unless_asked(build, dask_scheduler, monkeypatch):
+    import batchseg.stages.pseudolabel as stage
+
+    victim = read_manifest(build).to_pylist()[0]["image_id"]
+    monkeypatch.setattr(stage, "flagged_image_ids", lambda out: frozenset({victim}))
+    result = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", "--no-sam", *FAST)
+    assert result.exit_code == 0 and "left out 1 images flagged by batchseg qc" in result.output
+    assert victim not in set(read_labels(build, 0).column("image_id").to_pylist())
+    kept = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", "--no-sam", "--include-flagged", *FAST)
+    assert kept.exit_code == 0 and "left out" not in kept.output
+    assert victim in set(read_labels(build, 0).column("image_id").to_pylist())

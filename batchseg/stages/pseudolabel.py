@@ -28,6 +28,7 @@ from batchseg.labels.selftrain import settings_record
 from batchseg.labels.text_cache import text_classifier, with_background
 from batchseg.models.clip import ClipSpec
 from batchseg.models.dense_heads import check_head_supported
+from batchseg.qc.flags import flagged_image_ids
 from batchseg.models.sam import SamSpec
 from batchseg.stages.embed import new_run_id
 from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, LabelShard, RoundContext, run_label_shard
@@ -54,9 +55,12 @@ class PseudolabelSummary:
     out: Path
     rounds: tuple[RoundSummary, ...]
     seconds: float
+    left_out: int = 0  # images flagged by batchseg qc and not labelled
 
     def text(self) -> str:
         lines = ["pseudolabel finished:"]
+        if self.left_out:
+            lines.append(f"  left out {self.left_out} images flagged by batchseg qc (--include-flagged to keep them)")
         for r in self.rounds:
             state = "already complete, skipped" if r.skipped else f"{r.images} images, {r.segments} segments"
             lines.append(f"  round {r.round}: {state}; {r.classes} classes present; {r.seconds:.1f} s")
@@ -103,6 +107,18 @@ def _images(out: Path) -> tuple[LabelImage, ...]:
     return tuple(sorted(seen.values(), key=lambda image: image.zarr_row))
 
 
+def _trusted(images: tuple[LabelImage, ...], config: PseudolabelConfig) -> tuple[tuple[LabelImage, ...], int]:
+    """Leave out the images `batchseg qc` flagged (unless --include-flagged); how many were left out."""
+    if config.include_flagged:
+        return images, 0
+    flagged = flagged_image_ids(config.out)
+    kept = tuple(image for image in images if image.image_id not in flagged)
+    if not kept:
+        raise UsageError(f"every embedded image of {config.out} is flagged by batchseg qc; "
+                         "pass --include-flagged to label them anyway")
+    return kept, len(images) - len(kept)
+
+
 def _read_round_info(folder: Path) -> dict | None:
     path = folder / ROUND_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -144,7 +160,7 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
         build, geometry = _stored_build(config)
         use_sam = _use_sam(config, geometry)
         check_head_supported(config.labels.dense_head, geometry.clip_kind, use_sam)
-        images = _images(config.out)
+        images, left_out = _trusted(_images(config.out), config)
         if config.overwrite:
             shutil.rmtree(config.out / "labels", ignore_errors=True)
             shutil.rmtree(config.out / "selftrain", ignore_errors=True)
@@ -168,7 +184,7 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                     _remove_rounds_after(config.out, round_index)
                     break
         _record(config, run_id, text_key, summaries)
-    return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started)
+    return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started, left_out)
 
 
 def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tuple[LabelImage, ...], key: str,
