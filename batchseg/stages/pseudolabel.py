@@ -195,10 +195,13 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     info = _read_round_info(artefacts)
     images_key = _sha([image.image_id for image in images])
     resources = gpu_resources(config.cluster)
-    if info and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key):
-        done = _committed_ids(folder) if ctx.round_index == 0 else {image.image_id for image in images}
+    same = bool(info) and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key)
+    if same:
+        # An incomplete round (its run was killed) keeps every shard it committed.
+        complete = info.get("complete", True)
+        done = {image.image_id for image in images} if ctx.round_index > 0 and complete else _committed_ids(folder)
         pending = [image for image in images if image.image_id not in done]
-        if not pending:
+        if not pending and complete:
             decision = info.get("decision") or {}
             present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
             return RoundSummary(ctx.round_index, 0, 0, present, 0.0, skipped=True,
@@ -207,16 +210,22 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(artefacts, ignore_errors=True)
         pending = list(images)
+        info = {"key": key, "images_key": images_key, "round": ctx.round_index, "complete": False,
+                "trained": False, "run_id": run_id}
     folder.mkdir(parents=True, exist_ok=True)
     artefacts.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder)
     grid, _ = ctx.head_grid
     _ensure_grid(artefacts, store_rows(config.out), grid)
+    if not same:
+        write_json_atomic(artefacts / ROUND_FILE, info)  # "started": a rerun with this key resumes
 
-    train = None
-    if ctx.round_index > 0:
+    train = info.get("train")
+    if ctx.round_index > 0 and not (info.get("trained") and ctx.head_path.exists()):
         future = client.submit(train_round, ctx, images, config.selftrain, resources=resources, pure=False)
-        train = future.result()
+        train = train_result_json(future.result())
+        info = {**info, "trained": True, "train": train}
+        write_json_atomic(artefacts / ROUND_FILE, info)
     where = _mask_parts(config.out, pending) if ctx.round_index > 0 and ctx.use_sam else {}
     shards = [
         LabelShard(
@@ -238,7 +247,9 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "settings": config.labels.to_json() if ctx.round_index == 0 else settings_record(config.selftrain),
         "sam": ctx.use_sam,
         "stats": stats,
-        "train": train_result_json(train),
+        "complete": True,
+        "trained": ctx.round_index > 0,
+        "train": train,
         "run_id": run_id,
     })
     classes = sum(count > 0 for count in stats["class_histogram"].values())
