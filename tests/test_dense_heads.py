@@ -240,3 +240,15 @@ def test_unsupported_combinations_are_usage_errors(name, kind, has_sam, message)
 def test_bad_hyper_parameters_are_refused(field, value):
     with pytest.raises(UsageError, match=field):
         DenseHeadSettings(**{field: value}).validate()
+
+
+def test_proxy_sam_pools_a_fine_sam_grid_to_proxy_grid(clips):
+    dc = clips["plain"]
+    stored = dc.encode_tokens(_pixels(dc))
+    sam = torch.randn(2, 6, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pooled = compute_head(dc, DenseHeadSettings("proxy-sam", proxy_grid=8), stored.tokens, stored.cls, sam)
+        direct = compute_head(dc, DenseHeadSettings("proxy-sam", proxy_grid=8), stored.tokens, stored.cls,
+                              F.avg_pool2d(sam, 2))
+    assert pooled.dense.shape[-2:] == (8, 8)
+    torch.testing.assert_close(pooled.dense, direct.dense)

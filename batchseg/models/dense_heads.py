@@ -33,9 +33,10 @@ then ``c_proj``. Keys for key smoothing are ``out_proj(k)`` (ViT) or ``k_proj(f)
 
 ``proxy-sam`` geometry: ProxyCLIP crops the image into sliding windows and runs the
 proxy model on each crop at CLIP's resolution; batchseg uses the one whole-image SAM
-embedding stored by ``embed`` (a 64 x 64 grid on SAM's 1024 canvas). Both canvases hold
-the same top-left letterboxed image, so CLIP's grid resized to SAM's grid lines up
-cell for cell, and the head's output lives on SAM's grid (finer than CLIP's).
+embedding stored by ``embed`` (a 64 x 64 grid on SAM's 1024 canvas), average-pooled to
+at most ``proxy_grid`` (32) per side to bound the attention's cost. Both canvases hold
+the same top-left letterboxed image, so CLIP's grid resized to that grid lines up cell
+for cell, and the head's output lives there (finer than CLIP's 14 x 14).
 """
 from __future__ import annotations
 
@@ -88,6 +89,10 @@ class DenseHeadSettings:
     naclip_std: float = 5.0  # NACLIP's Gaussian window, in patches
     proxy_beta: float = 1.2  # ProxyCLIP: S <- gamma * (S - beta * mean(S))
     proxy_gamma: float = 3.0
+    # SAM's grid is average-pooled to at most this side before the proxy attention: the
+    # attention is (side^2)^2, and at SAM ViT's 64 x 64 it costs about one whole CLIP
+    # ViT-B/16 forward pass (bench/dense_heads.py); 32 x 32 costs a sixteenth of that.
+    proxy_grid: int = 32
 
     def validate(self) -> None:
         if self.name not in DENSE_HEADS:
@@ -96,6 +101,8 @@ class DenseHeadSettings:
             value = getattr(self, field_name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise UsageError(f"{field_name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.proxy_grid, bool) or not isinstance(self.proxy_grid, int) or not 1 <= self.proxy_grid <= 256:
+            raise UsageError(f"proxy_grid must be an integer in [1, 256], got {self.proxy_grid!r}")
         if not (isinstance(self.proxy_beta, (int, float)) and math.isfinite(self.proxy_beta)):
             raise UsageError(f"proxy_beta must be a finite number, got {self.proxy_beta!r}")
 
@@ -144,6 +151,8 @@ def compute_head(
         return _float(timm_head(visual, tokens))
     if clip.kind == "resnet":
         return _float(_resnet_head(visual, settings, tokens, sam))
+    if sam is not None and settings.needs_sam and sam.shape[-1] > settings.proxy_grid:
+        sam = F.adaptive_avg_pool2d(sam.float(), settings.proxy_grid)
     if cls is None and settings.name in ("clearclip", "sclip", "naclip"):
         raise ValueError(f"dense head {settings.name!r} needs the stored class token")
     return _float(_vit_head(visual, settings, tokens, None if cls is None else cls.to(dtype), sam))
