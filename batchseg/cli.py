@@ -193,7 +193,7 @@ Examples:
                    "(1 - this) share of pixels even below --conf-thresh. 0 switches it off.")
 @click.option("--teacher-rounds", type=int, default=1, show_default=True,
               help="MaskCLIP+'s schedule: rounds 1..N learn from round 0's labels, later rounds from the round before.")
-@click.option("--stop-agreement", type=float, default=0.98, show_default=True,
+@click.option("--stop-agreement", type=float, default=0.95, show_default=True,
               help="Stop self-training once a round agrees with the one before on this share of cells "
                    "(recorded in _round.json); 1 runs every round.")
 @click.option("--ema-decay", type=float, default=0.99, show_default=True,

@@ -64,7 +64,7 @@ class SelfTrainSettings:
     warm_start: bool = True  # a round starts from the previous round's head, not from MaskCLIP
     ema_decay: float | None = 0.99  # the saved head is the exponential moving average of the steps
     # Stop when a round agrees with the one before on at least this share of cells (None: never).
-    stop_agreement: float | None = 0.98
+    stop_agreement: float | None = 0.95
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
