@@ -171,9 +171,9 @@ Examples:
               help="Training-free dense CLIP head computed from the stored tokens: maskclip (the paper, value path "
                    "with residual + MLP), value (no residual/MLP), clearclip, sclip, naclip, or proxy-sam "
                    "(ProxyCLIP with the stored SAM embedding as the proxy). Changing it never needs re-embedding.")
-@click.option("--region-vote", type=click.Choice(REGION_VOTES), default="majority", show_default=True,
-              help="How each SAM mask picks its class: majority of the pixel labels inside it (CorrCLIP), or "
-                   "pool: argmax of the probabilities pooled inside it.")
+@click.option("--region-vote", type=click.Choice(REGION_VOTES), default="pool", show_default=True,
+              help="How each SAM mask picks its class: pool (argmax of the probabilities pooled inside it), or "
+                   "majority of the pixel labels inside it (CorrCLIP's region correction).")
 @click.option("--pd-thresh", type=float, default=0.5, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
