@@ -138,7 +138,7 @@ PSEUDOLABEL_HELP = f"""Label every embedded image in OUT without annotation.
 Round 0: labels from a training-free dense CLIP head computed from the stored tokens
 (--dense-head: MaskCLIP by default, or ClearCLIP, SCLIP, NACLIP, ProxyCLIP with SAM as
 the proxy; prompt denoising, key smoothing), SAM everything-mode masks decoded from
-the stored SAM embeddings, each taking its region's majority label (instance rows)
+the stored SAM embeddings, each taking a class from the labels inside it (instance rows)
 and voting it into the semantic map. Rounds 1..N: a light head trained on confident
 labels predicts every image again (MaskCLIP+ self-training), until the rounds stop
 changing the labels (--stop-agreement). No image is re-encoded.
