@@ -158,7 +158,7 @@ def test_every_dense_head_labels_a_build_without_re_embedding(build, dask_schedu
 
 def test_changing_the_head_or_the_vote_recomputes_round_zero(build, dask_scheduler):
     assert _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", *FAST).exit_code == 0
-    for extra in (["--dense-head", "naclip"], ["--dense-head", "naclip", "--region-vote", "pool"]):
+    for extra in (["--dense-head", "naclip"], ["--dense-head", "naclip", "--region-vote", "majority"]):
         result = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", *extra, *FAST)
         assert result.exit_code == 0 and "round 0: 8 images" in result.output, result.output
 
