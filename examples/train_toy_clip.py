@@ -46,8 +46,9 @@ parameters; open_clip cannot pass depths or widths to timm, so the architecture 
 timm model name), stride 32, dense features = the tower's head (LayerNorm + projection)
 at each location of the last feature map (:mod:`batchseg.models.clip_timm`). A CNN
 learns shape in hundreds of steps where the 16 px-patch ViT did not in thousands.
-Under a CPU shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE``: spinning
-OpenMP threads made a step 5x slower on a 2-core VM at load 10 (same results).
+On a CPU shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (same results): on
+the 2-core VM at load 10-12 a step took 5.5 s with spinning OpenMP threads and 1.1 s
+without (two runs minutes apart, not a controlled comparison).
 
 Reproducible: the data of step ``t`` is ``sample_batch(world_seed, t * batch, batch)``,
 template draws come from a seeded generator, and the weights from ``torch.manual_seed``.
