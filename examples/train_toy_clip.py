@@ -662,7 +662,8 @@ def model_card(cfg: TrainConfig, r: TrainResult) -> str:
         for k, name in enumerate((*CLASS_NAMES, BACKGROUND_NAME))
     )
     if cfg.arch == "convnext":
-        tower = (f"timm `{cfg.timm_model}` ConvNeXt through open_clip's TimmModel, {cfg.image_size} px canvas, stride "
+        tower = (f"timm `{cfg.timm_model}` ConvNeXt ({_convnext_shape(cfg.timm_model)}) through open_clip's TimmModel, "
+                 f"{cfg.image_size} px canvas, stride "
                  f"{cfg.stride} (a {grid}x{grid} grid); dense form = the tower's head per location (the trunk head's "
                  "LayerNorm, then the projection, as FC-CLIP uses a frozen ConvNeXt CLIP)")
     elif cfg.arch == "resnet":
@@ -744,6 +745,17 @@ of any other word are meaningless. Its dense labels are coarse ({cfg.stride} px 
 canvas), which is the regime where SAM refinement and self-training are meant to help. Do not use
 it to judge batchseg's quality on real images, and do not use world seed {cfg.world_seed} for evaluation.
 """
+
+
+def _convnext_shape(name: str) -> str:
+    """"depths 1-1-1-1, widths 32-64-96-128" of a registered timm ConvNeXt (built on the meta device)."""
+    import timm
+
+    with torch.device("meta"):
+        trunk = timm.create_model(name, pretrained=False)
+    depths = "-".join(str(len(stage.blocks)) for stage in trunk.stages)
+    widths = "-".join(str(info["num_chs"]) for info in trunk.feature_info)
+    return f"depths {depths}, widths {widths}"
 
 
 def _iou(v: float | None) -> str:
