@@ -38,6 +38,18 @@ canvas, per-pixel argmax, and mIoU over 13 classes (12 + background) on held-out
 images (seed 999 by default; training uses world seed ``100000 + --seed``; the demo
 uses 4242).
 
+Tower kinds (``--arch``): ``vit`` (the shipped ``toy-clip``: 16 px patches, learns colour
+but hardly shape), ``resnet`` (open_clip ModifiedResNet) and ``convnext`` (the shipped
+``toy-clip-cnn``): open_clip's timm tower running a registered timm ConvNeXt
+(``--timm-model``, default ``test_convnext``: depths 1-2-4-2, widths 24-64, 0.2 M
+parameters; open_clip cannot pass depths or widths to timm, so the architecture is a
+timm model name), stride 32, dense features = the tower's head (LayerNorm + projection)
+at each location of the last feature map (:mod:`batchseg.models.clip_timm`). A CNN
+learns shape in hundreds of steps where the 16 px-patch ViT did not in thousands.
+On a CPU shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (same results): on
+the 2-core VM at load 10-12 a step took 5.5 s with spinning OpenMP threads and 1.1 s
+without (two runs minutes apart, not a controlled comparison).
+
 Reproducible: the data of step ``t`` is ``sample_batch(world_seed, t * batch, batch)``,
 template draws come from a seeded generator, and the weights from ``torch.manual_seed``.
 With ``--steps`` the result is a function of the arguments (and of ``--threads``:
@@ -49,6 +61,8 @@ written to the model card, so ``--steps N`` with the same other arguments redoes
     .venv/bin/python examples/train_toy_clip.py --steps 50 --out /tmp/toy-clip   # a quick look
     .venv/bin/python examples/train_toy_clip.py --arch resnet --image-size 256 --vision-width 16 --vision-layers 1
         # open_clip ModifiedResNet tower (stride 32: an 8x8 grid on a 256 px canvas)
+    .venv/bin/python examples/train_toy_clip.py --arch convnext --image-size 256 --threads 2
+        # open_clip timm tower (--timm-model, a ConvNeXt; stride 32: an 8x8 grid) -> batchseg/assets/toy-clip-cnn
 """
 from __future__ import annotations
 
@@ -93,6 +107,8 @@ from batchseg.models.text import MASKCLIP_TEMPLATES, Vocabulary, build_text_clas
 from batchseg.world import CLASS_NAMES, COLOURS, IGNORE, SHAPES, sample_batch, semantic_to_class_ids  # noqa: E402
 
 DEFAULT_OUT = REPO / "batchseg" / "assets" / "toy-clip"
+DEFAULT_CNN_OUT = REPO / "batchseg" / "assets" / "toy-clip-cnn"  # where --arch convnext writes by default
+CONVNEXT_STRIDE = 32  # timm ConvNeXt: a 4x4 stem, then three 2x2 downsamplings; fixed by the architecture
 BACKGROUND_NAME = "background"
 NUM_CLASSES = len(CLASS_NAMES) + 1  # 12 world classes, then background (last, as with_background makes it)
 WORLD_SEED_OFFSET = 100_000  # training world seed = offset + --seed: far from eval (999), demo (4242), tests
@@ -111,6 +127,8 @@ class TrainConfig:
     seed: int = 0
     # model
     arch: str = "vit"  # or "resnet" (open_clip ModifiedResNet; stride 32, vision_layers blocks per stage)
+    # or "convnext" (open_clip timm tower running `timm_model`; stride 32; vision_width/layers unused)
+    timm_model: str = "test_convnext"  # a registered timm ConvNeXt: open_clip cannot pass depths/dims to timm
     image_size: int = 128
     patch_size: int = 16
     vision_width: int = 128
@@ -143,6 +161,8 @@ class TrainConfig:
     @property
     def stride(self) -> int:
         """Canvas pixels per dense-grid cell."""
+        if self.arch == "convnext":
+            return CONVNEXT_STRIDE
         return RESNET_STRIDE if self.arch == "resnet" else self.patch_size
 
     @property
@@ -155,11 +175,14 @@ def model_config(cfg: TrainConfig) -> dict:
     if cfg.arch == "resnet":  # a list of layers selects open_clip's ModifiedResNet
         vision = {"image_size": cfg.image_size, "layers": [cfg.vision_layers] * 4, "width": cfg.vision_width,
                   "head_width": 32}
+    elif cfg.arch == "convnext":  # open_clip's TimmModel: timm's pool + norm, then a linear projection
+        vision = {"timm_model_name": cfg.timm_model, "timm_model_pretrained": False, "timm_pool": "",
+                  "timm_proj": "linear", "image_size": cfg.image_size}
     elif cfg.arch == "vit":
         vision = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.vision_width,
                   "layers": cfg.vision_layers, "head_width": 32}
     else:
-        raise ValueError(f"arch must be 'vit' or 'resnet', got {cfg.arch!r}")
+        raise ValueError(f"arch must be 'vit', 'resnet' or 'convnext', got {cfg.arch!r}")
     return {
         "embed_dim": cfg.embed_dim,
         "vision_cfg": vision,
@@ -202,10 +225,15 @@ def semantic_to_targets(semantic: np.ndarray) -> np.ndarray:
 def patch_targets(semantic: np.ndarray, patch: int) -> tuple[Tensor, Tensor]:
     """Per-patch class mix: (B, 13, g, g) fractions over the non-padding pixels and
     (B, g, g) the non-padding fraction of each patch (0 for an all-padding patch)."""
-    ids = torch.from_numpy(semantic_to_targets(semantic))
-    onehot = F.one_hot(ids.clamp_max(NUM_CLASSES), NUM_CLASSES + 1)  # padding -> extra channel
-    onehot = onehot.permute(0, 3, 1, 2).float()
-    frac = F.avg_pool2d(onehot, patch)  # (B, 14, g, g)
+    ids = np.minimum(semantic_to_targets(semantic), NUM_CLASSES)  # padding -> an extra class
+    n, size = ids.shape[:2]
+    g = size // patch
+    # Histogram per (image, cell) with one bincount: a (B, S, S, 14) one-hot would be ~100 MB at 256 px.
+    cell = (np.arange(size) // patch)[:, None] * g + (np.arange(size) // patch)[None, :]  # (S, S)
+    keys = (np.arange(n)[:, None, None] * (g * g) + cell) * (NUM_CLASSES + 1) + ids
+    counts = np.bincount(keys.ravel(), minlength=n * g * g * (NUM_CLASSES + 1))
+    counts = torch.from_numpy(counts.reshape(n, g, g, NUM_CLASSES + 1)).permute(0, 3, 1, 2).float()
+    frac = counts / (patch * patch)  # (B, 14, g, g)
     valid = frac[:, :NUM_CLASSES].sum(1)
     mix = frac[:, :NUM_CLASSES] / valid.clamp_min(1e-6)[:, None]
     return mix, valid
@@ -356,6 +384,20 @@ def eval_vocabulary() -> Vocabulary:
     return Vocabulary(names=names, synonyms=tuple((n,) for n in names))
 
 
+def part_hits_on_objects(pred: Tensor, major: Tensor) -> dict[str, int]:
+    """Among cells whose majority class is an object (``0 <= major < 12``), how many have a
+    predicted class of the right shape, and of the right colour (a predicted "background" is
+    wrong for both). ``pred``, ``major``: (g, g) class ids in the training order, ``major`` -1
+    for mostly-padding cells. Returns {"shape": hits, "colour": hits, "cells": object cells}.
+    Shape accuracy separates a model that knows shape from a colour-only one (chance 1/3)."""
+    obj = (major >= 0) & (major < NUM_CLASSES - 1)
+    out = {"cells": int(obj.sum())}
+    for part, table in (("shape", _SHAPE_OF), ("colour", _COLOUR_OF)):
+        column = table.argmax(1)  # class id -> its shape (colour) index; background -> the extra one
+        out[part] = int(((column[pred] == column[major.clamp_min(0)]) & obj).sum())
+    return out
+
+
 @torch.no_grad()
 def evaluate(clip: DenseClip, tokenizer: Callable, data: EvalSet, batch: int = 50) -> dict:
     """MaskCLIP scores of ``clip`` on ``data`` through the pipeline's own functions.
@@ -381,6 +423,7 @@ def _evaluate(clip: DenseClip, tokenizer: Callable, data: EvalSet, batch: int) -
     conf = {"plain": np.zeros((NUM_CLASSES, NUM_CLASSES + 1), np.int64)}
     conf["ks_pd"] = conf["plain"].copy()
     patch_hit = patch_total = 0
+    part_hits = {"shape": 0, "colour": 0, "cells": 0}
     globals_ = []
     for start in range(0, len(data.pixels), batch):
         out = clip(data.pixels[start : start + batch])
@@ -394,6 +437,8 @@ def _evaluate(clip: DenseClip, tokenizer: Callable, data: EvalSet, batch: int) -
                     major = data.patch_major[n]
                     patch_hit += int(((grid == major) & (major >= 0)).sum())
                     patch_total += int((major >= 0).sum())
+                    for key, hits in part_hits_on_objects(grid, major).items():
+                        part_hits[key] += hits
                 pred = upsample_to_canvas(probs, clip.canvas).argmax(0).numpy()
                 conf[name] += confusion(pred, data.targets[n], NUM_CLASSES, ignore=IGNORE)
     result = {}
@@ -403,6 +448,8 @@ def _evaluate(clip: DenseClip, tokenizer: Callable, data: EvalSet, batch: int) -
         result[f"pixel_acc_{name}"] = s.pixel_accuracy
         result[f"iou_{name}"] = [None if math.isnan(v) else round(float(v), 4) for v in s.iou]
     result["patch_acc"] = patch_hit / max(patch_total, 1)
+    for part in ("shape", "colour"):
+        result[f"object_{part}_acc"] = part_hits[part] / max(part_hits["cells"], 1)
     unique = list(dict.fromkeys(data.captions))
     txt = F.normalize(model.encode_text(tokenizer(unique)).float(), dim=-1)
     best = (F.normalize(torch.cat(globals_), dim=-1) @ txt.T).argmax(1)
@@ -584,7 +631,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
 
 def _fmt(s: dict) -> str:
     return (f"mIoU plain {s['miou_plain']:.3f}  mIoU ks+pd {s['miou_ks_pd']:.3f}  "
-            f"patch acc {s['patch_acc']:.3f}  caption top1 {s['caption_top1']:.3f}")
+            f"patch acc {s['patch_acc']:.3f}  object-cell shape acc {s['object_shape_acc']:.3f}  "
+            f"colour acc {s['object_colour_acc']:.3f}  caption top1 {s['caption_top1']:.3f}")
 
 
 def command_for(cfg: TrainConfig, steps: int) -> str:
@@ -594,7 +642,7 @@ def command_for(cfg: TrainConfig, steps: int) -> str:
         value = getattr(cfg, name)
         if value != getattr(default, name) and name not in ("steps", "minutes", "out"):
             args += [flag, str(value)]
-    if Path(cfg.out).resolve() != DEFAULT_OUT.resolve():
+    if Path(cfg.out).resolve() != default_out(cfg.arch).resolve():
         args += ["--out", str(cfg.out)]
     return ".venv/bin/python " + shlex.join(args)
 
@@ -613,14 +661,20 @@ def model_card(cfg: TrainConfig, r: TrainResult) -> str:
         f"| {name} | {_iou(init['iou_plain'][k])} | {_iou(fin['iou_plain'][k])} | {_iou(fin['iou_ks_pd'][k])} |"
         for k, name in enumerate((*CLASS_NAMES, BACKGROUND_NAME))
     )
-    if cfg.arch == "resnet":
+    if cfg.arch == "convnext":
+        tower = (f"timm `{cfg.timm_model}` ConvNeXt ({_convnext_shape(cfg.timm_model)}) through open_clip's TimmModel, "
+                 f"{cfg.image_size} px canvas, stride "
+                 f"{cfg.stride} (a {grid}x{grid} grid); dense form = the tower's head per location (the trunk head's "
+                 "LayerNorm, then the projection, as FC-CLIP uses a frozen ConvNeXt CLIP)")
+    elif cfg.arch == "resnet":
         tower = (f"open_clip ModifiedResNet, {cfg.image_size} px canvas, stride {cfg.stride} (a {grid}x{grid} grid: coarse on "
                  f"purpose), width {cfg.vision_width}, {cfg.vision_layers} block(s) per stage; MaskCLIP's ResNet dense form "
                  "c_proj(v_proj(layer4))")
     else:
         tower = (f"ViT, {cfg.image_size} px canvas, {cfg.patch_size} px patches (a {grid}x{grid} grid: coarse on purpose), "
                  f"width {cfg.vision_width}, {cfg.vision_layers} blocks; MaskCLIP's official value-path dense form")
-    return f"""# toy-clip: a tiny CLIP that knows only batchseg's synthetic world
+    name = Path(cfg.out).name
+    return f"""# {name}: a tiny CLIP that knows only batchseg's synthetic world
 
 **What it is.** An open_clip CLIP ({n_params / 1e6:.2f} M parameters; weights stored as
 {cfg.save_dtype}, {size_mb:.1f} MB) trained from scratch by `examples/train_toy_clip.py` on
@@ -633,7 +687,7 @@ meaningful labels on a machine that cannot download real CLIP weights.
   standard BPE vocabulary (49408 tokens; most of the embedding table is untrained).
 - Weights: `{WEIGHTS_FILE}`, sha256 `{sha256}`.
 - Format: open_clip `local-dir:` (`{CONFIG_FILE}` + `{WEIGHTS_FILE}`):
-  `batchseg embed ... --clip-model local-dir:batchseg/assets/toy-clip`,
+  `batchseg embed ... --clip-model local-dir:batchseg/assets/{name}`,
   `open_clip.create_model("local-dir:...")`, `open_clip.get_tokenizer("local-dir:...")`.
 
 **How it was trained.** {r.steps} steps of {cfg.batch_size} images ({r.steps * cfg.batch_size} samples of world seed
@@ -661,6 +715,8 @@ labels = argmax of `maskclip_probs` upsampled bilinearly; mIoU over the 13 class
 | MaskCLIP mIoU (key smoothing + prompt denoising, `pseudolabel --background` default) | {init['miou_ks_pd']:.3f} | {fin['miou_ks_pd']:.3f} |
 | pixel accuracy (plain) | {init['pixel_acc_plain']:.3f} | {fin['pixel_acc_plain']:.3f} |
 | cell accuracy vs each cell's majority class (plain) | {init['patch_acc']:.3f} | {fin['patch_acc']:.3f} |
+| object cells (majority class an object): shape of the predicted class right (chance 0.33) | {init['object_shape_acc']:.3f} | {fin['object_shape_acc']:.3f} |
+| object cells: colour of the predicted class right (chance 0.25) | {init['object_colour_acc']:.3f} | {fin['object_colour_acc']:.3f} |
 | image -> caption top-1 among the {len(set(_eval_captions(cfg)))} distinct captions | {init['caption_top1']:.3f} | {fin['caption_top1']:.3f} |
 
 Ceilings of a {grid}x{grid} grid on the same images, scored the same way: {r.oracle.get('cell_oracle', float('nan')):.3f} for a perfect
@@ -691,6 +747,17 @@ it to judge batchseg's quality on real images, and do not use world seed {cfg.wo
 """
 
 
+def _convnext_shape(name: str) -> str:
+    """"depths 1-1-1-1, widths 32-64-96-128" of a registered timm ConvNeXt (built on the meta device)."""
+    import timm
+
+    with torch.device("meta"):
+        trunk = timm.create_model(name, pretrained=False)
+    depths = "-".join(str(len(stage.blocks)) for stage in trunk.stages)
+    widths = "-".join(str(info["num_chs"]) for info in trunk.feature_info)
+    return f"depths {depths}, widths {widths}"
+
+
 def _iou(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -707,7 +774,7 @@ def _param_shapes(cfg: TrainConfig) -> list[tuple[int, ...]]:
 
 
 _FLAGS = {
-    "threads": "--threads", "seed": "--seed", "arch": "--arch", "image_size": "--image-size", "patch_size": "--patch-size",
+    "threads": "--threads", "seed": "--seed", "arch": "--arch", "timm_model": "--timm-model", "image_size": "--image-size", "patch_size": "--patch-size",
     "vision_width": "--vision-width", "vision_layers": "--vision-layers", "embed_dim": "--embed-dim",
     "text_width": "--text-width", "text_layers": "--text-layers",  "context_length": "--context-length",
     "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay", "warmup": "--warmup",
@@ -717,18 +784,27 @@ _FLAGS = {
 }
 
 
+def default_out(arch: str) -> Path:
+    """Where a run writes without ``--out``: the shipped asset folder of its tower kind."""
+    return DEFAULT_CNN_OUT if arch == "convnext" else DEFAULT_OUT
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=d.out, help="output folder (open_clip local-dir format + MODEL_CARD.md)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (open_clip local-dir format + MODEL_CARD.md); default {DEFAULT_OUT} "
+                   f"({DEFAULT_CNN_OUT} with --arch convnext)")
     p.add_argument("--minutes", type=float, default=d.minutes,
                    help="time budget of the whole run; the step count is fixed from the speed of the first steps")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides --minutes)")
-    choices = {"arch": ("vit", "resnet"), "save_dtype": ("float16", "bfloat16", "float32")}
+    choices = {"arch": ("vit", "resnet", "convnext"), "save_dtype": ("float16", "bfloat16", "float32")}
     for name, flag in _FLAGS.items():
         default = getattr(d, name)
         p.add_argument(flag, type=type(default), default=default, choices=choices.get(name), help=f"default {default}")
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = str(default_out(a.arch))
     cfg = TrainConfig(**{k: getattr(a, k) for k in ("out", "minutes", "steps", *_FLAGS)})
     if cfg.steps is not None:
         cfg.minutes = None

@@ -400,7 +400,7 @@ ERROR_CASES = {  # case: (spec maker, load_dense_clip kwargs, expected message f
     "canvas zero": (_saved("vit-plain"), {"canvas": 0}, "positive multiple"),
     "clear form on resnet": (_saved("resnet"), {"dense_form": "clear"}, "ViT towers only"),
     "unknown dense form": (_saved("vit-plain"), {"dense_form": "sharp"}, "unknown dense form"),
-    "timm tower": (_written(_TIMM_CFG), {}, "timm image towers"),
+    "timm ViT tower": (_written(_TIMM_CFG), {}, "does not pool a 2-D feature map"),
     "attentional pooler": (_written(_cfg_with(attentional_pool=True)), {}, "attentional pooler"),
     "qk norm attention": (_written(_cfg_with(qk_norm=True)), {}, "qk_norm"),
     "no pooling": (_written(_cfg_with(pool_type="none")), {}, "pool_type 'none'"),

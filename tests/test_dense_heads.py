@@ -252,3 +252,17 @@ def test_proxy_sam_pools_a_fine_sam_grid_to_proxy_grid(clips):
                               F.avg_pool2d(sam, 2))
     assert pooled.dense.shape[-2:] == (8, 8)
     torch.testing.assert_close(pooled.dense, direct.dense)
+
+
+def test_timm_tower_tokens_give_its_dense_forward(tmp_path):
+    from test_clip_timm import timm_config  # the tiny ConvNeXt tower the timm tests build
+
+    dc = _jittered(save_local_dir(timm_config(), tmp_path / "timm", seed=5))
+    pixels = _pixels(dc)
+    with torch.no_grad():
+        stored = dc.encode_tokens(pixels)
+        got = compute_head(dc, DenseHeadSettings("maskclip"), stored.tokens)
+        full = dc(pixels)
+    assert stored.cls is None and stored.tokens.shape[1] == dc.token_dim
+    torch.testing.assert_close(got.dense, full.dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stored.global_, dc.model.encode_image(pixels), rtol=1e-5, atol=1e-5)

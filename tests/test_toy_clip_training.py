@@ -127,3 +127,31 @@ def test_shape_only_dense_loss_ignores_colour(script):
     recoloured[0, CLASS_NAMES.index("green circle"), 0, 0] = 1.0
     torch.testing.assert_close(script.dense_loss(dense, concepts, recoloured, valid, 10.0, shape_only=True), loss)
     assert not torch.allclose(script.dense_loss(dense, concepts, recoloured, valid, 10.0), script.dense_loss(dense, concepts, mix, valid, 10.0))
+
+
+def test_part_hits_on_objects_counts_shape_and_colour_separately(script):
+    ids = {name: CLASS_NAMES.index(name) for name in ("red circle", "red square", "blue circle", "blue triangle")}
+    bg = len(CLASS_NAMES)
+    major = torch.tensor([[ids["red circle"], ids["red circle"], ids["blue triangle"]],
+                          [ids["blue circle"], bg, -1]])
+    pred = torch.tensor([[ids["red circle"], ids["red square"], ids["blue circle"]],
+                         [bg, ids["red circle"], ids["red circle"]]])
+    # Object cells: 4. Right shape: (0,0). Right colour: (0,0), (0,1), (0,2). Background and padding cells do not count.
+    assert script.part_hits_on_objects(pred, major) == {"cells": 4, "shape": 1, "colour": 3}
+
+
+def test_convnext_tower_trains_saves_and_loads(script, tmp_path):
+    cfg = _tiny(script, tmp_path / "cnn", arch="convnext", image_size=64, steps=3, eval_every=0)
+    result = script.train(cfg, log=lambda _: None)
+    clip = load_dense_clip(ClipSpec("local-dir:" + str(tmp_path / "cnn")))
+    assert (clip.kind, clip.patch, clip.grid, clip.dense_dim) == ("timm", 32, 2, 16)
+    assert result.steps == 3 and 0.0 <= result.final["object_shape_acc"] <= 1.0
+    card = (tmp_path / "cnn" / "MODEL_CARD.md").read_text()
+    assert "--arch convnext" in card and "test_convnext" in card and "--steps 3" in card
+    assert "object cells" in card
+
+
+def test_convnext_writes_to_its_own_asset_folder_by_default(script):
+    assert Path(script.parse_args(["--arch", "convnext"]).out) == script.DEFAULT_CNN_OUT
+    assert Path(script.parse_args([]).out) == script.DEFAULT_OUT
+    assert script.DEFAULT_CNN_OUT.name == "toy-clip-cnn" and script.DEFAULT_OUT.name == "toy-clip"

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
-TOY_CLIP_DIR = ASSETS / "toy-clip"  # open_clip local-dir format
+TOY_CLIP_DIR = ASSETS / "toy-clip"  # open_clip local-dir format (ViT tower)
+TOY_CLIP_CNN_DIR = ASSETS / "toy-clip-cnn"  # open_clip local-dir format (timm ConvNeXt tower; knows shape)
 TOY_SAM_CHECKPOINT = ASSETS / "toy-sam.safetensors"  # SAM_ARCHS["tiny"] weights
 
 

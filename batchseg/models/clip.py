@@ -16,7 +16,7 @@ ViT dense forms (last residual block, x = its input tokens; see DESIGN.md
 * ``"clear"`` (ClearCLIP): ``ln_post(out_proj(v)) @ proj``: no residual, no MLP.
 
 Keys are ``out_proj(k)`` in both forms. ResNet towers: see
-:mod:`batchseg.models.clip_resnet`.
+:mod:`batchseg.models.clip_resnet`; timm (ConvNeXt) towers: :mod:`batchseg.models.clip_timm`.
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ from batchseg.models.clip_resnet import (
     resnet_features,
     tokens_to_map,
 )
+from batchseg.models.clip_timm import check_timm, check_timm_config, is_timm_tower, timm_dims, timm_features
+from batchseg.models.clip_timm import timm_native_grid, timm_stride
 
 DENSE_FORMS = ("official", "clear")
 RANDOM = "random"
@@ -111,7 +113,7 @@ class DenseClip(nn.Module):
         canvas: side of the square input in pixels. patch: stride of the dense grid in
         canvas pixels. grid: ``canvas // patch``. dense_dim: D. key_dim: K.
         mean, std: the model's normalisation (RGB, for pixels in [0, 1]).
-        dense_form: ``"official"`` or ``"clear"``. kind: ``"vit"`` or ``"resnet"``.
+        dense_form: ``"official"`` or ``"clear"``. kind: ``"vit"``, ``"resnet"`` or ``"timm"``.
     """
 
     def __init__(
@@ -136,6 +138,14 @@ class DenseClip(nn.Module):
             self.dense_dim = visual.attnpool.c_proj.out_features
             self.key_dim = visual.attnpool.k_proj.out_features
             self.token_dim = visual.attnpool.v_proj.in_features
+            if dense_form == "clear":
+                raise ModelLoadError("dense form 'clear' (ClearCLIP) is defined for ViT towers only; use 'official'")
+        elif visual is not None and is_timm_tower(visual):  # e.g. ConvNeXt: see batchseg.models.clip_timm
+            check_timm(visual)
+            self.kind = "timm"
+            patch, native = timm_stride(visual), timm_native_grid(visual)
+            self.dense_dim, self.key_dim = timm_dims(visual)
+            self.token_dim = self.key_dim  # the stored tokens are the trunk's last feature map
             if dense_form == "clear":
                 raise ModelLoadError("dense form 'clear' (ClearCLIP) is defined for ViT towers only; use 'official'")
         else:
@@ -176,6 +186,8 @@ class DenseClip(nn.Module):
         """
         self._check_pixels(pixels)
         visual = self.model.visual
+        if self.kind == "timm":
+            return DenseClipOutput(*timm_features(visual, pixels))
         pixels = pixels.to(_input_dtype(visual))
         if self.kind == "resnet":
             return DenseClipOutput(*resnet_features(visual, pixels))
@@ -267,10 +279,9 @@ def _check_vit(visual: nn.Module | None) -> None:
     needed += ("grid_size", "patch_size")
     if visual is None or not all(hasattr(visual, n) for n in needed):
         name = type(visual).__name__
-        hint = " (timm towers are not supported)" if "timm" in type(visual).__module__.lower() else ""
         raise ModelLoadError(
-            f"unsupported CLIP image tower {name}{hint}: batchseg computes dense features for open_clip's "
-            "own VisionTransformer and ModifiedResNet towers only"
+            f"unsupported CLIP image tower {name}: batchseg computes dense features for open_clip's "
+            "own VisionTransformer and ModifiedResNet towers and its timm CNN towers (e.g. ConvNeXt) only"
         )
     if getattr(visual, "attn_pool", None) is not None:
         raise ModelLoadError("CLIP towers with an attentional pooler (CoCa-style) are not supported")
@@ -328,6 +339,9 @@ def _resize_positional_embedding(visual: nn.Module, kind: str, native: tuple[int
     """Interpolate the tower's positional embedding to ``grid x grid`` in place, once,
     and update the size attributes open_clip reads, so the model is self-consistent."""
     if tuple(native) == (grid, grid):
+        return
+    if kind == "timm":  # no positional embedding: a CNN trunk runs at any multiple of its stride
+        visual.image_size = (grid * timm_stride(visual),) * 2
         return
     owner = visual.attnpool if kind == "resnet" else visual
     new = interpolate_pos_embed(owner.positional_embedding.detach(), native, (grid, grid))
@@ -430,10 +444,7 @@ def _check_config(model_cfg: dict) -> None:
     """Reject unsupported towers from the config alone, before weights are fetched."""
     vision = model_cfg.get("vision_cfg") or {}
     if vision.get("timm_model_name"):
-        raise ModelLoadError(
-            f"timm image towers ({vision['timm_model_name']}) are not supported: batchseg computes dense features "
-            "for open_clip's own VisionTransformer and ModifiedResNet towers only"
-        )
+        check_timm_config(vision)
     if vision.get("attentional_pool") or "multimodal_cfg" in model_cfg:
         raise ModelLoadError("CLIP towers with an attentional pooler (CoCa-style) are not supported")
     if vision.get("pool_type", "tok") not in ("tok", "avg"):
