@@ -35,11 +35,13 @@ def _run(*args: str) -> None:
 
 
 def _models(root: Path) -> tuple[str, str, str]:
-    from batchseg.assets import TOY_CLIP_DIR, TOY_SAM_CHECKPOINT, toy_models_available
+    from batchseg.assets import TOY_CLIP_CNN_DIR, TOY_CLIP_DIR, TOY_SAM_CHECKPOINT, toy_models_available
     from batchseg.testing import make_tiny_models
 
     if toy_models_available():
-        return f"local-dir:{TOY_CLIP_DIR}", str(TOY_SAM_CHECKPOINT), "the shipped toy models (batchseg/assets)"
+        # The ConvNeXt toy CLIP knows shape as well as colour; the ViT one mostly colour (cards).
+        clip = TOY_CLIP_CNN_DIR if (TOY_CLIP_CNN_DIR / "open_clip_model.safetensors").exists() else TOY_CLIP_DIR
+        return f"local-dir:{clip}", str(TOY_SAM_CHECKPOINT), f"the shipped toy models ({clip.name} + toy-sam)"
     tiny = make_tiny_models(root / "random-models")
     return tiny.clip_option, str(tiny.sam_checkpoint), "RANDOM-INIT tiny models (toy models missing: expect chance-level labels)"
 
@@ -53,7 +55,9 @@ def _overlays(root: Path, build: Path, world: Path, rounds: int) -> list[Path]:
 
     manifest = [r for r in read_manifest(build).to_pylist() if r["status"] == "ok"][:3]
     written = []
-    views = [(0, "maskclip"), (0, "sam"), (rounds, "sam")]
+    # The last round written: self-training may have stopped before --rounds (its _round.json says why).
+    last = max(k for k in range(rounds + 1) if read_labels(build, k).num_rows)
+    views = [(0, "maskclip"), (0, "sam"), (last, "sam")]
     tables = {k: read_labels(build, k).to_pylist() for k in {v[0] for v in views}}
     for row in manifest:
         image = np.asarray(Image.open(world / "images" / row["path"]).convert("RGB"))
@@ -66,12 +70,26 @@ def _overlays(root: Path, build: Path, world: Path, rounds: int) -> list[Path]:
 
 
 def summary_lines(eval_json: Path) -> list[str]:
-    """One line per round and source of an evaluate JSON (already in round, source order)."""
+    """One line per round and source of an evaluate JSON (already in round, source order),
+    each with its change against the stage before it, then a verdict line."""
     from batchseg.stages.evaluate import describe_source
 
-    return [f"  round {r['round']}  {describe_source(r['round'], r['source']):<26} mIoU {100 * r['miou']:5.1f}%   "
-            f"pixel accuracy {100 * r['pixel_accuracy']:5.1f}%"
-            for r in json.loads(eval_json.read_text())["results"]]
+    results = json.loads(eval_json.read_text())["results"]
+    lines, previous, worse = [], None, []
+    for r in results:
+        step = "" if previous is None else f"   ({100 * (r['miou'] - previous):+5.1f} vs the step before)"
+        name = describe_source(r["round"], r["source"])
+        lines.append(f"  round {r['round']}  {name:<26} mIoU {100 * r['miou']:5.1f}%   "
+                     f"pixel accuracy {100 * r['pixel_accuracy']:5.1f}%{step}")
+        if previous is not None and r["miou"] < previous - 0.005:
+            worse.append(f"round {r['round']} {name}")
+        previous = r["miou"]
+    if worse:
+        lines.append("  lower than the step before: " + "; ".join(worse)
+                     + " (measured, not hidden: see bench/RESULTS.md for why)")
+    else:
+        lines.append("  every step is at least as good as the one before it")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     latest = max((build / "eval").glob("*.json"))
     print("\nmIoU over 12 shape classes + background, against the world's exact ground truth:")
     print("\n".join(summary_lines(latest)))
-    print(f"(self-training learns from these {args.images} images only; on 200 images, round 1 beats round 0:\n"
-          " bench/quality.py and bench/RESULTS.md. The toy CLIP knows colour well and shape poorly: see its card.)")
+    print(f"(self-training learns from these {args.images} images only; bench/quality.py measures every head, "
+          "SAM and each round on 200 images of two world variants: bench/RESULTS.md)")
     overlays = _overlays(root, build, world, args.rounds)
     print(f"\noverlays (image, labels, class names): {overlays[0].parent}/ ({len(overlays)} files)")
     print("run it again: every stage is incremental and skips finished work.")
