@@ -75,10 +75,9 @@ def test_toy_sam_segments_boxed_objects_far_better_than_random_init():
 
 
 # Lowest MaskCLIP mIoU each shipped CLIP must reach on the 4 test images (13 classes; a
-# random-init CLIP scores 0.014-0.018, bench/RESULTS.md, quality).
-CNN_MIN_MIOU = 0.2  # placeholder, set from the shipped run
+# random-init ViT toy CLIP scores 0.014-0.018, bench/RESULTS.md, quality).
 MIN_MIOU = {"toy-clip": 0.08,  # 0.13 when the toy CLIP v1 shipped
-            "toy-clip-cnn": CNN_MIN_MIOU}
+            "toy-clip-cnn": 0.2}  # 0.35 when it shipped; its architecture at random init: 0.042 (its card)
 
 
 @pytest.mark.parametrize("clip_dir", [TOY_CLIP_DIR, TOY_CLIP_CNN_DIR], ids=["toy-clip", "toy-clip-cnn"])
