@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="self-training rounds (default 3)")
     parser.add_argument("--points-per-side", type=int, default=32, help="SAM everything-mode grid (default 32)")
     parser.add_argument("--epochs", type=int, default=8, help="self-training epochs per round (default 8)")
-    parser.add_argument("--clip", default=None, help="toy CLIP local-dir folder (default: the shipped one)")
+    parser.add_argument("--clip", default=None,
+                        help="toy CLIP local-dir folder (default: the shipped ConvNeXt one, else the ViT one)")
     parser.add_argument("--sam-checkpoint", default=None, help="toy SAM checkpoint (default: the shipped one)")
     parser.add_argument("--which", choices=("both", "toy", "floor"), default="both",
                         help="measure the toy CLIP, the random-init floor, or both (default both)")
@@ -75,9 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _toy_models(args) -> tuple[Path, Path]:
-    from batchseg.assets import TOY_CLIP_DIR, TOY_SAM_CHECKPOINT
+    from batchseg.assets import TOY_CLIP_CNN_DIR, TOY_CLIP_DIR, TOY_SAM_CHECKPOINT
 
-    clip = Path(args.clip) if args.clip else TOY_CLIP_DIR
+    shipped_cnn = (TOY_CLIP_CNN_DIR / "open_clip_model.safetensors").exists()
+    clip = Path(args.clip) if args.clip else (TOY_CLIP_CNN_DIR if shipped_cnn else TOY_CLIP_DIR)
     sam = Path(args.sam_checkpoint) if args.sam_checkpoint else TOY_SAM_CHECKPOINT
     for path, what in ((clip / "open_clip_config.json", "toy CLIP"), (sam, "toy SAM")):
         if not path.exists():
@@ -108,7 +110,7 @@ def _runs(args):
 
     runs = [(head, dict(dense_head=DenseHeadSettings(head), sam="on"), 0) for head in args.heads]
     if "maskclip" in args.heads:
-        runs.append(("maskclip (pool vote)", dict(region_vote="pool", sam="on"), 0))
+        runs.append(("maskclip (majority vote)", dict(region_vote="majority", sam="on"), 0))
         runs.append(("maskclip (no KS)", dict(key_smoothing=False, sam="on"), 0))
     if args.rounds:
         runs.append(("full", dict(dense_head=DenseHeadSettings(args.head), sam="on"), args.rounds))
@@ -176,7 +178,7 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
         report = run_evaluate(EvaluateConfig(out=out, gt=world / "gt"))
         scores = {(r.round, r.source): (r.scores.miou, r.scores.pixel_accuracy) for r in report.results}
         if run != "full":
-            vote = "pool" if "pool" in run else "majority"
+            vote = "majority" if "majority" in run else "pool"
             if run.startswith("maskclip ("):
                 rows[f"{run}: + SAM"] = scores[(0, "sam")]
                 continue
