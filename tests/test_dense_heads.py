@@ -227,7 +227,6 @@ def test_neighbourhood_bias_is_a_gaussian_of_patch_distance():
         ("clearclip", "resnet", True, "needs a ViT CLIP"),
         ("naclip", "timm", False, "needs a ViT CLIP"),
         ("proxy-sam", "vit", False, "uses the stored SAM embeddings"),
-        ("proxy-sam", "timm", True, "ViT and ResNet"),
         ("nonsense", "vit", True, "choose one of maskclip, value, clearclip, sclip, naclip, proxy-sam"),
     ],
 )
@@ -266,3 +265,14 @@ def test_timm_tower_tokens_give_its_dense_forward(tmp_path):
     assert stored.cls is None and stored.tokens.shape[1] == dc.token_dim
     torch.testing.assert_close(got.dense, full.dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stored.global_, dc.model.encode_image(pixels), rtol=1e-5, atol=1e-5)
+    # proxy-sam on a CNN tower: SAM's attention mixes the feature map, then the head projects.
+    sam = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        proxy = compute_head(dc, DenseHeadSettings("proxy-sam"), stored.tokens, None, sam)
+        f = F.interpolate(stored.tokens, size=(4, 4), mode="bilinear", align_corners=False)
+        for b in range(2):
+            mixed = _loop_proxy_attention(sam[b], 1.2, 3.0) @ f[b].flatten(1).T  # (16, C)
+            for i in range(16):
+                cell = mixed[i].reshape(1, -1, 1, 1)
+                want = dc.model.visual.head(dc.model.visual.trunk.forward_head(cell))[0]
+                torch.testing.assert_close(proxy.dense[b, :, i // 4, i % 4], want, rtol=1e-4, atol=1e-4)

@@ -28,8 +28,10 @@ head           attention                                              residual +
 
 then ``out_proj``, ``ln_post`` and ``proj``. ResNet towers: ``maskclip`` (= ``value``)
 is ``c_proj(v_proj(f))``; ``proxy-sam`` attends ``v_proj(f)`` with SAM's attention,
-then ``c_proj``. Keys for key smoothing are ``out_proj(k)`` (ViT) or ``k_proj(f)``
-(ResNet), on the head's output grid.
+then ``c_proj``. timm (ConvNeXt) towers: ``maskclip`` applies the tower's head at every
+location of the stored feature map; ``proxy-sam`` mixes the (upsampled) feature map with
+SAM's attention first. Keys for key smoothing are ``out_proj(k)`` (ViT), ``k_proj(f)``
+(ResNet) or the feature map (timm), on the head's output grid.
 
 ``proxy-sam`` geometry: ProxyCLIP crops the image into sliding windows and runs the
 proxy model on each crop at CLIP's resolution; batchseg uses the one whole-image SAM
@@ -117,10 +119,8 @@ def check_head_supported(settings: DenseHeadSettings, kind: str, has_sam: bool) 
     if settings.name in VIT_ONLY_HEADS and kind != "vit":
         raise UsageError(
             f"dense head {settings.name!r} needs a ViT CLIP (this build's CLIP is a {kind} tower); "
-            f"use maskclip{' or proxy-sam' if kind == 'resnet' else ''}"
+            "use maskclip or proxy-sam"
         )
-    if settings.name == "proxy-sam" and kind not in ("vit", "resnet"):
-        raise UsageError(f"dense head 'proxy-sam' is defined for ViT and ResNet CLIP towers, not {kind}")
     if settings.needs_sam and not has_sam:
         raise UsageError(
             f"dense head {settings.name!r} uses the stored SAM embeddings, and this build has none "
@@ -148,6 +148,11 @@ def compute_head(
     if clip.kind == "timm":
         from batchseg.models.clip_timm import timm_head  # the CNN (timm) tower's own projection
 
+        if settings.name == "proxy-sam":  # attend the feature map with SAM's attention, then project
+            size = tuple(sam.shape[-2:])
+            weights = proxy_attention(sam, settings.proxy_beta, settings.proxy_gamma)
+            mixed = weights.to(tokens.dtype) @ _to_seq(_upsample(tokens, size))
+            return _float(timm_head(visual, _to_grid(mixed, *size)))
         return _float(timm_head(visual, tokens))
     if clip.kind == "resnet":
         return _float(_resnet_head(visual, settings, tokens, sam))
