@@ -32,6 +32,7 @@ def cli() -> None:
       embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
       pseudolabel  stored embeddings -> MaskCLIP labels, SAM masks recognised, self-training rounds
       evaluate     labels of every round and source -> IoU against a few hand-labelled images
+      train-student  labels + images -> a small deployable model (predict, export-student apply it)
     """
 
 
@@ -265,6 +266,97 @@ def evaluate(out, gt, ignore_index, gt_offset) -> None:
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(report.text())
+
+
+TRAIN_STUDENT_HELP = f"""Train a small deployable model on the pseudo labels of OUT (it learns from pixels).
+
+Reads each labelled image through the manifest (the same safe decoder as embed) and
+the label rows of round K (default: the last round; --source auto learns from SAM's
+refinement when the round has it). Label rows scoring below --conf-thresh are ignored.
+Augmentation (flip, scale jitter, crop) and everything else random follow --seed.
+
+The semantic student (MaskCLIP+) is a compact CNN whose classifier is the frozen
+CLIP text embeddings of the classes plus a learnable background embedding; --blocks
+picks its blocks: conv, attention (softmax), dynamic (ReLU + LayerNorm attention,
+"ViTs as dynamic convolutions") or dynamic-dw (its depth-wise variant).
+
+Writes OUT/students/NAME/: model.safetensors, config.json (architecture, classes,
+input size, normalisation, the round and label settings), metrics/part-*.parquet
+(one row per epoch) and _checkpoints/ (one per epoch). Killed or interrupted, the
+same command resumes from the last finished epoch and ends with the same weights;
+run again when finished, it does nothing.
+
+\b
+Examples:
+  batchseg train-student out/ --kind semantic --name small --epochs 30
+  batchseg train-student out/ --name dyn --blocks dynamic --round 0 --conf-thresh 0.6
+  batchseg train-student out/ --name pets --classes "cat,dog,background" --images /mnt/photos
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command("train-student", help=TRAIN_STUDENT_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--kind", type=click.Choice(["semantic"]), default="semantic", show_default=True,
+              help="What the student predicts.")
+@click.option("--name", required=True, help="Folder name of the student under OUT/students/.")
+@click.option("--round", "round_index", type=int, default=None, help="Label round to learn from (default: the last).")
+@click.option("--source", type=click.Choice(["auto", "sam", "student", "maskclip"]), default="auto", show_default=True,
+              help="Which labels of the round: auto = SAM refinement when present.")
+@click.option("--classes", default=None, help="Comma-separated subset of the build's classes (default: all).")
+@click.option("--conf-thresh", type=float, default=0.5, show_default=True,
+              help="Ignore label rows whose score (mean confidence of the segment) is below this.")
+@click.option("--blocks", type=click.Choice(["conv", "attention", "dynamic", "dynamic-dw"]), default="conv",
+              show_default=True, help="Backbone blocks.")
+@click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
+@click.option("--depth", type=int, default=4, show_default=True, help="Number of blocks.")
+@click.option("--input-size", type=int, default=128, show_default=True, help="Square input canvas (multiple of 8).")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, order and augmentation.")
+@click.option("--no-flip", is_flag=True, help="No horizontal flips.")
+@click.option("--scale-jitter", type=(float, float), default=(0.75, 1.25), show_default=True,
+              help="Range of the random rescaling before the crop.")
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder the images are in now, when it is not the folder embed read.")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (training uses one).")
+@click.option("--threads", type=int, default=None, help="Torch threads of the training worker.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train_student(out, kind, name, round_index, source, classes, conf_thresh, blocks, width, depth, input_size,
+                  epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
+                  overwrite, quiet) -> None:
+    from batchseg.config import ClusterSettings
+    from batchseg.errors import UsageError
+    from batchseg.stages.train_student import TrainStudentConfig, run_train_student
+    from batchseg.students.data import Augment
+    from batchseg.students.semantic import SemanticArch
+    from batchseg.students.train import TrainSettings
+
+    try:
+        chosen = None
+        if classes is not None:
+            chosen = tuple(c.strip() for c in classes.split(",") if c.strip())
+            if not chosen:
+                raise UsageError("--classes is empty: give at least one class name")
+        config = TrainStudentConfig(
+            out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
+            conf_thresh=conf_thresh,
+            arch=SemanticArch(blocks=blocks, width=width, depth=depth, input_size=input_size),
+            train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+            augment=Augment(flip=not no_flip, scale=tuple(scale_jitter)),
+            images=images,
+            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            overwrite=overwrite,
+        )
+        summary = run_train_student(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
 
 
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:

@@ -114,8 +114,9 @@ class SemanticObjective:
     (S, S) int64 with -1 = ignored)`` (see ``batchseg.students.data.SemanticDataset``).
     """
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, device: str | torch.device = "cpu") -> None:
         self.dataset = dataset
+        self.device = torch.device(device)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -125,9 +126,17 @@ class SemanticObjective:
 
     def loss(self, model: nn.Module, indices: list[int], epoch: int) -> tuple[Tensor, int]:
         pixels, targets = zip(*(self.dataset.sample(i, epoch) for i in indices))
-        logits = model(torch.stack(pixels))
-        target = torch.stack(targets)
+        logits = model(torch.stack(pixels).to(self.device))
+        target = torch.stack(targets).to(self.device)
         used = int((target >= 0).sum())
         if used == 0:  # nothing to learn in this batch: a zero loss that still has a graph
             return logits.sum() * 0.0, 0
         return F.cross_entropy(logits, target, ignore_index=-1), used
+
+
+def load_semantic(config: dict, weights: dict[str, Tensor]) -> SemanticStudent:
+    """Rebuild a saved semantic student from its ``config.json`` and safetensors weights (eval mode)."""
+    arch = SemanticArch(**config["architecture"])
+    model = SemanticStudent(arch, weights["text"], tuple(config["classes"]))
+    model.load_state_dict(weights)
+    return model.eval()
