@@ -359,6 +359,56 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, bl
     click.echo(summary.text())
 
 
+PREDICT_HELP = f"""Label the images under SRC with a trained student; write DEST like a build.
+
+STUDENT is a student folder (OUT/students/NAME). Images are found, hashed and decoded
+as embed does (unusable files and duplicates become manifest rows); the student runs
+on shards of images on the Dask workers. DEST gets manifest/part-*.parquet and
+labels/round=0/part-*.parquet in the schemas pseudolabel writes (source "student"),
+so `batchseg evaluate DEST --gt ...` and the later stages read it unchanged. Reruns
+are incremental: only new or changed images are labelled.
+
+\b
+Examples:
+  batchseg predict out/students/small new_photos/ labelled/
+  batchseg predict out/students/small new_photos/ labelled/ --workers 2 --batch-size 16
+  batchseg evaluate labelled/ --gt gt_masks/
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=PREDICT_HELP)
+@click.argument("student", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task (and manifest part).")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels than this.")
+@click.option("--overwrite", is_flag=True, help="Start over: delete DEST's manifest and labels first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def predict(student, src, dest, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite,
+            quiet) -> None:
+    from batchseg.config import ClusterSettings
+    from batchseg.io.images import DEFAULT_MAX_PIXELS
+    from batchseg.stages.predict import PredictConfig, run_predict
+
+    try:
+        config = PredictConfig(student=student, source=src, dest=dest,
+                               cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus,
+                                                       torch_threads=threads),
+                               batch_size=batch_size, shard_size=shard_size,
+                               max_pixels=max_pixels or DEFAULT_MAX_PIXELS, overwrite=overwrite)
+        summary = run_predict(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
     if pretrained is None:
         return None if model.startswith("local-dir:") else "openai"

@@ -14,32 +14,17 @@ from safetensors.torch import load_file
 
 from batchseg.io.student_files import METRICS_SCHEMA
 from batchseg.students.train import PAUSE_ENV, PAUSE_MARKER
-from batchseg.world import write_world
-from helpers import embed_args, run_cli
+from helpers import run_cli
 
 TINY = ["--width", "16", "--depth", "1", "--input-size", "32", "--batch-size", "4", "--conf-thresh", "0",
         "--threads", "1", "-q"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def _labelled_template(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
-    """8 world images, embedded (tiny CLIP, no SAM) and labelled (round 0 and 1, with background)."""
-    root = tmp_path_factory.mktemp("student-build")
-    write_world(root / "world", 8, seed=11, max_side=80)
-    out = root / "build"
-    result = run_cli(embed_args(root / "world" / "images", out, tiny_models, "--no-sam", "--scheduler", dask_scheduler))
-    assert result.exit_code == 0, result.output
-    result = run_cli(["pseudolabel", str(out), "--vocab", str(root / "world" / "classes.txt"), "--background",
-                      "--rounds", "1", "--epochs", "1", "--scheduler", dask_scheduler, "-q"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 @pytest.fixture
-def build(tmp_path, _labelled_template) -> Path:
+def build(tmp_path, labelled_build) -> Path:
     target = tmp_path / "build"
-    shutil.copytree(_labelled_template, target)
+    shutil.copytree(labelled_build, target)
     return target
 
 
