@@ -409,6 +409,38 @@ def predict(student, src, dest, batch_size, shard_size, workers, gpus, threads, 
     click.echo(summary.text())
 
 
+EXPORT_STUDENT_HELP = f"""Export a trained student for deployment: ONNX or TorchScript.
+
+The exported model takes letterboxed RGB pixels, float32 (B, 3, S, S) in 0..255
+(longest side resized to S = config.json's input_size, padded bottom/right with 0),
+and returns class probabilities (B, K, S, S) in config.json's output order. The batch
+size is dynamic; normalisation is inside the model. Written next to the weights
+unless --output says otherwise.
+
+\b
+Examples:
+  batchseg export-student out/students/small --format onnx
+  batchseg export-student out/students/small --format torchscript --output deploy/small.pt
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command("export-student", help=EXPORT_STUDENT_HELP)
+@click.argument("student", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
+              help="File format.")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write (default: STUDENT/model.onnx or STUDENT/model.torchscript.pt).")
+def export_student(student, fmt, output) -> None:
+    from batchseg.students.export import export_student as run_export
+
+    try:
+        path = run_export(student, fmt, output)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(f"export-student: wrote {path} ({path.stat().st_size / 2**20:.2f} MB)")
+
+
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
     if pretrained is None:
         return None if model.startswith("local-dir:") else "openai"

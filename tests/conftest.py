@@ -63,3 +63,17 @@ def labelled_build(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
                       "--rounds", "1", "--epochs", "1", "--scheduler", dask_scheduler, "-q"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_student(tmp_path_factory, labelled_build, dask_scheduler) -> Path:
+    """A tiny semantic student (2 epochs) trained on ``labelled_build``: OUT/students/s."""
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("trained") / "build"
+    shutil.copytree(labelled_build, out)
+    result = run_cli(["train-student", str(out), "--name", "s", "--epochs", "2", "--scheduler", dask_scheduler,
+                      "--width", "16", "--depth", "1", "--input-size", "32", "--batch-size", "4",
+                      "--conf-thresh", "0", "--threads", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    return out / "students" / "s"

@@ -11,17 +11,9 @@ from batchseg.labels.rle import decode_mask
 from batchseg.world import write_world
 from helpers import run_cli
 
-TINY = ["--width", "16", "--depth", "1", "--input-size", "32", "--batch-size", "4", "--conf-thresh", "0",
-        "--threads", "1", "-q"]
-
-
-@pytest.fixture(scope="session")
-def student(tmp_path_factory, labelled_build, dask_scheduler) -> Path:
-    out = tmp_path_factory.mktemp("predict") / "build"
-    shutil.copytree(labelled_build, out)
-    result = run_cli(["train-student", str(out), "--name", "s", "--epochs", "2", "--scheduler", dask_scheduler, *TINY])
-    assert result.exit_code == 0, result.output
-    return out / "students" / "s"
+@pytest.fixture
+def student(trained_student) -> Path:
+    return trained_student
 
 
 @pytest.fixture
