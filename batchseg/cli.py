@@ -278,7 +278,9 @@ Augmentation (flip, scale jitter, crop) and everything else random follow --seed
 The semantic student (MaskCLIP+) is a compact CNN whose classifier is the frozen
 CLIP text embeddings of the classes plus a learnable background embedding; --blocks
 picks its blocks: conv, attention (softmax), dynamic (ReLU + LayerNorm attention,
-"ViTs as dynamic convolutions") or dynamic-dw (its depth-wise variant).
+"ViTs as dynamic convolutions") or dynamic-dw (its depth-wise variant). The instance
+student is YOLACT (32 prototypes, Fast NMS; --nms noh adds NOH-NMS for crowds),
+learnt from the round's instance rows (SAM masks recognised by CLIP).
 
 Writes OUT/students/NAME/: model.safetensors, config.json (architecture, classes,
 input size, normalisation, the round and label settings), metrics/part-*.parquet
@@ -291,14 +293,15 @@ Examples:
   batchseg train-student out/ --kind semantic --name small --epochs 30
   batchseg train-student out/ --name dyn --blocks dynamic --round 0 --conf-thresh 0.6
   batchseg train-student out/ --name pets --classes "cat,dog,background" --images /mnt/photos
+  batchseg train-student out/ --kind instance --name yolact --nms noh --epochs 40
 
 {EXIT_CODES_HELP}"""
 
 
 @cli.command("train-student", help=TRAIN_STUDENT_HELP)
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--kind", type=click.Choice(["semantic"]), default="semantic", show_default=True,
-              help="What the student predicts.")
+@click.option("--kind", type=click.Choice(["semantic", "instance"]), default="semantic", show_default=True,
+              help="What the student predicts: a semantic map (MaskCLIP+) or instances (YOLACT).")
 @click.option("--name", required=True, help="Folder name of the student under OUT/students/.")
 @click.option("--round", "round_index", type=int, default=None, help="Label round to learn from (default: the last).")
 @click.option("--source", type=click.Choice(["auto", "sam", "student", "maskclip"]), default="auto", show_default=True,
@@ -311,6 +314,9 @@ Examples:
 @click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
 @click.option("--depth", type=int, default=4, show_default=True, help="Number of blocks.")
 @click.option("--input-size", type=int, default=128, show_default=True, help="Square input canvas (multiple of 8).")
+@click.option("--nms", type=click.Choice(["fast", "noh"]), default="fast", show_default=True,
+              help="Instance students: NMS at prediction, Fast NMS or NOH-NMS (crowds).")
+@click.option("--nms-thresh", type=float, default=0.5, show_default=True, help="Instance students: NMS IoU threshold.")
 @click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step.")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
@@ -328,7 +334,7 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_student(out, kind, name, round_index, source, classes, conf_thresh, blocks, width, depth, input_size,
-                  epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
+                  nms, nms_thresh, epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
                   overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings
     from batchseg.errors import UsageError
@@ -336,6 +342,7 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, bl
     from batchseg.students.data import Augment
     from batchseg.students.semantic import SemanticArch
     from batchseg.students.train import TrainSettings
+    from batchseg.students.yolact import YolactArch
 
     try:
         chosen = None
@@ -346,7 +353,9 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, bl
         config = TrainStudentConfig(
             out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
             conf_thresh=conf_thresh,
-            arch=SemanticArch(blocks=blocks, width=width, depth=depth, input_size=input_size),
+            arch=(YolactArch if kind == "instance" else SemanticArch)(blocks=blocks, width=width, depth=depth,
+                                                                       input_size=input_size),
+            nms=nms, nms_thresh=nms_thresh,
             train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
             augment=Augment(flip=not no_flip, scale=tuple(scale_jitter)),
             images=images,

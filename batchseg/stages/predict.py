@@ -108,8 +108,6 @@ def _remove_uncommitted(dest: Path) -> None:
 def run_predict(config: PredictConfig, progress: bool = True) -> PredictSummary:
     config.validate()
     student_config, _ = read_student(config.student)
-    if student_config["kind"] != "semantic":
-        raise UsageError(f"predict supports semantic students; {config.student} is {student_config['kind']}")
     identity = _identity(config, student_config)
     run_id = new_run_id()
     started = time.perf_counter()

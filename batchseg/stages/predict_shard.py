@@ -17,7 +17,9 @@ from batchseg.io.tables import labels_table, manifest_table, round_folder, write
 from batchseg.models.runtime import pick_device, set_torch_threads
 from batchseg.stages.embed_shard import STATUS_CHANGED, part_path
 from batchseg.students.load import cached_student
-from batchseg.students.predict import prepare, semantic_label_rows, semantic_probs
+from batchseg.students.predict import (
+    instance_label_rows, instance_outputs, prepare, semantic_label_rows, semantic_probs,
+)
 
 LABEL_ROUND = 0  # a student's predictions are one round of labels
 
@@ -75,10 +77,17 @@ def run_predict_shard(task: PredictShard) -> PredictShardResult:
     def flush() -> None:
         if not batch:
             return
-        probs = semantic_probs(student, torch.stack([pixels for _, pixels, _ in batch]))
-        for (row, _, valid), image_probs in zip(batch, probs):
-            label_rows.extend(semantic_label_rows(student, image_probs, row["image_id"], row["height"],
-                                                  row["width"], valid, LABEL_ROUND))
+        pixels = torch.stack([pixels for _, pixels, _ in batch])
+        if student.kind == "instance":
+            outputs = instance_outputs(student, pixels)
+            for index, (row, _, valid) in enumerate(batch):
+                label_rows.extend(instance_label_rows(student, outputs, index, row["image_id"], row["height"],
+                                                      row["width"], valid, LABEL_ROUND))
+        else:
+            probs = semantic_probs(student, pixels)
+            for (row, _, valid), image_probs in zip(batch, probs):
+                label_rows.extend(semantic_label_rows(student, image_probs, row["image_id"], row["height"],
+                                                      row["width"], valid, LABEL_ROUND))
         batch.clear()
 
     for item in task.items:

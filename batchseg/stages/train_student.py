@@ -29,6 +29,7 @@ from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTa
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, available_rounds, pick_source, read_round, train_images
 from batchseg.students.semantic import BACKGROUND, SemanticArch
 from batchseg.students.train import TrainSettings
+from batchseg.students.yolact import NMS_KINDS, YolactArch
 
 KINDS = ("semantic", "instance")
 SETTINGS_FILE = "_settings.json"
@@ -45,7 +46,9 @@ class TrainStudentConfig:
     source: str = "auto"  # label source of the round: auto (SAM refinement when present), sam, student, maskclip
     classes: tuple[str, ...] | None = None  # None: every class of the build's vocabulary
     conf_thresh: float = 0.5
-    arch: SemanticArch = field(default_factory=SemanticArch)
+    arch: SemanticArch | YolactArch = field(default_factory=SemanticArch)
+    nms: str = "fast"  # instance students: the NMS predict uses (fast, or noh for NOH-NMS)
+    nms_thresh: float = 0.5
     train: TrainSettings = field(default_factory=TrainSettings)
     augment: Augment = field(default_factory=Augment)
     images: Path | None = None  # where the images are now, when not where embed read them
@@ -65,6 +68,12 @@ class TrainStudentConfig:
             raise UsageError(f"--source must be auto, sam, student or maskclip, got {self.source!r}")
         if not 0.0 <= self.conf_thresh <= 1.0:
             raise UsageError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
+        if (self.kind == "instance") != isinstance(self.arch, YolactArch):
+            raise UsageError(f"a {self.kind} student needs a {'YolactArch' if self.kind == 'instance' else 'SemanticArch'}")
+        if self.nms not in NMS_KINDS:
+            raise UsageError(f"--nms must be one of {', '.join(NMS_KINDS)}, got {self.nms!r}")
+        if not 0.0 <= self.nms_thresh <= 1.0:
+            raise UsageError(f"--nms-thresh must be in [0, 1], got {self.nms_thresh}")
         if self.images is not None and not self.images.is_dir():
             raise UsageError(f"--images {self.images} is not a folder")
         try:
@@ -282,6 +291,7 @@ def _student_config(config: TrainStudentConfig, plan: _Plan, result: TrainTaskRe
                         "images": len(plan.images), "text_classifier": plan.classifier_path.name},
         "train": config.train.to_json(),
         "augment": asdict(config.augment),
+        "inference": {"nms": config.nms, "nms_thresh": config.nms_thresh} if config.kind == "instance" else None,
         "parameters": result.parameters,
         "size_mb": result.size_mb,
         "run_id": run_id,

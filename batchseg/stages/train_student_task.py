@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, save_weights, write_metrics_row
 from batchseg.models.runtime import pick_device, set_torch_threads
 from batchseg.students.data import IGNORE, Augment, SemanticDataset, TrainImage, read_round
+from batchseg.students.instance_data import InstanceDataset
 from batchseg.students.semantic import SemanticArch, SemanticObjective, SemanticStudent, parameter_count
+from batchseg.students.yolact import Yolact, YolactArch
+from batchseg.students.yolact_loss import InstanceObjective
 from batchseg.students.train import EpochRecord, StepProgress, TrainSettings, train
 
 PROGRESS_FILE = ".progress.json"
@@ -39,7 +42,7 @@ class TrainTask:
     label_classes: tuple[str, ...]
     conf_thresh: float
     images: tuple[TrainImage, ...]
-    arch: SemanticArch
+    arch: SemanticArch | YolactArch
     train: TrainSettings
     augment: Augment
     torch_threads: int | None = None
@@ -85,22 +88,28 @@ def _semantic(task: TrainTask, device: str) -> tuple[SemanticStudent, SemanticOb
     return model, SemanticObjective(dataset, device)
 
 
+def _instance(task: TrainTask, device: str) -> tuple[Yolact, InstanceObjective]:
+    torch.manual_seed(task.train.seed)
+    model = Yolact(task.arch, task.classes).to(device)
+    dataset = InstanceDataset(list(task.images), _rows_by_image(task), task.arch.input_size, dict(task.class_map),
+                              task.conf_thresh, task.augment, task.train.seed)
+    return model, InstanceObjective(dataset, device)
+
+
 def run_train_task(task: TrainTask) -> TrainTaskResult:
     """Train the student to ``task.train.epochs`` epochs (resuming when checkpoints exist) and save it."""
     set_torch_threads(task.torch_threads)
     device = pick_device()
     checkpoints = task.folder / CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
-    if task.kind != "semantic":
-        raise NotImplementedError(task.kind)
-    model, objective = _semantic(task, device)
+    model, objective = (_semantic if task.kind == "semantic" else _instance)(task, device)
 
     def on_epoch(record: EpochRecord) -> None:
         write_metrics_row(task.folder, {"run_id": task.run_id, **asdict(record)})
 
     outcome = train(model, objective, task.train, checkpoints, on_step=lambda s: _write_progress(task.folder, s),
                     on_epoch=on_epoch)
-    outputs = list(task.classes) + (["(background: unlabelled)"] if model.extra_background else [])
+    outputs = list(task.classes) + (["(background: unlabelled)"] if getattr(model, "extra_background", False) else [])
     path = save_weights(task.folder, model.state_dict(),
                         {"format": "batchseg-student", "kind": task.kind, "outputs": json.dumps(outputs)})
     return TrainTaskResult([asdict(r) for r in outcome.records], outcome.resumed_from, parameter_count(model),

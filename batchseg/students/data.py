@@ -192,25 +192,39 @@ def normalise(image: Tensor) -> Tensor:
     return (image.float() - mean) / std
 
 
-def augment(image: Tensor, target: Tensor, rng: np.random.Generator, settings: Augment) -> tuple[Tensor, Tensor]:
-    """Flip, scale jitter, then crop (or pad) back to the canvas; uint8 image, int64 target."""
+def augment_stack(image: Tensor, stack: Tensor, rng: np.random.Generator, settings: Augment,
+                  fill: float) -> tuple[Tensor, Tensor]:
+    """Flip, scale jitter, then crop (or pad) back to the canvas.
+
+    ``image``: (3, S, S) uint8; ``stack``: (N, S, S) float maps moved with it (nearest
+    neighbour), padded with ``fill``. The random draws are the same whatever N is.
+    """
     canvas = image.shape[-1]
     if settings.flip and rng.random() < 0.5:
-        image, target = image.flip(-1), target.flip(-1)
+        image, stack = image.flip(-1), stack.flip(-1)
     low, high = settings.scale
     size = max(8, int(round(canvas * float(rng.uniform(low, high)))))
     if size != canvas:
         image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
         image = image.round().clamp(0, 255).to(torch.uint8)
-        target = F.interpolate(target[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+        if stack.shape[0]:
+            stack = F.interpolate(stack[None], size=(size, size), mode="nearest")[0]
+        else:
+            stack = stack.new_zeros((0, size, size))
     if size > canvas:
         top, left = (int(v) for v in rng.integers(0, size - canvas + 1, 2))
-        return image[:, top : top + canvas, left : left + canvas], target[top : top + canvas, left : left + canvas]
+        return image[:, top : top + canvas, left : left + canvas], stack[:, top : top + canvas, left : left + canvas]
     out_image = torch.zeros(3, canvas, canvas, dtype=torch.uint8)
-    out_target = torch.full((canvas, canvas), IGNORE, dtype=torch.int64)
+    out_stack = torch.full((stack.shape[0], canvas, canvas), fill, dtype=stack.dtype)
     out_image[:, :size, :size] = image
-    out_target[:size, :size] = target
-    return out_image, out_target
+    out_stack[:, :size, :size] = stack
+    return out_image, out_stack
+
+
+def augment(image: Tensor, target: Tensor, rng: np.random.Generator, settings: Augment) -> tuple[Tensor, Tensor]:
+    """:func:`augment_stack` of one ``(S, S)`` int64 target (padding :data:`IGNORE`)."""
+    image, stack = augment_stack(image, target[None].float(), rng, settings, float(IGNORE))
+    return image, stack[0].long()
 
 
 class SemanticDataset:
