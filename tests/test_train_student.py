@@ -72,6 +72,7 @@ def test_trains_writes_its_files_and_a_rerun_does_nothing(build, dask_scheduler)
         (["--name", "../x"], "--name must be a plain folder name"),
         (["--input-size", "30"], "multiple of 8"),
         (["--epochs", "0"], "--epochs"),
+        (["--classes", "red circle,Red Circle"], "names a class twice"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(build, dask_scheduler, args, fragment):
@@ -79,6 +80,14 @@ def test_bad_input_exits_2_with_a_clear_message(build, dask_scheduler, args, fra
     result = run_cli(["train-student", str(build), "--scheduler", dask_scheduler, *TINY, *args])
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_a_held_lock_exits_75(build, dask_scheduler):
+    from batchseg.io.lock import build_lock
+
+    with build_lock(build):
+        result = _train(build, dask_scheduler, "--name", "s", "--epochs", "1")
+    assert result.exit_code == 75 and "lock" in result.output
 
 
 def test_a_build_without_labels_is_refused(tmp_path, dask_scheduler):

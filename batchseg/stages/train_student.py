@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 import batchseg
@@ -158,6 +159,8 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
         if not (0 <= cid < len(label_classes) and label_classes[cid] == name):
             raise UsageError(f"round {round_index} was labelled with another vocabulary than the build's last "
                              f"pseudolabel run (class id {cid} is {name!r}); rerun pseudolabel")
+    if config.classes and len({c.lower() for c in config.classes}) != len(config.classes):
+        raise UsageError(f"--classes names a class twice: {', '.join(config.classes)}")
     wanted = config.classes or tuple(c for c in label_classes if config.kind == "semantic" or c.lower() != BACKGROUND)
     lowered = {c.lower(): i for i, c in enumerate(label_classes)}
     missing = [c for c in wanted if c.lower() not in lowered]
@@ -169,7 +172,7 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
     if config.kind == "semantic" and BACKGROUND in lowered and BACKGROUND not in {c.lower() for c in student_classes}:
         class_map[lowered[BACKGROUND]] = len(student_classes)  # the learnable extra background output
     kept = table.filter(pc.and_(pc.greater_equal(table.column("score"), config.conf_thresh),
-                                pc.is_in(table.column("class_id"), value_set=_int_array(sorted(class_map)))))
+                                pc.is_in(table.column("class_id"), value_set=pa.array(sorted(class_map), type=pa.int32()))))
     if kept.num_rows == 0:
         raise UsageError(f"empty label set: no {source} {config.kind} row of round {round_index} of the chosen classes "
                          f"reaches --conf-thresh {config.conf_thresh}; lower it or choose other classes")
@@ -179,12 +182,6 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
         raise UsageError(f"none of the {len(ids)} labelled images is an ok manifest row of {out}")
     return _Plan(round_index, source, label_classes, student_classes, tuple(sorted(class_map.items())),
                  classifier, tuple(images), kept.num_rows)
-
-
-def _int_array(values):
-    import pyarrow as pa
-
-    return pa.array(values, type=pa.int32())
 
 
 def _check_settings(folder: Path, config: TrainStudentConfig, plan: _Plan) -> bool:

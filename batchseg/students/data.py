@@ -127,9 +127,9 @@ def train_images(out: Path, image_ids: set[str], images_root: Path | None) -> li
             missing_runs.add(row["run_id"])
             continue
         found[image_id] = TrainImage(image_id, str(Path(root) / row["path"]), int(row["height"]), int(row["width"]))
-    if missing_runs and not found:
+    if missing_runs:
         raise UsageError(f"{out}/runs has no record of the embed run(s) {', '.join(sorted(missing_runs)[:3])}, "
-                         "so the images' folder is unknown; pass --images SRC")
+                         "so where their images are is unknown; pass --images SRC")
     return [found[k] for k in sorted(found)]
 
 
@@ -269,6 +269,3 @@ class SemanticDataset:
 
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-
-    def used_pixels(self) -> int:
-        return sum(int((self.base(i)[1] != IGNORE).sum()) for i in range(len(self)))
