@@ -179,7 +179,7 @@ def letterbox_tensors(pixels: np.ndarray, canvas: int, target: np.ndarray | None
     out_image[:, : box.valid_h, : box.valid_w] = small[0].round().clamp(0, 255).to(torch.uint8)
     out_target = None
     if target is not None:
-        t = F.interpolate(torch.from_numpy(target)[None, None].float(), size=(box.valid_h, box.valid_w), mode="nearest")
+        t = F.interpolate(torch.from_numpy(target)[None, None].float(), size=(box.valid_h, box.valid_w), mode="nearest-exact")
         out_target = torch.full((canvas, canvas), IGNORE, dtype=torch.int64)
         out_target[: box.valid_h, : box.valid_w] = t[0, 0].long()
     return out_image, out_target, (box.valid_h, box.valid_w)
@@ -208,7 +208,7 @@ def augment_stack(image: Tensor, stack: Tensor, rng: np.random.Generator, settin
         image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
         image = image.round().clamp(0, 255).to(torch.uint8)
         if stack.shape[0]:
-            stack = F.interpolate(stack[None], size=(size, size), mode="nearest")[0]
+            stack = F.interpolate(stack[None], size=(size, size), mode="nearest-exact")[0]
         else:
             stack = stack.new_zeros((0, size, size))
     if size > canvas:

@@ -66,7 +66,7 @@ class InstanceDataset:
         masks = torch.zeros((len(rows), self.canvas, self.canvas), dtype=torch.bool)
         if rows:
             full = torch.from_numpy(np.stack([decode_mask(r["mask"]) for r in rows])).float()
-            small = F.interpolate(full[None], size=(valid_h, valid_w), mode="nearest")[0] > 0.5
+            small = F.interpolate(full[None], size=(valid_h, valid_w), mode="nearest-exact")[0] > 0.5
             masks[:, :valid_h, :valid_w] = small
         classes = torch.tensor([self.class_map[r["class_id"]] for r in rows], dtype=torch.int64)
         self.cache[index] = (pixels, masks, classes)

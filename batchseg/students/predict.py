@@ -61,6 +61,6 @@ def instance_label_rows(student: LoadedStudent, outputs: dict[str, torch.Tensor]
     if found.masks.shape[0] == 0:
         return []
     on_image = found.masks[:, : valid[0], : valid[1]].float()[None]
-    work = F.interpolate(on_image, size=(frame.work_h, frame.work_w), mode="nearest")[0] > 0.5
+    work = F.interpolate(on_image, size=(frame.work_h, frame.work_w), mode="nearest-exact")[0] > 0.5
     return instance_rows(frame, work.numpy(), found.class_ids.numpy(), found.scores.numpy(), student.classes,
                          SOURCE, round_index)
