@@ -309,6 +309,8 @@ Examples:
 @click.option("--classes", default=None, help="Comma-separated subset of the build's classes (default: all).")
 @click.option("--conf-thresh", type=float, default=0.5, show_default=True,
               help="Ignore label rows whose score (mean confidence of the segment) is below this.")
+@click.option("--class-balance", type=float, default=0.5, show_default=True,
+              help="Semantic: loss weight per class (pixel frequency)^-this; 0 = unweighted.")
 @click.option("--blocks", type=click.Choice(["conv", "attention", "dynamic", "dynamic-dw"]), default="conv",
               show_default=True, help="Backbone blocks.")
 @click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
@@ -333,7 +335,7 @@ Examples:
               help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
 @click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_student(out, kind, name, round_index, source, classes, conf_thresh, blocks, width, depth, input_size,
+def train_student(out, kind, name, round_index, source, classes, conf_thresh, class_balance, blocks, width, depth, input_size,
                   nms, nms_thresh, epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
                   overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings
@@ -352,7 +354,7 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, bl
                 raise UsageError("--classes is empty: give at least one class name")
         config = TrainStudentConfig(
             out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
-            conf_thresh=conf_thresh,
+            conf_thresh=conf_thresh, class_balance=class_balance,
             arch=(YolactArch if kind == "instance" else SemanticArch)(blocks=blocks, width=width, depth=depth,
                                                                        input_size=input_size),
             nms=nms, nms_thresh=nms_thresh,

@@ -3,7 +3,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from batchseg.labels.rle import decode_mask, encode_mask, rle_area, rle_bbox_xyw
 from batchseg.students.load import LoadedStudent
 from batchseg.students.predict import instance_label_rows
 from batchseg.students.instance_data import masks_to_boxes
-from batchseg.students.yolact import Yolact, YolactArch, decode, detect, encode, make_anchors, to_xyxy
+from batchseg.students.yolact import Yolact, YolactArch, decode, detect, encode, make_anchors
 from batchseg.students.yolact_loss import match, yolact_loss
 from batchseg.world import CLASS_NAMES, render_sample
 from helpers import run_cli

@@ -1,6 +1,5 @@
 """Student building blocks, checkpoints and the resumable training loop (no CLI, no Dask)."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -47,6 +47,7 @@ class TrainStudentConfig:
     source: str = "auto"  # label source of the round: auto (SAM refinement when present), sam, student, maskclip
     classes: tuple[str, ...] | None = None  # None: every class of the build's vocabulary
     conf_thresh: float = 0.5
+    class_balance: float = 0.5  # semantic: loss weight per class = (pixel frequency)^-this
     arch: SemanticArch | YolactArch = field(default_factory=SemanticArch)
     nms: str = "fast"  # instance students: the NMS predict uses (fast, or noh for NOH-NMS)
     nms_thresh: float = 0.5
@@ -67,6 +68,8 @@ class TrainStudentConfig:
             raise UsageError(f"--round must be 0 or more, got {self.round}")
         if self.source not in ("auto", "sam", "student", "maskclip"):
             raise UsageError(f"--source must be auto, sam, student or maskclip, got {self.source!r}")
+        if not 0.0 <= self.class_balance <= 1.0:
+            raise UsageError(f"--class-balance must be in [0, 1], got {self.class_balance}")
         if not 0.0 <= self.conf_thresh <= 1.0:
             raise UsageError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
         if (self.kind == "instance") != isinstance(self.arch, YolactArch):
@@ -89,7 +92,8 @@ class TrainStudentConfig:
         """What decides the trained weights; a rerun with other values is another training."""
         return {"kind": self.kind, "round": self.round, "source": self.source,
                 "classes": list(self.classes) if self.classes else None, "conf_thresh": self.conf_thresh,
-                "architecture": self.arch.to_json(), "train": self.train.to_json(), "augment": asdict(self.augment)}
+                "class_balance": self.class_balance, "architecture": self.arch.to_json(),
+                "train": self.train.to_json(), "augment": asdict(self.augment)}
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,8 @@ def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, start
     task = TrainTask(out=config.out, folder=folder, run_id=run_id, kind=config.kind, round_index=plan.round,
                      source=plan.source, classes=plan.student_classes, class_map=plan.class_map,
                      classifier_path=plan.classifier_path, label_classes=plan.label_classes,
-                     conf_thresh=config.conf_thresh, images=plan.images, arch=config.arch, train=config.train,
+                     conf_thresh=config.conf_thresh, class_balance=config.class_balance, images=plan.images,
+                     arch=config.arch, train=config.train,
                      augment=config.augment, torch_threads=threads)
     with dask_client(config.cluster, config.out) as client:
         future = client.submit(run_train_task, task, key=f"train-student-{run_id}",
@@ -284,6 +289,7 @@ def _student_config(config: TrainStudentConfig, plan: _Plan, result: TrainTaskRe
                     "-mean/std) onto a square canvas",
         "learnt_from": {"build": str(config.out.resolve()), "round": plan.round, "source": plan.source,
                         "kind": config.kind, "conf_thresh": config.conf_thresh,
+                        "class_balance": config.class_balance,
                         "label_classes": list(plan.label_classes), "label_rows": plan.rows,
                         "images": len(plan.images), "text_classifier": plan.classifier_path.name},
         "train": config.train.to_json(),

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, save_weights, write_metrics_row
+from batchseg.labels.selftrain import balanced_class_weights
 from batchseg.models.runtime import pick_device, set_torch_threads
 from batchseg.students.data import IGNORE, Augment, SemanticDataset, TrainImage, read_round
 from batchseg.students.instance_data import InstanceDataset
@@ -41,6 +42,7 @@ class TrainTask:
     classifier_path: Path  # the build's text classifier (label class order)
     label_classes: tuple[str, ...]
     conf_thresh: float
+    class_balance: float
     images: tuple[TrainImage, ...]
     arch: SemanticArch | YolactArch
     train: TrainSettings
@@ -85,7 +87,10 @@ def _semantic(task: TrainTask, device: str) -> tuple[SemanticStudent, SemanticOb
     unlabelled = len(task.classes) if model.extra_background else IGNORE
     dataset = SemanticDataset(list(task.images), _rows_by_image(task), task.arch.input_size, class_map,
                               task.conf_thresh, unlabelled, task.augment, task.train.seed)
-    return model, SemanticObjective(dataset, device)
+    weights = None
+    if task.class_balance > 0:
+        weights = balanced_class_weights(dataset.class_counts(model.num_outputs), task.class_balance)
+    return model, SemanticObjective(dataset, device, weights)
 
 
 def _instance(task: TrainTask, device: str) -> tuple[Yolact, InstanceObjective]:

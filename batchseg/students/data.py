@@ -269,3 +269,11 @@ class SemanticDataset:
 
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+
+    def class_counts(self, num_outputs: int) -> np.ndarray:
+        """Target pixels per output over the (un-augmented) letterboxed dataset, ``(K,)`` int64."""
+        counts = np.zeros(num_outputs, dtype=np.int64)
+        for index in range(len(self)):
+            target = self.base(index)[1]
+            counts += np.bincount(target[target >= 0].numpy(), minlength=num_outputs)[:num_outputs]
+        return counts

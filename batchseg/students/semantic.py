@@ -110,13 +110,16 @@ def parameter_count(model: nn.Module) -> int:
 class SemanticObjective:
     """Pixel-wise cross-entropy of a :class:`SemanticStudent` on a dataset of (pixels, targets).
 
+    ``class_weights`` ``(K,)``: per-output loss weights (``None``: plain cross-entropy).
+
     ``dataset`` has ``__len__``, ``order(epoch)`` and ``sample(index, epoch) -> ((3, S, S) float32,
     (S, S) int64 with -1 = ignored)`` (see ``batchseg.students.data.SemanticDataset``).
     """
 
-    def __init__(self, dataset, device: str | torch.device = "cpu") -> None:
+    def __init__(self, dataset, device: str | torch.device = "cpu", class_weights: Tensor | None = None) -> None:
         self.dataset = dataset
         self.device = torch.device(device)
+        self.class_weights = None if class_weights is None else class_weights.float().to(self.device)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -131,7 +134,10 @@ class SemanticObjective:
         used = int((target >= 0).sum())
         if used == 0:  # nothing to learn in this batch: a zero loss that still has a graph
             return logits.sum() * 0.0, 0
-        return F.cross_entropy(logits, target, ignore_index=-1), used
+        if self.class_weights is None:
+            return F.cross_entropy(logits, target, ignore_index=-1), used
+        # Weighted mean over the used pixels (what F.cross_entropy(weight=...) computes too).
+        return F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=-1), used
 
 
 def load_semantic(config: dict, weights: dict[str, Tensor]) -> SemanticStudent:

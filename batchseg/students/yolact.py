@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batchseg.labels.nms import box_iou_matrix, fast_nms_boxes
+from batchseg.labels.nms import fast_nms_boxes
 from batchseg.students.blocks import BLOCK_KINDS, Backbone, _norm
 from batchseg.students.noh_nms import noh_nms
 
