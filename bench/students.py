@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30, help="student epochs (default 30)")
     parser.add_argument("--instance-epochs", type=int, default=40, help="YOLACT epochs (default 40)")
     parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--conf-thresh", type=float, default=0.3, help="students ignore label rows below this (0.3)")
+    parser.add_argument("--class-balance", type=float, default=0.5, help="semantic students' class balance (0.5)")
     parser.add_argument("--blocks", default=",".join(BLOCKS), help="semantic students to train (comma list)")
     parser.add_argument("--teacher-images", type=int, default=2, help="640x480 images for the speed row (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker (default 1)")
@@ -125,8 +127,9 @@ def _train(out: Path, name: str, kind: str, blocks: str, epochs: int, args, sche
 
     result = CliRunner().invoke(cli, [
         "train-student", str(out), "--kind", kind, "--name", name, "--blocks", blocks, "--epochs", str(epochs),
-        "--input-size", str(args.input_size), "--conf-thresh", "0.5", "--threads", str(args.threads),
-        "--scheduler", scheduler, "-q"], catch_exceptions=False)
+        "--input-size", str(args.input_size), "--conf-thresh", str(args.conf_thresh),
+        "--class-balance", str(args.class_balance), "--threads", str(args.threads),
+        "--scheduler", scheduler, "--overwrite", "-q"], catch_exceptions=False)
     if result.exit_code:
         raise RuntimeError(result.output)
     return out / "students" / name
