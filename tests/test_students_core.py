@@ -144,3 +144,20 @@ def test_damaged_checkpoint_falls_back_to_an_older_one(tmp_path):
     assert restored.epoch == 1
     assert torch.allclose(fresh.background, model.background - 1.0)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_class_weights_weigh_each_pixel_by_its_target_class():
+    model = _student()
+    data = _ToyData(n=2)
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    plain, used = SemanticObjective(data).loss(model, [0, 1], 0)
+    weighted, _ = SemanticObjective(data, class_weights=weights).loss(model, [0, 1], 0)
+    with torch.no_grad():
+        logits = model(data.pixels[:2])
+    target = data.targets[:2]
+    per_pixel = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+    valid = target >= 0
+    w = weights[target.clamp_min(0)] * valid
+    assert used == int(valid.sum())
+    torch.testing.assert_close(plain.detach(), per_pixel[valid].mean())
+    torch.testing.assert_close(weighted.detach(), (per_pixel * w).sum() / w.sum())
