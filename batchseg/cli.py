@@ -35,6 +35,7 @@ def cli() -> None:
       embed        images -> CLIP dense features + SAM embeddings (Zarr) + manifest (Parquet)
       pseudolabel  stored embeddings -> MaskCLIP labels, SAM masks recognised, self-training rounds
       evaluate     labels of every round and source -> IoU against a few hand-labelled images
+      train-student  labels + images -> a small deployable model (predict, export-student apply it)
       qc           stored embeddings -> outlier scores, near-duplicates, flags (OUT/qc)
       export       labels of a round -> COCO JSON, PNG label maps or YOLO polygons; report: an HTML page
     """
@@ -495,6 +496,190 @@ def qc(out, method, compare, contamination, threshold, dup_threshold, features, 
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())
+
+
+TRAIN_STUDENT_HELP = f"""Train a small deployable model on the pseudo labels of OUT (it learns from pixels).
+
+Reads each labelled image through the manifest (the same safe decoder as embed) and
+the label rows of round K (default: the last round; --source auto learns from SAM's
+refinement when the round has it). Label rows scoring below --conf-thresh are ignored.
+Augmentation (flip, scale jitter, crop) and everything else random follow --seed.
+
+The semantic student (MaskCLIP+) is a compact CNN whose classifier is the frozen
+CLIP text embeddings of the classes plus a learnable background embedding; --blocks
+picks its blocks: conv, attention (softmax), dynamic (ReLU + LayerNorm attention,
+"ViTs as dynamic convolutions") or dynamic-dw (its depth-wise variant). The instance
+student is YOLACT (32 prototypes, Fast NMS; --nms noh adds NOH-NMS for crowds),
+learnt from the round's instance rows (SAM masks recognised by CLIP).
+
+Writes OUT/students/NAME/: model.safetensors, config.json (architecture, classes,
+input size, normalisation, the round and label settings), metrics/part-*.parquet
+(one row per epoch) and _checkpoints/ (one per epoch). Killed or interrupted, the
+same command resumes from the last finished epoch and ends with the same weights;
+run again when finished, it does nothing.
+
+\b
+Examples:
+  batchseg train-student out/ --kind semantic --name small --epochs 30
+  batchseg train-student out/ --name dyn --blocks dynamic --round 0 --conf-thresh 0.6
+  batchseg train-student out/ --name pets --classes "cat,dog,background" --images /mnt/photos
+  batchseg train-student out/ --kind instance --name yolact --nms noh --epochs 40
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command("train-student", help=TRAIN_STUDENT_HELP)
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--kind", type=click.Choice(["semantic", "instance"]), default="semantic", show_default=True,
+              help="What the student predicts: a semantic map (MaskCLIP+) or instances (YOLACT).")
+@click.option("--name", required=True, help="Folder name of the student under OUT/students/.")
+@click.option("--round", "round_index", type=int, default=None, help="Label round to learn from (default: the last).")
+@click.option("--source", type=click.Choice(["auto", "sam", "student", "maskclip"]), default="auto", show_default=True,
+              help="Which labels of the round: auto = SAM refinement when present.")
+@click.option("--classes", default=None, help="Comma-separated subset of the build's classes (default: all).")
+@click.option("--conf-thresh", type=float, default=0.5, show_default=True,
+              help="Ignore label rows whose score (mean confidence of the segment) is below this.")
+@click.option("--class-balance", type=float, default=0.5, show_default=True,
+              help="Semantic: loss weight per class (pixel frequency)^-this; 0 = unweighted.")
+@click.option("--blocks", type=click.Choice(["conv", "attention", "dynamic", "dynamic-dw"]), default="conv",
+              show_default=True, help="Backbone blocks.")
+@click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
+@click.option("--depth", type=int, default=4, show_default=True, help="Number of blocks.")
+@click.option("--input-size", type=int, default=128, show_default=True, help="Square input canvas (multiple of 8).")
+@click.option("--nms", type=click.Choice(["fast", "noh"]), default="fast", show_default=True,
+              help="Instance students: NMS at prediction, Fast NMS or NOH-NMS (crowds).")
+@click.option("--nms-thresh", type=float, default=0.5, show_default=True, help="Instance students: NMS IoU threshold.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, order and augmentation.")
+@click.option("--no-flip", is_flag=True, help="No horizontal flips.")
+@click.option("--scale-jitter", type=(float, float), default=(0.75, 1.25), show_default=True,
+              help="Range of the random rescaling before the crop.")
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder the images are in now, when it is not the folder embed read.")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (training uses one).")
+@click.option("--threads", type=int, default=None, help="Torch threads of the training worker.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train_student(out, kind, name, round_index, source, classes, conf_thresh, class_balance, blocks, width, depth, input_size,
+                  nms, nms_thresh, epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
+                  overwrite, quiet) -> None:
+    from batchseg.config import ClusterSettings
+    from batchseg.errors import UsageError
+    from batchseg.stages.train_student import TrainStudentConfig, run_train_student
+    from batchseg.students.data import Augment
+    from batchseg.students.semantic import SemanticArch
+    from batchseg.students.train import TrainSettings
+    from batchseg.students.yolact import YolactArch
+
+    try:
+        chosen = None
+        if classes is not None:
+            chosen = tuple(c.strip() for c in classes.split(",") if c.strip())
+            if not chosen:
+                raise UsageError("--classes is empty: give at least one class name")
+        config = TrainStudentConfig(
+            out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
+            conf_thresh=conf_thresh, class_balance=class_balance,
+            arch=(YolactArch if kind == "instance" else SemanticArch)(blocks=blocks, width=width, depth=depth,
+                                                                       input_size=input_size),
+            nms=nms, nms_thresh=nms_thresh,
+            train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+            augment=Augment(flip=not no_flip, scale=tuple(scale_jitter)),
+            images=images,
+            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            overwrite=overwrite,
+        )
+        summary = run_train_student(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
+PREDICT_HELP = f"""Label the images under SRC with a trained student; write DEST like a build.
+
+STUDENT is a student folder (OUT/students/NAME). Images are found, hashed and decoded
+as embed does (unusable files and duplicates become manifest rows); the student runs
+on shards of images on the Dask workers. DEST gets manifest/part-*.parquet and
+labels/round=0/part-*.parquet in the schemas pseudolabel writes (source "student"),
+so `batchseg evaluate DEST --gt ...` and the later stages read it unchanged. Reruns
+are incremental: only new or changed images are labelled.
+
+\b
+Examples:
+  batchseg predict out/students/small new_photos/ labelled/
+  batchseg predict out/students/small new_photos/ labelled/ --workers 2 --batch-size 16
+  batchseg evaluate labelled/ --gt gt_masks/
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=PREDICT_HELP)
+@click.argument("student", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task (and manifest part).")
+@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
+@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels than this.")
+@click.option("--overwrite", is_flag=True, help="Start over: delete DEST's manifest and labels first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def predict(student, src, dest, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite,
+            quiet) -> None:
+    from batchseg.config import ClusterSettings
+    from batchseg.io.images import DEFAULT_MAX_PIXELS
+    from batchseg.stages.predict import PredictConfig, run_predict
+
+    try:
+        config = PredictConfig(student=student, source=src, dest=dest,
+                               cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus,
+                                                       torch_threads=threads),
+                               batch_size=batch_size, shard_size=shard_size,
+                               max_pixels=max_pixels or DEFAULT_MAX_PIXELS, overwrite=overwrite)
+        summary = run_predict(config, progress=not quiet)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+
+
+EXPORT_STUDENT_HELP = f"""Export a trained student for deployment: ONNX or TorchScript.
+
+The exported model takes letterboxed RGB pixels, float32 (B, 3, S, S) in 0..255
+(longest side resized to S = config.json's input_size, padded bottom/right with 0),
+and returns class probabilities (B, K, S, S) in config.json's output order. The batch
+size is dynamic; normalisation is inside the model. Written next to the weights
+unless --output says otherwise.
+
+\b
+Examples:
+  batchseg export-student out/students/small --format onnx
+  batchseg export-student out/students/small --format torchscript --output deploy/small.pt
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command("export-student", help=EXPORT_STUDENT_HELP)
+@click.argument("student", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
+              help="File format.")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write (default: STUDENT/model.onnx or STUDENT/model.torchscript.pt).")
+def export_student(student, fmt, output) -> None:
+    from batchseg.students.export import export_student as run_export
+
+    try:
+        path = run_export(student, fmt, output)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(f"export-student: wrote {path} ({path.stat().st_size / 2**20:.2f} MB)")
 
 
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:

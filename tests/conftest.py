@@ -43,3 +43,37 @@ def dask_scheduler(tmp_path_factory) -> str:
     )
     yield cluster.scheduler_address
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def labelled_build(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
+    """8 world images embedded (tiny CLIP, no SAM) and pseudo-labelled (rounds 0 and 1, with background).
+
+    Shared by the student tests; copy it before writing into it.
+    """
+    from helpers import embed_args, run_cli
+    from batchseg.world import write_world
+
+    root = tmp_path_factory.mktemp("student-build")
+    write_world(root / "world", 8, seed=11, max_side=80)
+    out = root / "build"
+    result = run_cli(embed_args(root / "world" / "images", out, tiny_models, "--no-sam", "--scheduler", dask_scheduler))
+    assert result.exit_code == 0, result.output
+    result = run_cli(["pseudolabel", str(out), "--vocab", str(root / "world" / "classes.txt"), "--background",
+                      "--rounds", "1", "--epochs", "1", "--scheduler", dask_scheduler, "-q"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_student(tmp_path_factory, labelled_build, dask_scheduler) -> Path:
+    """A tiny semantic student (2 epochs) trained on ``labelled_build``: OUT/students/s."""
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("trained") / "build"
+    shutil.copytree(labelled_build, out)
+    result = run_cli(["train-student", str(out), "--name", "s", "--epochs", "2", "--scheduler", dask_scheduler,
+                      "--width", "16", "--depth", "1", "--input-size", "32", "--batch-size", "4",
+                      "--conf-thresh", "0", "--threads", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    return out / "students" / "s"

@@ -1,0 +1,189 @@
+"""`batchseg predict STUDENT SRC DEST`: label a folder of images with a trained student.
+
+Finds and hashes images exactly as `embed` does (its plan: ``discover_images`` and
+``plan_embed``; unreadable files and duplicates are manifest rows), runs the student
+on shards of images on the Dask workers, and writes ``DEST/manifest/part-*.parquet``
+and ``DEST/labels/round=0/part-*.parquet`` in the schemas `pseudolabel` writes
+(source ``student``), plus a ``batchseg.json`` naming the classes, so `evaluate`,
+`export` and later stages read DEST unchanged. Incremental like `embed`: a rerun
+labels only new or changed files.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import batchseg
+from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
+from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, ClusterSettings, read_build_file, write_json_atomic
+from batchseg.errors import UsageError
+from batchseg.io.images import DEFAULT_MAX_PIXELS, discover_images
+from batchseg.io.lock import build_lock
+from batchseg.io.student_files import read_student
+from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, round_folder, write_part_atomic
+from batchseg.stages.embed import new_run_id
+from batchseg.stages.embed_plan import plan_embed
+from batchseg.stages.embed_shard import part_path
+from batchseg.stages.predict_shard import LABEL_ROUND, PredictItem, PredictShard, PredictShardResult, run_predict_shard
+from batchseg.students.load import model_digest
+
+OUTPUTS = ("manifest", "labels", BUILD_FILE)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    student: Path  # OUT/students/NAME
+    source: Path
+    dest: Path
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    batch_size: int = 8
+    shard_size: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.source.is_dir():
+            raise UsageError(f"source folder {self.source} does not exist or is not a folder")
+        if self.dest.exists() and not self.dest.is_dir():
+            raise UsageError(f"destination {self.dest} exists and is not a folder")
+        if self.dest.resolve() == self.source.resolve():
+            raise UsageError("the destination folder must differ from the source folder")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise UsageError("--batch-size and --shard-size must be at least 1")
+        self.cluster.validate()
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    run_id: str
+    dest: Path
+    found: int
+    computed: int
+    ok: int
+    failed: int
+    skipped: int
+    duplicates: int
+    rows: int
+    seconds: float
+
+    def text(self) -> str:
+        return (f"predict finished: {self.ok} labelled, {self.failed} failed, {self.skipped} skipped (unchanged), "
+                f"{self.duplicates} duplicates; {self.rows} label rows in {self.seconds:.1f} s\n"
+                f"outputs: {self.dest / 'manifest'}, {round_folder(self.dest, LABEL_ROUND)}, runs/{self.run_id}.json")
+
+
+def _identity(config: PredictConfig, student_config: dict) -> dict:
+    return {"student": str(config.student.resolve()), "model_sha256": model_digest(config.student),
+            "kind": student_config["kind"], "classes": student_config["classes"]}
+
+
+def _check_dest(config: PredictConfig, identity: dict) -> None:
+    build = read_build_file(config.dest)
+    if build is None:
+        return
+    stored = build.get("predict")
+    if stored is None:
+        raise UsageError(f"{config.dest} is not a predict output (no 'predict' in {BUILD_FILE}); choose another DEST")
+    if stored["model_sha256"] != identity["model_sha256"]:
+        raise UsageError(f"{config.dest} holds labels of another student ({stored['student']}); "
+                         "pass --overwrite to start over, or choose another DEST")
+
+
+def _remove_uncommitted(dest: Path) -> None:
+    """Label parts of shards whose manifest part never landed (a crash between the two writes)."""
+    folder = round_folder(dest, LABEL_ROUND)
+    remove_temporaries(folder)
+    remove_temporaries(dest / "manifest")
+    for part in folder.glob("part-*.parquet"):
+        shard_id = part.name[len("part-"):-len(".parquet")]
+        if not part_path(dest, shard_id).exists():
+            part.unlink()
+
+
+def run_predict(config: PredictConfig, progress: bool = True) -> PredictSummary:
+    config.validate()
+    student_config, _ = read_student(config.student)
+    identity = _identity(config, student_config)
+    run_id = new_run_id()
+    started = time.perf_counter()
+    with build_lock(config.dest):
+        try:
+            summary = _predict_locked(config, identity, run_id, progress, started)
+        except BaseException as exc:
+            _record(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
+            raise
+        _record(config, run_id, "finished", summary, None)
+        return summary
+
+
+def _predict_locked(config: PredictConfig, identity: dict, run_id: str, progress: bool, started: float) -> PredictSummary:
+    dest = config.dest
+    if config.overwrite:
+        for name in OUTPUTS:
+            target = dest / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    _check_dest(config, identity)
+    _remove_uncommitted(dest)
+    write_json_atomic(dest / BUILD_FILE, {
+        "schema_version": BUILD_SCHEMA_VERSION,
+        "batchseg_version": batchseg.__version__,
+        "predict": identity,
+        # evaluate and the later stages read a build's classes from here.
+        "pseudolabel": {"labels": {"classes": list(identity["classes"])}, "source": "student"},
+    })
+    manifest = read_manifest(dest)
+    try:
+        files = discover_images(config.source)
+    except OSError as exc:
+        raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
+    plan = plan_embed(files, manifest, run_id)
+    results: list[PredictShardResult] = []
+    if plan.pending:
+        threads = config.cluster.torch_threads
+        if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
+            threads = config.cluster.threads_per_worker()
+        items = [PredictItem(p.image_id, p.found.path, p.found.rel_path, p.found.size, p.found.mtime) for p in plan.pending]
+        shards = [
+            PredictShard(f"{run_id}-{index:05d}", run_id, dest, config.student.resolve(),
+                         tuple(items[i : i + config.shard_size]), config.batch_size, config.max_pixels, threads)
+            for index, i in enumerate(range(0, len(items), config.shard_size))
+        ]
+        with dask_client(config.cluster, dest) as client:
+            resources = gpu_resources(config.cluster)
+            futures = [client.submit(run_predict_shard, shard, key=f"predict-{shard.shard_id}", resources=resources,
+                                     pure=False) for shard in shards]
+            results = gather_with_progress(futures, len(items), "predict", progress, lambda r: r.images)
+    if plan.recorded_rows:
+        write_part_atomic(manifest_table(plan.recorded_rows), part_path(dest, f"{run_id}-driver"))
+    ok = sum(r.ok for r in results)
+    failed = sum(r.images - r.ok for r in results) + sum(r["status"] != "duplicate" for r in plan.recorded_rows)
+    return PredictSummary(run_id, dest, plan.found, len(plan.pending), ok, failed, plan.known, plan.duplicates,
+                          sum(r.rows for r in results), time.perf_counter() - started)
+
+
+def _record(config: PredictConfig, run_id: str, status: str, summary: PredictSummary | None, error: str | None) -> None:
+    record = {
+        "run_id": run_id,
+        "command": "predict",
+        "argv": sys.argv,
+        "status": status,
+        "error": error,
+        "config": {"student": str(config.student), "source": str(config.source), "dest": str(config.dest),
+                   "cluster": asdict(config.cluster), "batch_size": config.batch_size, "shard_size": config.shard_size,
+                   "max_pixels": config.max_pixels, "overwrite": config.overwrite},
+        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version()},
+        "host": platform.node(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "counts": {k: v for k, v in asdict(summary).items() if k not in ("dest", "run_id")} if summary else None,
+    }
+    runs = config.dest / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(runs / f"{run_id}.json", record)

@@ -1,0 +1,326 @@
+"""`batchseg train-student`: train a deployable student on a round's pseudo labels.
+
+The driver plans (which round, source, classes and images; clear errors when there
+is nothing to learn), takes the build's lock, and runs the training as one task on
+one Dask worker (its GPU when it has one). The task trains from the latest committed
+checkpoint, writes one metrics part per epoch and the final weights; the driver
+follows its progress through a small file the task rewrites each step, and writes
+``config.json`` last: a student folder with a ``config.json`` is finished.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import batchseg
+from batchseg.cluster import dask_client, gpu_resources
+from batchseg.config import ClusterSettings, read_build_file, write_json_atomic
+from batchseg.errors import BatchsegError, UsageError
+from batchseg.io.lock import build_lock
+from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
+from batchseg.stages.embed import new_run_id
+from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
+from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, available_rounds, pick_source, read_round, train_images
+from batchseg.students.semantic import BACKGROUND, SemanticArch
+from batchseg.students.train import TrainSettings
+from batchseg.students.yolact import NMS_KINDS, YolactArch
+
+KINDS = ("semantic", "instance")
+SETTINGS_FILE = "_settings.json"
+
+
+@dataclass(frozen=True)
+class TrainStudentConfig:
+    """One `batchseg train-student` run."""
+
+    out: Path
+    name: str
+    kind: str = "semantic"
+    round: int | None = None  # None: the last round with labels
+    source: str = "auto"  # label source of the round: auto (SAM refinement when present), sam, student, maskclip
+    classes: tuple[str, ...] | None = None  # None: every class of the build's vocabulary
+    conf_thresh: float = 0.5
+    class_balance: float = 0.5  # semantic: loss weight per class = (pixel frequency)^-this
+    arch: SemanticArch | YolactArch = field(default_factory=SemanticArch)
+    nms: str = "fast"  # instance students: the NMS predict uses (fast, or noh for NOH-NMS)
+    nms_thresh: float = 0.5
+    train: TrainSettings = field(default_factory=TrainSettings)
+    augment: Augment = field(default_factory=Augment)
+    images: Path | None = None  # where the images are now, when not where embed read them
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.out.is_dir():
+            raise UsageError(f"output folder {self.out} does not exist; run `batchseg embed SRC {self.out}` first")
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith((".", "_")):
+            raise UsageError(f"--name must be a plain folder name (no slashes, not starting with . or _), got {self.name!r}")
+        if self.kind not in KINDS:
+            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.round is not None and self.round < 0:
+            raise UsageError(f"--round must be 0 or more, got {self.round}")
+        if self.source not in ("auto", "sam", "student", "maskclip"):
+            raise UsageError(f"--source must be auto, sam, student or maskclip, got {self.source!r}")
+        if not 0.0 <= self.class_balance <= 1.0:
+            raise UsageError(f"--class-balance must be in [0, 1], got {self.class_balance}")
+        if not 0.0 <= self.conf_thresh <= 1.0:
+            raise UsageError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
+        if (self.kind == "instance") != isinstance(self.arch, YolactArch):
+            raise UsageError(f"a {self.kind} student needs a {'YolactArch' if self.kind == 'instance' else 'SemanticArch'}")
+        if self.nms not in NMS_KINDS:
+            raise UsageError(f"--nms must be one of {', '.join(NMS_KINDS)}, got {self.nms!r}")
+        if not 0.0 <= self.nms_thresh <= 1.0:
+            raise UsageError(f"--nms-thresh must be in [0, 1], got {self.nms_thresh}")
+        if self.images is not None and not self.images.is_dir():
+            raise UsageError(f"--images {self.images} is not a folder")
+        try:
+            self.arch.validate()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.train.validate()
+        self.augment.validate()
+        self.cluster.validate()
+
+    def identity(self) -> dict:
+        """What decides the trained weights; a rerun with other values is another training."""
+        return {"kind": self.kind, "round": self.round, "source": self.source,
+                "classes": list(self.classes) if self.classes else None, "conf_thresh": self.conf_thresh,
+                "class_balance": self.class_balance, "architecture": self.arch.to_json(),
+                "train": self.train.to_json(), "augment": asdict(self.augment)}
+
+
+@dataclass(frozen=True)
+class TrainStudentSummary:
+    run_id: str
+    folder: Path
+    round: int
+    source: str
+    images: int
+    epochs: int
+    resumed_from: int
+    final_loss: float | None
+    seconds: float
+    skipped: bool = False
+
+    def text(self) -> str:
+        if self.skipped:
+            return f"train-student: {self.folder} is already trained with these settings; nothing to do"
+        resumed = f", resumed after epoch {self.resumed_from}" if self.resumed_from else ""
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "-"
+        return (f"train-student finished: {self.images} images of round {self.round} ({self.source} labels), "
+                f"{self.epochs} epochs{resumed}; final loss {loss}; {self.seconds:.1f} s\n"
+                f"outputs: {self.folder}/{MODEL_FILE}, {CONFIG_FILE}, metrics/part-*.parquet")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    round: int
+    source: str
+    label_classes: tuple[str, ...]
+    student_classes: tuple[str, ...]
+    class_map: tuple[tuple[int, int], ...]
+    classifier_path: Path
+    images: tuple
+    rows: int
+
+
+def _vocabulary(out: Path) -> tuple[tuple[str, ...], Path]:
+    build = read_build_file(out)
+    label_info = (build or {}).get("pseudolabel")
+    if not label_info:
+        raise UsageError(f"{out} has no pseudo labels; run `batchseg pseudolabel {out} --classes ...` first")
+    classes = tuple(label_info["labels"]["classes"])
+    classifier = out / label_info["text_classifier"]
+    if not classifier.exists():
+        raise UsageError(f"the text classifier {classifier} is missing; rerun `batchseg pseudolabel {out} ...`")
+    return classes, classifier
+
+
+def plan_training(config: TrainStudentConfig) -> _Plan:
+    """Which labels and images the student learns from; ``UsageError`` when that is nothing."""
+    out = config.out
+    label_classes, classifier = _vocabulary(out)
+    rounds = available_rounds(out)
+    if not rounds:
+        raise UsageError(f"{out} has no label rounds; run `batchseg pseudolabel {out} --classes ...` first")
+    round_index = rounds[-1] if config.round is None else config.round
+    if round_index not in rounds:
+        raise UsageError(f"round {round_index} does not exist in {out}/labels (rounds: {', '.join(map(str, rounds))})")
+    table = read_round(out, round_index, config.kind)
+    if table.num_rows == 0:
+        raise UsageError(f"empty label set: round {round_index} has no {config.kind} label rows to learn from")
+    source = pick_source(table, config.source)
+    table = table.filter(pc.equal(table.column("source"), source))
+    for pair in table.select(["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([]).to_pylist():
+        cid, name = pair["class_id"], pair["class_name"]
+        if not (0 <= cid < len(label_classes) and label_classes[cid] == name):
+            raise UsageError(f"round {round_index} was labelled with another vocabulary than the build's last "
+                             f"pseudolabel run (class id {cid} is {name!r}); rerun pseudolabel")
+    if config.classes and len({c.lower() for c in config.classes}) != len(config.classes):
+        raise UsageError(f"--classes names a class twice: {', '.join(config.classes)}")
+    wanted = config.classes or tuple(c for c in label_classes if config.kind == "semantic" or c.lower() != BACKGROUND)
+    lowered = {c.lower(): i for i, c in enumerate(label_classes)}
+    missing = [c for c in wanted if c.lower() not in lowered]
+    if missing:
+        raise UsageError(f"the labels do not have class(es) {', '.join(map(repr, missing))}; "
+                         f"their vocabulary is: {', '.join(label_classes)}")
+    student_classes = tuple(label_classes[lowered[c.lower()]] for c in wanted)
+    class_map = {lowered[c.lower()]: i for i, c in enumerate(student_classes)}
+    if config.kind == "semantic" and BACKGROUND in lowered and BACKGROUND not in {c.lower() for c in student_classes}:
+        class_map[lowered[BACKGROUND]] = len(student_classes)  # the learnable extra background output
+    kept = table.filter(pc.and_(pc.greater_equal(table.column("score"), config.conf_thresh),
+                                pc.is_in(table.column("class_id"), value_set=pa.array(sorted(class_map), type=pa.int32()))))
+    if kept.num_rows == 0:
+        raise UsageError(f"empty label set: no {source} {config.kind} row of round {round_index} of the chosen classes "
+                         f"reaches --conf-thresh {config.conf_thresh}; lower it or choose other classes")
+    ids = set(kept.column("image_id").to_pylist())
+    images = train_images(out, ids, config.images)
+    if not images:
+        raise UsageError(f"none of the {len(ids)} labelled images is an ok manifest row of {out}")
+    return _Plan(round_index, source, label_classes, student_classes, tuple(sorted(class_map.items())),
+                 classifier, tuple(images), kept.num_rows)
+
+
+def _check_settings(folder: Path, config: TrainStudentConfig, plan: _Plan) -> bool:
+    """Refuse to mix settings in one student folder; True when it is already finished."""
+    identity = json.loads(json.dumps({**config.identity(), "round": plan.round, "source": plan.source,
+                                      "images": sorted(image.image_id for image in plan.images)}))
+    path = folder / CHECKPOINTS / SETTINGS_FILE
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != identity:
+            changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+            raise UsageError(f"student {folder.name} in {folder.parent} was trained with other settings "
+                             f"({', '.join(changed)} differ); pass --overwrite to start over, or choose another --name")
+        return (folder / CONFIG_FILE).exists()
+    if (folder / CONFIG_FILE).exists():
+        raise UsageError(f"{folder} holds a student of unknown settings; pass --overwrite or choose another --name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, identity)
+    return False
+
+
+def run_train_student(config: TrainStudentConfig, progress: bool = True) -> TrainStudentSummary:
+    """Train (or resume, or skip) the student ``config.name`` of build ``config.out``."""
+    config.validate()
+    run_id = new_run_id()
+    started = time.perf_counter()
+    with build_lock(config.out):
+        try:
+            summary = _train_locked(config, run_id, progress, started)
+        except BaseException as exc:
+            _record(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
+            raise
+        _record(config, run_id, "finished", summary, None)
+        return summary
+
+
+def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, started: float) -> TrainStudentSummary:
+    plan = plan_training(config)
+    folder = student_folder(config.out, config.name)
+    if config.overwrite and folder.exists():
+        shutil.rmtree(folder)
+    if _check_settings(folder, config, plan):
+        return TrainStudentSummary(run_id, folder, plan.round, plan.source, len(plan.images), 0, 0, None,
+                                   time.perf_counter() - started, skipped=True)
+    threads = config.cluster.torch_threads
+    if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
+        threads = config.cluster.threads_per_worker()
+    task = TrainTask(out=config.out, folder=folder, run_id=run_id, kind=config.kind, round_index=plan.round,
+                     source=plan.source, classes=plan.student_classes, class_map=plan.class_map,
+                     classifier_path=plan.classifier_path, label_classes=plan.label_classes,
+                     conf_thresh=config.conf_thresh, class_balance=config.class_balance, images=plan.images,
+                     arch=config.arch, train=config.train,
+                     augment=config.augment, torch_threads=threads)
+    with dask_client(config.cluster, config.out) as client:
+        future = client.submit(run_train_task, task, key=f"train-student-{run_id}",
+                               resources=gpu_resources(config.cluster), pure=False)
+        result = _follow(future, folder, config.train, progress)
+    write_config(folder, _student_config(config, plan, result, run_id))
+    last = result.records[-1]["loss"] if result.records else None
+    return TrainStudentSummary(run_id, folder, plan.round, plan.source, len(plan.images), config.train.epochs,
+                               result.resumed_from, last, time.perf_counter() - started)
+
+
+def _follow(future, folder: Path, train: "TrainSettings", progress: bool) -> TrainTaskResult:
+    """Wait for the training task, showing its progress (epoch, step, loss, images/s)."""
+    from tqdm import tqdm
+
+    progress_path = folder / CHECKPOINTS / PROGRESS_FILE
+    with tqdm(total=None, unit="step", desc="train-student", disable=not progress, dynamic_ncols=True) as bar:
+        while not future.done():
+            time.sleep(0.25)
+            try:
+                state = json.loads(progress_path.read_text())
+            except (OSError, ValueError):
+                continue
+            bar.total = state["total_steps"]
+            bar.n = state["step"]
+            bar.set_postfix(epoch=f"{state['epoch']}/{state['epochs']}", loss=f"{state['loss']:.4f}",
+                            img_s=f"{state['images_per_second']:.1f}", refresh=False)
+            bar.refresh()
+    try:
+        return future.result()
+    except BatchsegError:
+        raise
+    except Exception as exc:
+        raise BatchsegError(f"training failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _student_config(config: TrainStudentConfig, plan: _Plan, result: TrainTaskResult, run_id: str) -> dict:
+    return {
+        "format": STUDENT_FORMAT,
+        "kind": config.kind,
+        "name": config.name,
+        "architecture": config.arch.to_json(),
+        "classes": list(plan.student_classes),
+        "outputs": result.outputs,
+        "input_size": config.arch.input_size,
+        "normalisation": {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD),
+                          "rule": "RGB uint8 / 255, minus mean, divided by std"},
+        "geometry": "longest side resized to input_size, padded bottom/right with 0 (after normalisation: "
+                    "-mean/std) onto a square canvas",
+        "learnt_from": {"build": str(config.out.resolve()), "round": plan.round, "source": plan.source,
+                        "kind": config.kind, "conf_thresh": config.conf_thresh,
+                        "class_balance": config.class_balance,
+                        "label_classes": list(plan.label_classes), "label_rows": plan.rows,
+                        "images": len(plan.images), "text_classifier": plan.classifier_path.name},
+        "train": config.train.to_json(),
+        "augment": asdict(config.augment),
+        "inference": {"nms": config.nms, "nms_thresh": config.nms_thresh} if config.kind == "instance" else None,
+        "parameters": result.parameters,
+        "size_mb": result.size_mb,
+        "run_id": run_id,
+        "batchseg_version": batchseg.__version__,
+    }
+
+
+def _record(config: TrainStudentConfig, run_id: str, status: str, summary: TrainStudentSummary | None,
+            error: str | None) -> None:
+    import platform
+
+    import torch
+
+    record = {
+        "run_id": run_id,
+        "command": "train-student",
+        "argv": sys.argv,
+        "status": status,
+        "error": error,
+        "config": {**config.identity(), "out": str(config.out), "name": config.name,
+                   "images": str(config.images) if config.images else None, "cluster": asdict(config.cluster)},
+        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": torch.__version__},
+        "host": platform.node(),
+        "summary": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items()} if summary else None,
+    }
+    runs = config.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(runs / f"{run_id}.json", record)
+

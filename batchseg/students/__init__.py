@@ -1,0 +1,1 @@
+"""Deployable students trained on the pseudo labels: semantic (MaskCLIP+), instance (YOLACT)."""

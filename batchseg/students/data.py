@@ -1,0 +1,279 @@
+"""Training data of a student: images read through the manifest, labels from one round's rows.
+
+Images are read with the same safe reader as ``embed`` (``batchseg.io.images``) from
+the source folder their manifest row was embedded from (the embed run's record says
+which), and checked against their content id. Labels are rasterised from the round's
+COCO RLE rows in original pixels; a row whose score (the mean label confidence over
+its segment) is below ``conf_thresh`` is ignored, like the pixels of classes left out
+of the student's vocabulary. Augmentation (horizontal flip, scale jitter, crop) draws
+from ``numpy.random.default_rng([seed, epoch, index])``, so a sample is a pure function
+of (seed, epoch, image): a resumed run sees exactly the samples an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from batchseg.errors import UsageError
+from batchseg.io.geometry import letterbox
+from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
+from batchseg.io.tables import LABELS_VERSION, check_version, labels_schema, read_manifest, round_folder
+from batchseg.labels.rle import decode_mask
+
+IGNORE = -1  # target value of pixels that do not count in the loss
+# CLIP's normalisation: the students see pixels as the teacher did.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Seeded augmentation; ``scale`` is the jitter range of the letterboxed canvas."""
+
+    flip: bool = True
+    scale: tuple[float, float] = (0.75, 1.25)
+
+    def validate(self) -> None:
+        low, high = self.scale
+        if not 0.1 <= low <= high <= 4.0:
+            raise UsageError(f"--scale-jitter must satisfy 0.1 <= low <= high <= 4, got {low}, {high}")
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    """One labelled image: where to read it and its original size."""
+
+    image_id: str
+    path: str
+    height: int
+    width: int
+
+
+def label_parts(out: Path, round_index: int) -> list[Path]:
+    # Only part files: the round folder may hold other artefacts (grids, heads).
+    return sorted(round_folder(out, round_index).glob("part-*.parquet"))
+
+
+def available_rounds(out: Path) -> list[int]:
+    folder = out / "labels"
+    rounds = []
+    for child in folder.glob("round=*") if folder.is_dir() else []:
+        try:
+            rounds.append(int(child.name.split("=", 1)[1]))
+        except ValueError:
+            continue
+    return sorted(r for r in rounds if label_parts(out, r))
+
+
+def read_round(out: Path, round_index: int, kind: str) -> pa.Table:
+    """Label rows of one round and kind (``semantic`` or ``instance``), every source."""
+    tables = []
+    for part in label_parts(out, round_index):
+        table = pq.read_table(part)
+        check_version(table.schema, "labels", LABELS_VERSION, part)
+        table = table.cast(labels_schema())
+        tables.append(table.filter(pc.equal(table.column("kind"), kind)))
+    return pa.concat_tables(tables) if tables else labels_schema().empty_table()
+
+
+def pick_source(table: pa.Table, requested: str) -> str:
+    """The label source to learn from: ``requested``, or for ``auto`` SAM's refinement when present."""
+    sources = set(table.column("source").to_pylist())
+    if requested != "auto":
+        if requested not in sources:
+            raise UsageError(f"the round has no '{requested}' labels (it has: {', '.join(sorted(sources)) or 'none'})")
+        return requested
+    for choice in ("sam", "student", "maskclip"):
+        if choice in sources:
+            return choice
+    raise UsageError("the round has no label rows of this kind")
+
+
+def source_folders(out: Path) -> dict[str, str]:
+    """Embed run id -> the source folder it read (from ``OUT/runs/RUN_ID.json``)."""
+    folders = {}
+    for record in (out / "runs").glob("*.json"):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("command") == "embed" and (data.get("config") or {}).get("source"):
+            folders[data["run_id"]] = data["config"]["source"]
+    return folders
+
+
+def train_images(out: Path, image_ids: set[str], images_root: Path | None) -> list[TrainImage]:
+    """Where to read each labelled image: its first ``ok`` manifest row, under its embed run's source
+    folder (or ``images_root`` when given). Sorted by image id."""
+    folders = {} if images_root is not None else source_folders(out)
+    found: dict[str, TrainImage] = {}
+    missing_runs: set[str] = set()
+    for row in read_manifest(out).to_pylist():
+        image_id = row["image_id"]
+        if row["status"] != "ok" or image_id not in image_ids or image_id in found:
+            continue
+        root = str(images_root) if images_root is not None else folders.get(row["run_id"])
+        if root is None:
+            missing_runs.add(row["run_id"])
+            continue
+        found[image_id] = TrainImage(image_id, str(Path(root) / row["path"]), int(row["height"]), int(row["width"]))
+    if missing_runs:
+        raise UsageError(f"{out}/runs has no record of the embed run(s) {', '.join(sorted(missing_runs)[:3])}, "
+                         "so where their images are is unknown; pass --images SRC")
+    return [found[k] for k in sorted(found)]
+
+
+def rasterise(rows: list[dict], height: int, width: int, class_map: dict[int, int], conf_thresh: float,
+              unlabelled: int) -> np.ndarray:
+    """Semantic rows of one image -> ``(height, width)`` int64 student targets.
+
+    ``class_map`` maps the labels' class ids to student outputs (absent: ignored);
+    rows scoring below ``conf_thresh`` are ignored; pixels no row covers get ``unlabelled``.
+    """
+    target = np.full((height, width), unlabelled, dtype=np.int64)
+    for row in rows:
+        mask = decode_mask(row["mask"])
+        if mask.shape != (height, width):
+            raise UsageError(f"label mask of image {row['image_id']} is {mask.shape}, the image {(height, width)}")
+        value = class_map.get(row["class_id"], IGNORE) if row["score"] >= conf_thresh else IGNORE
+        target[mask] = value
+    return target
+
+
+def read_pixels(image: TrainImage) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of a training image, verified against its content id."""
+    try:
+        data = read_image_bytes(image.path)
+        if content_id(data) != image.image_id:
+            raise UsageError(f"{image.path} changed since it was embedded; rerun embed and pseudolabel, or "
+                             "pass --images pointing at the original files")
+        decoded = decode_image(data)
+    except ImageError as exc:
+        raise UsageError(f"cannot read training image {image.path}: {exc.message}") from None
+    if (decoded.height, decoded.width) != (image.height, image.width):
+        raise UsageError(f"{image.path} is {decoded.width}x{decoded.height}, the manifest says {image.width}x{image.height}")
+    return decoded.pixels
+
+
+def letterbox_tensors(pixels: np.ndarray, canvas: int, target: np.ndarray | None = None) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+    """Resize the longest side to ``canvas`` and pad bottom/right (SAM-style letterbox).
+
+    Returns ``(image (3, canvas, canvas) uint8, target (canvas, canvas) int64 or None,
+    (valid_h, valid_w))``; padding is 0 in the image and :data:`IGNORE` in the target.
+    """
+    h, w = pixels.shape[:2]
+    box = letterbox(h, w, canvas)
+    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float()
+    small = F.interpolate(image, size=(box.valid_h, box.valid_w), mode="bilinear", antialias=True, align_corners=False)
+    out_image = torch.zeros(3, canvas, canvas, dtype=torch.uint8)
+    out_image[:, : box.valid_h, : box.valid_w] = small[0].round().clamp(0, 255).to(torch.uint8)
+    out_target = None
+    if target is not None:
+        t = F.interpolate(torch.from_numpy(target)[None, None].float(), size=(box.valid_h, box.valid_w), mode="nearest-exact")
+        out_target = torch.full((canvas, canvas), IGNORE, dtype=torch.int64)
+        out_target[: box.valid_h, : box.valid_w] = t[0, 0].long()
+    return out_image, out_target, (box.valid_h, box.valid_w)
+
+
+def normalise(image: Tensor) -> Tensor:
+    """``(..., 3, H, W)`` uint8 -> float32 normalised with :data:`PIXEL_MEAN`/:data:`PIXEL_STD`."""
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1) * 255.0
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1) * 255.0
+    return (image.float() - mean) / std
+
+
+def augment_stack(image: Tensor, stack: Tensor, rng: np.random.Generator, settings: Augment,
+                  fill: float) -> tuple[Tensor, Tensor]:
+    """Flip, scale jitter, then crop (or pad) back to the canvas.
+
+    ``image``: (3, S, S) uint8; ``stack``: (N, S, S) float maps moved with it (nearest
+    neighbour), padded with ``fill``. The random draws are the same whatever N is.
+    """
+    canvas = image.shape[-1]
+    if settings.flip and rng.random() < 0.5:
+        image, stack = image.flip(-1), stack.flip(-1)
+    low, high = settings.scale
+    size = max(8, int(round(canvas * float(rng.uniform(low, high)))))
+    if size != canvas:
+        image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
+        image = image.round().clamp(0, 255).to(torch.uint8)
+        if stack.shape[0]:
+            stack = F.interpolate(stack[None], size=(size, size), mode="nearest-exact")[0]
+        else:
+            stack = stack.new_zeros((0, size, size))
+    if size > canvas:
+        top, left = (int(v) for v in rng.integers(0, size - canvas + 1, 2))
+        return image[:, top : top + canvas, left : left + canvas], stack[:, top : top + canvas, left : left + canvas]
+    out_image = torch.zeros(3, canvas, canvas, dtype=torch.uint8)
+    out_stack = torch.full((stack.shape[0], canvas, canvas), fill, dtype=stack.dtype)
+    out_image[:, :size, :size] = image
+    out_stack[:, :size, :size] = stack
+    return out_image, out_stack
+
+
+def augment(image: Tensor, target: Tensor, rng: np.random.Generator, settings: Augment) -> tuple[Tensor, Tensor]:
+    """:func:`augment_stack` of one ``(S, S)`` int64 target (padding :data:`IGNORE`)."""
+    image, stack = augment_stack(image, target[None].float(), rng, settings, float(IGNORE))
+    return image, stack[0].long()
+
+
+class SemanticDataset:
+    """Letterboxed (image, target) pairs, cached after the first read; augmented per (seed, epoch, index)."""
+
+    def __init__(self, images: list[TrainImage], rows_by_image: dict[str, list[dict]], canvas: int,
+                 class_map: dict[int, int], conf_thresh: float, unlabelled: int, augment_settings: Augment,
+                 seed: int, cache_size: int = 4096) -> None:
+        self.images = images
+        self.rows = rows_by_image
+        self.canvas = canvas
+        self.class_map = class_map
+        self.conf_thresh = conf_thresh
+        self.unlabelled = unlabelled
+        self.augment = augment_settings
+        self.seed = seed
+        self.cache: OrderedDict[int, tuple[Tensor, Tensor]] = OrderedDict()
+        self.cache_size = cache_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def base(self, index: int) -> tuple[Tensor, Tensor]:
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        image = self.images[index]
+        target = rasterise(self.rows.get(image.image_id, []), image.height, image.width, self.class_map,
+                           self.conf_thresh, self.unlabelled)
+        pixels, labels, _ = letterbox_tensors(read_pixels(image), self.canvas, target)
+        self.cache[index] = (pixels, labels)
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return pixels, labels
+
+    def sample(self, index: int, epoch: int) -> tuple[Tensor, Tensor]:
+        """``(3, S, S)`` float32 normalised pixels and ``(S, S)`` int64 targets (:data:`IGNORE` = not learnt)."""
+        pixels, labels = self.base(index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        pixels, labels = augment(pixels, labels, rng, self.augment)
+        return normalise(pixels), labels
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+
+    def class_counts(self, num_outputs: int) -> np.ndarray:
+        """Target pixels per output over the (un-augmented) letterboxed dataset, ``(K,)`` int64."""
+        counts = np.zeros(num_outputs, dtype=np.int64)
+        for index in range(len(self)):
+            target = self.base(index)[1]
+            counts += np.bincount(target[target >= 0].numpy(), minlength=num_outputs)[:num_outputs]
+        return counts
