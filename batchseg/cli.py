@@ -563,11 +563,12 @@ Examples:
 @click.option("--threads", type=int, default=None, help="Torch threads of the training worker.")
 @click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
               help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--include-flagged", is_flag=True, help="Also learn from images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_student(out, kind, name, round_index, source, classes, conf_thresh, class_balance, blocks, width, depth, input_size,
                   nms, nms_thresh, epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
-                  overwrite, quiet) -> None:
+                  include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings
     from batchseg.errors import UsageError
     from batchseg.stages.train_student import TrainStudentConfig, run_train_student
@@ -593,6 +594,7 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, cl
             images=images,
             cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
             overwrite=overwrite,
+            include_flagged=include_flagged,
         )
         summary = run_train_student(config, progress=not quiet)
     except BatchsegError as exc:

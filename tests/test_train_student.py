@@ -135,3 +135,17 @@ def test_sigkill_mid_training_then_the_same_command_resumes_to_the_same_weights(
         assert (a[key] == b[key]).all(), key
     metrics = ds.dataset(folder / "metrics", format="parquet").to_table()
     assert sorted(metrics.column("epoch").to_pylist()) == [1, 2, 3]
+
+
+def test_images_flagged_by_qc_are_not_learnt_from(build, monkeypatch):
+    import batchseg.stages.train_student as stage
+    from batchseg.stages.train_student import TrainStudentConfig, plan_training
+
+    everything = plan_training(TrainStudentConfig(out=build, name="s"))
+    victim = everything.images[0].image_id
+    monkeypatch.setattr(stage, "flagged_image_ids", lambda out: frozenset({victim}))
+    plan = plan_training(TrainStudentConfig(out=build, name="s"))
+    assert plan.left_out == 1 and victim not in {image.image_id for image in plan.images}
+    assert len(plan.images) == len(everything.images) - 1
+    kept = plan_training(TrainStudentConfig(out=build, name="s", include_flagged=True))
+    assert kept.left_out == 0 and len(kept.images) == len(everything.images)

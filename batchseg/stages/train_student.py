@@ -24,6 +24,7 @@ from batchseg.cluster import dask_client, gpu_resources
 from batchseg.config import ClusterSettings, read_build_file, write_json_atomic
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.lock import build_lock
+from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
 from batchseg.stages.embed import new_run_id
 from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
@@ -56,6 +57,7 @@ class TrainStudentConfig:
     images: Path | None = None  # where the images are now, when not where embed read them
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     overwrite: bool = False
+    include_flagged: bool = False  # learn from images `batchseg qc` flagged too
 
     def validate(self) -> None:
         if not self.out.is_dir():
@@ -108,8 +110,14 @@ class TrainStudentSummary:
     final_loss: float | None
     seconds: float
     skipped: bool = False
+    left_out: int = 0  # images flagged by batchseg qc, not learnt from
 
     def text(self) -> str:
+        flagged = (f"left out {self.left_out} images flagged by batchseg qc (--include-flagged to keep them)\n"
+                   if self.left_out else "")
+        return flagged + self._text()
+
+    def _text(self) -> str:
         if self.skipped:
             return f"train-student: {self.folder} is already trained with these settings; nothing to do"
         resumed = f", resumed after epoch {self.resumed_from}" if self.resumed_from else ""
@@ -129,6 +137,7 @@ class _Plan:
     classifier_path: Path
     images: tuple
     rows: int
+    left_out: int = 0  # labelled images left out because `batchseg qc` flagged them
 
 
 def _vocabulary(out: Path) -> tuple[tuple[str, ...], Path]:
@@ -181,11 +190,13 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
         raise UsageError(f"empty label set: no {source} {config.kind} row of round {round_index} of the chosen classes "
                          f"reaches --conf-thresh {config.conf_thresh}; lower it or choose other classes")
     ids = set(kept.column("image_id").to_pylist())
+    flagged = frozenset() if config.include_flagged else flagged_image_ids(out) & ids
+    ids -= flagged
     images = train_images(out, ids, config.images)
     if not images:
         raise UsageError(f"none of the {len(ids)} labelled images is an ok manifest row of {out}")
     return _Plan(round_index, source, label_classes, student_classes, tuple(sorted(class_map.items())),
-                 classifier, tuple(images), kept.num_rows)
+                 classifier, tuple(images), kept.num_rows, len(flagged))
 
 
 def _check_settings(folder: Path, config: TrainStudentConfig, plan: _Plan) -> bool:
@@ -229,7 +240,7 @@ def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, start
         shutil.rmtree(folder)
     if _check_settings(folder, config, plan):
         return TrainStudentSummary(run_id, folder, plan.round, plan.source, len(plan.images), 0, 0, None,
-                                   time.perf_counter() - started, skipped=True)
+                                   time.perf_counter() - started, skipped=True, left_out=plan.left_out)
     threads = config.cluster.torch_threads
     if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
         threads = config.cluster.threads_per_worker()
@@ -246,7 +257,7 @@ def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, start
     write_config(folder, _student_config(config, plan, result, run_id))
     last = result.records[-1]["loss"] if result.records else None
     return TrainStudentSummary(run_id, folder, plan.round, plan.source, len(plan.images), config.train.epochs,
-                               result.resumed_from, last, time.perf_counter() - started)
+                               result.resumed_from, last, time.perf_counter() - started, left_out=plan.left_out)
 
 
 def _follow(future, folder: Path, train: "TrainSettings", progress: bool) -> TrainTaskResult:
