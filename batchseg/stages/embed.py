@@ -10,7 +10,6 @@ import platform
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries
 from batchseg.models.runtime import ModelBuilders, get_models
 from batchseg.stages.embed_plan import assign_rows, plan_embed, shard_items
 from batchseg.stages.embed_shard import CURRENT_RUN_FILE, ShardResult, ShardTask, part_path, run_shard
+from batchseg.io.runs import new_run_id  # noqa: F401  (one home for run ids; re-exported)
 
 # Outputs that depend on the embeddings; --overwrite removes them, nothing else.
 BUILD_OUTPUTS = (STORE_NAME, "manifest", "labels", "qc", "students", BUILD_FILE, CURRENT_RUN_FILE)
@@ -56,10 +56,6 @@ class EmbedSummary:
             f"({self.images_per_second:.2f} images/s once the cluster and models were up)\n"
             f"outputs: {self.out / STORE_NAME}, {self.out / 'manifest'}, runs/{self.run_id}.json"
         )
-
-
-def new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def probe_geometry(models: ModelSettings, builders: ModelBuilders) -> ModelGeometry:

@@ -30,7 +30,7 @@ from batchseg.models.clip import ClipSpec
 from batchseg.models.dense_heads import check_head_supported
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.models.sam import SamSpec
-from batchseg.stages.embed import new_run_id
+from batchseg.io.runs import new_run_id
 from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, LabelShard, RoundContext, run_label_shard
 from batchseg.stages.pseudolabel_train import round_stats, train_result_json, train_round
 

@@ -30,7 +30,6 @@ import datetime as dt
 import platform
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +61,7 @@ from batchseg.qc.model import QcModel, fit_qc_model
 from batchseg.qc.reduction import Moments
 from batchseg.qc.settings import METHODS, QcSettings
 from batchseg.stages.qc_plan import QcPlan, plan_qc
+from batchseg.io.runs import new_run_id
 
 MIN_IMAGES = 5
 
@@ -121,10 +121,6 @@ class QcSummary:
             f"duplicates; {self.flagged} flagged, in {self.seconds:.1f} s\n"
             f"outputs: {qc_folder(self.out)}/part-{self.run_id}.parquet, runs/{self.run_id}.json"
         )
-
-
-def new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def _effective_settings(config: QcConfig, stored: QcSettings | None) -> QcSettings:

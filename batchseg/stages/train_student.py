@@ -26,7 +26,7 @@ from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.lock import build_lock
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
-from batchseg.stages.embed import new_run_id
+from batchseg.io.runs import new_run_id
 from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, available_rounds, pick_source, read_round, train_images
 from batchseg.students.semantic import BACKGROUND, SemanticArch
