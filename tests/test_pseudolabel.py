@@ -184,6 +184,16 @@ def test_labels_folder_reads_as_a_hive_dataset(build, dask_scheduler):
     table = pads.dataset(build / "labels", format="parquet", partitioning="hive").to_table()
     assert table.num_rows == read_labels(build, 0).num_rows + read_labels(build, 1).num_rows
     assert pq.read_table(round_folder(build, 1)).num_rows == read_labels(build, 1).num_rows
+    import duckdb
+    import pandas as pd
+
+    frame = pd.read_parquet(build / "labels")
+    assert len(frame) == table.num_rows and set(frame["round"].astype(int)) == {0, 1}
+    pattern = str(build / "labels" / "*" / "*.parquet")
+    counted = duckdb.sql(f"select count(*) from read_parquet('{pattern}', hive_partitioning=true)").fetchone()[0]
+    assert counted == table.num_rows
+    for folder in ("manifest",):
+        assert len(pd.read_parquet(build / folder)) == read_manifest(build).num_rows
     assert sorted(p.name for p in (selftrain_folder(build, 1)).iterdir()) == [
         "_round.json", "grid.zarr", "head.json", "head.safetensors"]
 

@@ -124,33 +124,37 @@ def read_manifest(out: Path) -> pa.Table:
     return read_parts(out / "manifest", "manifest", MANIFEST_VERSION, manifest_schema())
 
 
-LABELS_VERSION = 1
-LABELS_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),  # "semantic" or "instance"
-        pa.field("segment_id", pa.int32(), nullable=False),  # unique within (image, round, source, kind)
-        pa.field("class_id", pa.int32(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("score", pa.float32(), nullable=False),  # mean class probability in the segment, [0, 1]
-        pa.field("source", pa.string(), nullable=False),  # "maskclip", "sam" or "student"
-        pa.field("round", pa.int32(), nullable=False),
-        pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x, y, w, h in original pixels
-        pa.field("area", pa.int64(), nullable=False),  # pixels, original size
-        pa.field(
-            "mask",  # COCO RLE in original pixels: {"size": [h, w], "counts": str}
-            pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())]),
-            nullable=False,
-        ),
-    ]
-)
+# 2: the round lives only in the hive folder name (labels/round=K/), not also as a column:
+# pyarrow and pandas refused the two as conflicting types when reading OUT/labels.
+LABELS_VERSION = 2
+_LABEL_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # "semantic" or "instance"
+    pa.field("segment_id", pa.int32(), nullable=False),  # unique within (image, round, source, kind)
+    pa.field("class_id", pa.int32(), nullable=False),
+    pa.field("class_name", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),  # mean class probability in the segment, [0, 1]
+    pa.field("source", pa.string(), nullable=False),  # "maskclip", "sam" or "student"
+    pa.field("bbox", pa.list_(pa.float32(), 4), nullable=False),  # x, y, w, h in original pixels
+    pa.field("area", pa.int64(), nullable=False),  # pixels, original size
+    pa.field(
+        "mask",  # COCO RLE in original pixels: {"size": [h, w], "counts": str}
+        pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())]),
+        nullable=False,
+    ),
+]
+LABELS_FILE_SCHEMA = pa.schema(_LABEL_FIELDS)  # what a part holds
+# What read_labels returns: the file columns plus ``round`` from the folder name.
+LABELS_SCHEMA = pa.schema(_LABEL_FIELDS[:7] + [pa.field("round", pa.int32(), nullable=False)] + _LABEL_FIELDS[7:])
 
 
 def labels_schema() -> pa.Schema:
-    return _with_identity(LABELS_SCHEMA, "labels", LABELS_VERSION)
+    """The schema of a label part on disk (no ``round``: the folder ``round=K`` carries it)."""
+    return _with_identity(LABELS_FILE_SCHEMA, "labels", LABELS_VERSION)
 
 
 def labels_table(rows: list[dict]) -> pa.Table:
+    """A label part from row dicts (a ``round`` key, if present, is left to the folder name)."""
     return pa.Table.from_pylist(rows, schema=labels_schema())
 
 
@@ -165,5 +169,13 @@ def selftrain_folder(out: Path, round_index: int) -> Path:
 
 
 def read_labels(out: Path, round_index: int) -> pa.Table:
-    """All committed label rows of one round."""
-    return read_parts(round_folder(out, round_index), "labels", LABELS_VERSION, labels_schema())
+    """All committed label rows of one round, with its ``round`` column (:data:`LABELS_SCHEMA`)."""
+    table = read_parts(round_folder(out, round_index), "labels", LABELS_VERSION, labels_schema())
+    return with_round(table, round_index)
+
+
+def with_round(table: pa.Table, round_index: int) -> pa.Table:
+    """A label-part table with the ``round`` column its folder name implies."""
+    column = pa.array([round_index] * table.num_rows, type=pa.int32())
+    table = table.add_column(LABELS_SCHEMA.get_field_index("round"), LABELS_SCHEMA.field("round"), column)
+    return table.replace_schema_metadata(None)
