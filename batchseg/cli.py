@@ -537,7 +537,7 @@ Examples:
 @click.option("--source", type=click.Choice(["auto", "sam", "student", "maskclip"]), default="auto", show_default=True,
               help="Which labels of the round: auto = SAM refinement when present.")
 @click.option("--classes", default=None, help="Comma-separated subset of the build's classes (default: all).")
-@click.option("--conf-thresh", type=float, default=0.5, show_default=True,
+@click.option("--conf-thresh", type=float, default=0.3, show_default=True,
               help="Ignore label rows whose score (mean confidence of the segment) is below this.")
 @click.option("--class-balance", type=float, default=0.5, show_default=True,
               help="Semantic: loss weight per class (pixel frequency)^-this; 0 = unweighted.")

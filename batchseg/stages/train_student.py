@@ -47,7 +47,10 @@ class TrainStudentConfig:
     round: int | None = None  # None: the last round with labels
     source: str = "auto"  # label source of the round: auto (SAM refinement when present), sam, student, maskclip
     classes: tuple[str, ...] | None = None  # None: every class of the build's vocabulary
-    conf_thresh: float = 0.5
+    # A row's score is its segment's mean confidence, lower than the per-pixel confidence
+    # self-training thresholds at 0.5: at 0.5, 2/3 of the toy teacher's object pixels were
+    # dropped and the student learnt background (bench/RESULTS.md, students).
+    conf_thresh: float = 0.3
     class_balance: float = 0.5  # semantic: loss weight per class = (pixel frequency)^-this
     arch: SemanticArch | YolactArch = field(default_factory=SemanticArch)
     nms: str = "fast"  # instance students: the NMS predict uses (fast, or noh for NOH-NMS)
