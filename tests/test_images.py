@@ -325,7 +325,7 @@ def test_concurrent_decodes_match_sequential():
 
 def test_constants():
     assert FAILURE_STATUSES == {"empty", "truncated", "not_an_image", "too_large",
-                                "unreadable", "decode_error"}
+                                "unreadable", "decode_error", "changed"}
     assert STATUS_OK == "ok" and STATUS_DUPLICATE == "duplicate"
     assert STATUS_OK not in FAILURE_STATUSES and STATUS_DUPLICATE not in FAILURE_STATUSES
     assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
