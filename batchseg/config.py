@@ -138,18 +138,7 @@ class EmbedConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        if not self.source.exists():
-            raise UsageError(f"source folder {self.source} does not exist")
-        if not self.source.is_dir():
-            raise UsageError(f"source {self.source} is not a folder")
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"output {self.out} exists and is not a folder")
-        if self.out.resolve() == self.source.resolve():
-            raise UsageError("the output folder must differ from the source folder")
-        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
-            raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
-        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
-            raise UsageError(f"--shard-size must be between 1 and {MAX_SHARD_SIZE}, got {self.shard_size}")
+        validate_image_job(self.source, self.out, "output", self.batch_size, self.shard_size)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
         self.models.validate()
@@ -166,6 +155,23 @@ class EmbedConfig:
             "max_pixels": self.max_pixels,
             "overwrite": self.overwrite,
         }
+
+
+def validate_image_job(source: Path, dest: Path, dest_name: str, batch_size: int, shard_size: int) -> None:
+    """The checks every command that reads an image folder into a new folder shares
+    (``embed``, ``predict``): source and destination folders, batch and shard sizes."""
+    if not source.exists():
+        raise UsageError(f"source folder {source} does not exist")
+    if not source.is_dir():
+        raise UsageError(f"source {source} is not a folder")
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{dest_name} {dest} exists and is not a folder")
+    if dest.resolve() == source.resolve():
+        raise UsageError(f"the {dest_name} folder must differ from the source folder")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
+    if not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise UsageError(f"--shard-size must be between 1 and {MAX_SHARD_SIZE}, got {shard_size}")
 
 
 def read_build_file(out: Path) -> dict[str, Any] | None:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import batchseg
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, ClusterSettings, read_build_file, write_json_atomic
+from batchseg.config import (
+    BUILD_FILE, BUILD_SCHEMA_VERSION, ClusterSettings, read_build_file, validate_image_job, write_json_atomic,
+)
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS, discover_images
 from batchseg.io.lock import build_lock
@@ -47,14 +49,7 @@ class PredictConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        if not self.source.is_dir():
-            raise UsageError(f"source folder {self.source} does not exist or is not a folder")
-        if self.dest.exists() and not self.dest.is_dir():
-            raise UsageError(f"destination {self.dest} exists and is not a folder")
-        if self.dest.resolve() == self.source.resolve():
-            raise UsageError("the destination folder must differ from the source folder")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise UsageError("--batch-size and --shard-size must be at least 1")
+        validate_image_job(self.source, self.dest, "destination", self.batch_size, self.shard_size)
         self.cluster.validate()
 
 
@@ -141,7 +136,7 @@ def _predict_locked(config: PredictConfig, identity: dict, run_id: str, progress
     })
     manifest = read_manifest(dest)
     try:
-        files = discover_images(config.source)
+        files = discover_images(config.source, exclude=(config.dest,))
     except OSError as exc:
         raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
     plan = plan_embed(files, manifest, run_id)
