@@ -172,6 +172,9 @@ Examples:
               help="Training-free dense CLIP head computed from the stored tokens: maskclip (the paper, value path "
                    "with residual + MLP), value (no residual/MLP), clearclip, sclip, naclip, or proxy-sam "
                    "(ProxyCLIP with the stored SAM embedding as the proxy). Changing it never needs re-embedding.")
+@click.option("--proxy-grid", type=int, default=32, show_default=True,
+              help="proxy-sam: SAM's grid is average-pooled to at most this many cells per side (the attention "
+                   "costs the grid's 4th power; 64 x 64, SAM ViT's own, costs about one CLIP ViT-B forward pass).")
 @click.option("--region-vote", type=click.Choice(REGION_VOTES), default="pool", show_default=True,
               help="How each SAM mask picks its class: pool (argmax of the probabilities pooled inside it), or "
                    "majority of the pixel labels inside it (CorrCLIP's region correction).")
@@ -212,7 +215,7 @@ Examples:
 @click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, region_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
+def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
                 class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
@@ -244,7 +247,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             pd_thresh=pd_thresh,
             sam="auto" if sam is None else ("on" if sam else "off"),
             proposals=proposals,
-            dense_head=DenseHeadSettings(dense_head),
+            dense_head=DenseHeadSettings(dense_head, proxy_grid=proxy_grid),
             region_vote=region_vote,
         )
         config = PseudolabelConfig(

@@ -125,6 +125,7 @@ def test_switches_change_round_zero(build, dask_scheduler):
         (lambda tmp, build: build, ["--classes", "cat", "--epochs", "999999999"], "epochs must be an integer in"),
         (lambda tmp, build: build, ["--classes", "cat", "--points-per-side", "100000"], "at most 256"),
         (lambda tmp, build: build, ["--classes", "cat", "--dense-head", "dino"], "proxy-sam"),
+        (lambda tmp, build: build, ["--classes", "cat", "--proxy-grid", "0"], "proxy_grid must be an integer in [1, 256]"),
         (lambda tmp, build: build, ["--classes", "cat", "--conf-thresh", "2"], "conf_thresh"),
         (lambda tmp, build: build, ["--classes", "cat,Cat"], "duplicate"),
     ],
