@@ -52,6 +52,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from batchseg.config import read_build_file, write_json_atomic
+from batchseg.io.build_info import label_rounds
 from batchseg.io.lock import build_lock
 from batchseg.errors import UsageError
 from batchseg.io.tables import (
@@ -450,19 +451,6 @@ class _Predictions:
     labelled: dict[int, set[str]]  # image ids each round has any label row for
 
 
-def _rounds(out: Path) -> list[int]:
-    folder = out / "labels"
-    found = []
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if child.is_dir() and child.name.startswith("round="):
-                try:
-                    found.append(int(child.name.split("=", 1)[1]))
-                except ValueError:
-                    continue
-    return sorted(found)
-
-
 def _round_names(table: pa.Table) -> dict[int, str]:
     pairs = table.select(["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([]).to_pylist()
     names: dict[int, str] = {}
@@ -542,7 +530,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateReport:
 def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     notes: list[str] = []
     images = _manifest_images(config.out)
-    tables = {k: read_labels(config.out, k) for k in _rounds(config.out)}
+    tables = {k: read_labels(config.out, k) for k in label_rounds(config.out)}
     tables = {k: t for k, t in tables.items() if t.num_rows}
     if not tables:
         raise UsageError(f"{config.out} has no labels yet; run `batchseg pseudolabel {config.out} --classes ...` first")

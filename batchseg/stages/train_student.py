@@ -23,12 +23,13 @@ import batchseg
 from batchseg.cluster import dask_client, gpu_resources
 from batchseg.config import ClusterSettings, read_build_file, write_json_atomic
 from batchseg.errors import BatchsegError, UsageError
+from batchseg.io.build_info import label_rounds
 from batchseg.io.lock import build_lock
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
 from batchseg.io.runs import new_run_id
 from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
-from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, available_rounds, pick_source, read_round, train_images
+from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, pick_source, read_round, train_images
 from batchseg.students.semantic import BACKGROUND, SemanticArch
 from batchseg.students.train import TrainSettings
 from batchseg.students.yolact import NMS_KINDS, YolactArch
@@ -159,7 +160,7 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
     """Which labels and images the student learns from; ``UsageError`` when that is nothing."""
     out = config.out
     label_classes, classifier = _vocabulary(out)
-    rounds = available_rounds(out)
+    rounds = label_rounds(out)
     if not rounds:
         raise UsageError(f"{out} has no label rounds; run `batchseg pseudolabel {out} --classes ...` first")
     round_index = rounds[-1] if config.round is None else config.round

@@ -27,7 +27,8 @@ from torch import Tensor
 from batchseg.errors import UsageError
 from batchseg.io.geometry import letterbox
 from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
-from batchseg.io.tables import LABELS_VERSION, check_version, labels_schema, read_manifest, round_folder
+from batchseg.io.build_info import label_parts
+from batchseg.io.tables import LABELS_VERSION, check_version, labels_schema, read_manifest
 from batchseg.labels.rle import decode_mask
 
 IGNORE = -1  # target value of pixels that do not count in the loss
@@ -57,22 +58,6 @@ class TrainImage:
     path: str
     height: int
     width: int
-
-
-def label_parts(out: Path, round_index: int) -> list[Path]:
-    # Only part files: the round folder may hold other artefacts (grids, heads).
-    return sorted(round_folder(out, round_index).glob("part-*.parquet"))
-
-
-def available_rounds(out: Path) -> list[int]:
-    folder = out / "labels"
-    rounds = []
-    for child in folder.glob("round=*") if folder.is_dir() else []:
-        try:
-            rounds.append(int(child.name.split("=", 1)[1]))
-        except ValueError:
-            continue
-    return sorted(r for r in rounds if label_parts(out, r))
 
 
 def read_round(out: Path, round_index: int, kind: str) -> pa.Table:
