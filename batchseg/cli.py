@@ -178,6 +178,10 @@ Examples:
 @click.option("--region-vote", type=click.Choice(REGION_VOTES), default="pool", show_default=True,
               help="How each SAM mask picks its class: pool (argmax of the probabilities pooled inside it), or "
                    "majority of the pixel labels inside it (CorrCLIP's region correction).")
+@click.option("--bg-mask-vote", is_flag=True,
+              help="With --background: a SAM mask recognised as background repaints its pixels background. "
+                   "Off by default: such masks mostly hold objects the coarse CLIP grid half-missed, and "
+                   "repainting them erased the object pixels it got right.")
 @click.option("--pd-thresh", type=float, default=0.5, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
@@ -215,7 +219,7 @@ Examples:
 @click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
+def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
                 class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
@@ -249,6 +253,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             proposals=proposals,
             dense_head=DenseHeadSettings(dense_head, proxy_grid=proxy_grid),
             region_vote=region_vote,
+            bg_mask_vote=bg_mask_vote,
         )
         config = PseudolabelConfig(
             out=out,

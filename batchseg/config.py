@@ -222,6 +222,10 @@ class LabelSettings:
     work_max_side: int = 1024  # label maps are made at most this large, then mapped up
     dense_head: DenseHeadSettings = field(default_factory=DenseHeadSettings)
     region_vote: str = "pool"  # measured better than "majority" with the toy CLIP (bench/RESULTS.md, selftrain)
+    # A SAM mask recognised as "background" repaints its pixels background. Off: such a
+    # mask usually holds an object CLIP's coarse grid half-missed, and repainting erased
+    # the object pixels it did get right (bench/RESULTS.md, "SAM's vote").
+    bg_mask_vote: bool = False
 
     def validate(self) -> None:
         if self.sam not in SAM_MODES:
@@ -256,6 +260,7 @@ class LabelSettings:
             "work_max_side": self.work_max_side,
             "dense_head": asdict(self.dense_head),
             "region_vote": self.region_vote,
+            "bg_mask_vote": self.bg_mask_vote,
         }
 
 

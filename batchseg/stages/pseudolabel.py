@@ -275,6 +275,8 @@ def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
         return {"stop": True, "why": f"converged: {agreement:.4f} of cells agree with round {round_index - 1} "
                                      f"(stop_agreement {threshold})"}
     shown = "n/a" if agreement is None else f"{agreement:.4f}"
+    if threshold is None:
+        return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}; stopping rule off"}
     return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}, below {threshold}"}
 
 

@@ -164,6 +164,15 @@ def _dense_canvas(ctx: RoundContext) -> int:
     return ctx.geometry.sam_image_size if ctx.dense_on_sam_grid else ctx.geometry.clip_canvas
 
 
+def _painting_classes(ctx: RoundContext, class_ids: np.ndarray) -> np.ndarray:
+    """The class each mask paints in the vote: its own, or -1 (paints nothing) for a mask
+    recognised as background unless ``bg_mask_vote`` (the instance rows keep its class)."""
+    if ctx.settings.bg_mask_vote or not ctx.settings.background:
+        return class_ids
+    background = len(ctx.names) - 1  # LabelSettings.class_names puts "background" last
+    return np.where(class_ids == background, -1, class_ids)
+
+
 def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor, label: np.ndarray,
                        confidence: np.ndarray, masks: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Recognise SAM masks with ``probs`` and let them vote the semantic map."""
@@ -178,13 +187,14 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
     class_ids, scores = class_ids.numpy(), scores.numpy()
     voted = class_ids >= 0  # a mask over unlabelled pixels only (bg floor) has no class
     rows = instance_rows(frame, masks[voted], class_ids[voted], scores[voted], ctx.names, "sam", ctx.round_index)
+    painting = _painting_classes(ctx, class_ids)
     refined = refine_semantic(probs, mask_tensor, torch.from_numpy(scores),
-                              class_ids=torch.from_numpy(class_ids)).numpy().astype(np.int64)
+                              class_ids=torch.from_numpy(painting)).numpy().astype(np.int64)
     if ctx.settings.bg_floor is not None:
         # Pixels no mask covers keep the floor's "unlabelled".
         uncovered = ~masks.any(axis=0)
         refined[uncovered & (label < 0)] = -1
-    refined_conf = mask_vote_confidence(refined, confidence, masks, class_ids, scores)
+    refined_conf = mask_vote_confidence(refined, confidence, masks, painting, scores)
     rows += semantic_rows(frame, refined, refined_conf, ctx.names, "sam", ctx.round_index)
     return rows, refined, refined_conf
 
