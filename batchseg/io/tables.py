@@ -112,6 +112,10 @@ class DamagedPartError(UsageError):
         return (type(self), (str(self), self.path))
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]
+
+
 def _table_kind(path: Path) -> tuple[str, Path]:
     """Which table folder ``path`` lies in (manifest, labels, qc, ...) and the build folder."""
     parent = path.parent
@@ -133,7 +137,7 @@ def read_schema_checked(path: Path) -> pa.Schema:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise damaged_part_error(path, f"is not a readable Parquet file (truncated or damaged: {str(exc)[:160]})") from None
+        raise damaged_part_error(path, f"is not a readable Parquet file (truncated or damaged: {_one_line(exc)})") from None
     if SCHEMA_NAME_KEY not in (schema.metadata or {}):
         raise damaged_part_error(path, "is not a batchseg part (its metadata names no batchseg schema: a stray file)")
     return schema
@@ -145,7 +149,7 @@ def read_part(path: Path, columns: list[str] | None = None, filters=None) -> pa.
     try:
         return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise damaged_part_error(path, f"cannot be read (damaged: {str(exc)[:160]})") from None
+        raise damaged_part_error(path, f"cannot be read (damaged: {_one_line(exc)})") from None
 
 
 def damaged_parts(folder: Path) -> list[tuple[Path, str]]:
@@ -193,7 +197,7 @@ def read_parts(folder: Path, name: str, version: int, schema: pa.Schema) -> pa.T
         try:
             tables.append(table.cast(schema))
         except (pa.ArrowException, ValueError) as exc:
-            raise damaged_part_error(part, f"does not hold the '{name}' columns ({str(exc)[:160]})") from None
+            raise damaged_part_error(part, f"does not hold the '{name}' columns ({_one_line(exc)})") from None
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)

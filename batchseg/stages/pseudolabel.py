@@ -16,14 +16,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import zarr
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
-from batchseg.io.tables import read_manifest, remove_temporaries, round_folder, selftrain_folder, visible_parts
+from batchseg.io.build_info import check_label_part
+from batchseg.io.tables import read_manifest, read_part, remove_temporaries, round_folder, selftrain_folder, visible_parts
 from batchseg.labels.selftrain import settings_record
 from batchseg.labels.text_cache import text_classifier, with_background
 from batchseg.models.clip import ClipSpec
@@ -136,7 +136,8 @@ def _read_round_info(folder: Path) -> dict | None:
 def _committed_ids(folder: Path) -> set[str]:
     ids: set[str] = set()
     for part in visible_parts(folder):
-        ids.update(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist())
+        check_label_part(part)  # a newer schema's part does not make a round complete
+        ids.update(read_part(part, columns=["image_id"]).column("image_id").to_pylist())
     return ids
 
 
@@ -155,7 +156,8 @@ def _mask_parts(out: Path, images: list[LabelImage]) -> dict[str, str]:
     wanted = {image.image_id for image in images}
     where: dict[str, str] = {}
     for part in visible_parts(round_folder(out, 0)):
-        for image_id in set(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()) & wanted:
+        check_label_part(part)
+        for image_id in set(read_part(part, columns=["image_id"]).column("image_id").to_pylist()) & wanted:
             where[image_id] = str(part)
     return where
 
