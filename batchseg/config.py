@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchseg.choices import REGION_VOTES
+from batchseg.choices import BACKGROUND, REGION_VOTES
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.io.hashing import file_sha256
@@ -245,7 +245,7 @@ class LabelSettings:
     @property
     def class_names(self) -> tuple[str, ...]:
         names = tuple(self.vocabulary.names)
-        return names + ("background",) if self.background else names
+        return names + (BACKGROUND,) if self.background else names
 
     def to_json(self) -> dict[str, Any]:
         return {

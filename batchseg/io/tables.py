@@ -267,3 +267,27 @@ def with_round(table: pa.Table, round_index: int) -> pa.Table:
     column = pa.array([round_index] * table.num_rows, type=pa.int32())
     table = table.add_column(LABELS_SCHEMA.get_field_index("round"), LABELS_SCHEMA.field("round"), column)
     return table.replace_schema_metadata(None)
+
+
+EVAL_FOLDER = "eval"
+EVAL_VERSION = 1
+# `batchseg evaluate`'s results, OUT/eval/EVAL_ID.parquet: one row per round, source and class.
+EVAL_SCHEMA = pa.schema(
+    [
+        pa.field("eval_id", pa.string()),
+        pa.field("round", pa.int32()),
+        pa.field("source", pa.string()),
+        pa.field("images", pa.int32()),  # images scored for this round and source
+        pa.field("class_id", pa.int32()),
+        pa.field("class_name", pa.string()),
+        pa.field("iou", pa.float64()),  # null: class absent from the ground truth
+        pa.field("intersection", pa.int64()),
+        pa.field("union", pa.int64()),
+        pa.field("gt_pixels", pa.int64()),
+        pa.field("pred_pixels", pa.int64()),
+        pa.field("miou", pa.float64()),  # of the round and source (repeated on its rows); null if undefined
+        pa.field("pixel_accuracy", pa.float64()),
+        pa.field("unlabelled_pixels", pa.int64()),  # scored pixels that no label row covers
+        pa.field("total_pixels", pa.int64()),  # scored ground-truth pixels
+    ]
+).with_metadata({SCHEMA_NAME_KEY: b"eval", SCHEMA_VERSION_KEY: str(EVAL_VERSION).encode()})
