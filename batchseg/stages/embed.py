@@ -6,6 +6,7 @@ records the run; workers compute and commit shards (``embed_shard``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 import shutil
 import sys
@@ -22,6 +23,7 @@ from batchseg.io.lock import build_lock
 from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
 from batchseg.io.store_integrity import arrays_without_checksums, verify_rows
 from batchseg.io.tables import QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, remove_temporaries, write_part_atomic
+from batchseg.models.clip_preprocess import legacy_record
 from batchseg.models.runtime import ModelBuilders, get_models
 from batchseg.stages.embed_plan import adopt_intact_rows, assign_rows, plan_embed, shard_items
 from batchseg.stages.embed_shard import CURRENT_RUN_FILE, ShardResult, ShardTask, part_path, run_shard
@@ -80,6 +82,29 @@ def probe_geometry(models: ModelSettings, builders: ModelBuilders) -> ModelGeome
     return get_models(models, builders).geometry
 
 
+def probe_models(models: ModelSettings, builders: ModelBuilders) -> tuple[ModelGeometry, dict | None]:
+    """Load the models on a worker and report their shapes and the CLIP preprocessing they use."""
+    loaded = get_models(models, builders)
+    clip = loaded.clip
+    return loaded.geometry, (clip.preprocess.to_json() if clip is not None else None)
+
+
+def _check_preprocessing(config: EmbedConfig, build: dict | None, probed: dict | None) -> None:
+    """A change of CLIP preprocessing (filter, mean, std, fill) is a change of settings."""
+    if build is None or "embed" not in build or probed is None:
+        return
+    stored = build["embed"].get("preprocessing")
+    if stored is None:  # made before it was recorded: bicubic, padded with the mean colour
+        stored = legacy_record(probed["mean"], probed["std"])
+    diffs = [f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(value)}"
+             for key, value in probed.items() if stored.get(key) != value]
+    if diffs:
+        raise UsageError(
+            f"{config.out} was embedded with other CLIP preprocessing than the model's preprocess_cfg now gives:\n  "
+            + "\n  ".join(diffs) + "\nrerun with --overwrite to start over, or choose a new output folder"
+        )
+
+
 def _start_over(out: Path) -> None:
     for name in BUILD_OUTPUTS:
         target = out / name
@@ -105,10 +130,11 @@ def _check_build(config: EmbedConfig, build: dict | None) -> ModelGeometry | Non
     return geometry
 
 
-def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, run_id: str) -> None:
+def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, preprocessing: dict | None, run_id: str) -> None:
     data = read_build_file(config.out) or {"schema_version": BUILD_SCHEMA_VERSION, "created_by_run": run_id}
     data["batchseg_version"] = batchseg.__version__
-    data["embed"] = {"models": config.models.resolved().to_json(), "geometry": geometry.to_json()}
+    data["embed"] = {"models": config.models.resolved().to_json(), "geometry": geometry.to_json(),
+                     "preprocessing": preprocessing}
     write_json_atomic(config.out / BUILD_FILE, data)
 
 
@@ -182,12 +208,14 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
     if plan.pending:
         with dask_client(config.cluster, out) as client:
             resources = gpu_resources(config.cluster)
-            probed = client.submit(probe_geometry, config.models, builders, resources=resources, pure=False).result()
+            probed, preprocessing = client.submit(probe_models, config.models, builders, resources=resources,
+                                                  pure=False).result()
             if geometry is not None and probed != geometry:
                 raise UsageError(
                     f"the models now produce {probed} but {out} holds {geometry}; rerun with --overwrite or use a new folder"
                 )
-            _write_build_file(config, probed, run_id)
+            _check_preprocessing(config, read_build_file(out), preprocessing)
+            _write_build_file(config, probed, preprocessing, run_id)
             items, rows = assign_rows(plan.pending, manifest, store_rows(out))
             ensure_store(out, probed, rows)
             tick = time.perf_counter()

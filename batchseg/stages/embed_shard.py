@@ -132,7 +132,9 @@ def _prepare(task: ShardTask, models: LoadedModels, item: ShardItem) -> _Prepare
         clip = models.clip
         box = letterbox(image.height, image.width, clip.canvas)
         row.update(clip_valid_h=box.valid_h, clip_valid_w=box.valid_w)
-        prepared.clip_pixels = preprocess_clip(image.pixels, clip.canvas, clip.mean, clip.std)
+        pp = clip.preprocess  # the model's own preprocess_cfg: filter, mean, std, letterbox fill
+        prepared.clip_pixels = preprocess_clip(image.pixels, clip.canvas, pp.mean, pp.std,
+                                               interpolation=pp.interpolation, fill=pp.fill)
     if models.sam is not None:
         box = letterbox(image.height, image.width, models.sam.image_size)
         row.update(sam_valid_h=box.valid_h, sam_valid_w=box.valid_w)
