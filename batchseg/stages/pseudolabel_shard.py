@@ -205,7 +205,9 @@ def _round0_image(ctx: RoundContext, group: zarr.Group, image: LabelImage) -> tu
     if not ctx.use_sam:
         return rows, label, confidence
     embedding = stored_rows(ctx, group, "sam", [image.zarr_row])[0]
-    proposals = generate_proposals(_sam(ctx.sam_spec), embedding, (frame.work_h, frame.work_w), settings.proposals)
+    # The valid region as embed stored it: recomputed from the work frame it can be a pixel off.
+    proposals = generate_proposals(_sam(ctx.sam_spec), embedding, (frame.work_h, frame.work_w), settings.proposals,
+                                   input_size=(image.sam_valid_h, image.sam_valid_w))
     sam_rows, label, confidence = _refine_with_masks(ctx, frame, probs, label, confidence, proposals.masks)
     return rows + sam_rows, label, confidence
 
