@@ -9,7 +9,7 @@ to its image without the manifest.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,16 +127,26 @@ class RowWriter:
             self.write(ROW_ID_ARRAY, row, np.frombuffer(bytes.fromhex(image_id), dtype=np.uint8))
 
 
-def row_owner(out: Path, row: int) -> str | None:
-    """The image id stored with ``row`` (None when the store keeps no owners or the row has none)."""
-    group = zarr.open_group(str(store_path(out)), mode="r")
-    if ROW_ID_ARRAY not in group or row >= group[ROW_ID_ARRAY].shape[0]:
-        return None
-    try:
-        value = np.asarray(group[ROW_ID_ARRAY][row])
-    except (ValueError, RuntimeError, OSError):  # a damaged owner is no owner: the row is recomputed
-        return None
-    return value.tobytes().hex() if value.any() else None
+def row_owners(out: Path, rows: Iterable[int]) -> dict[int, str]:
+    """The image id stored with each of ``rows`` that has one (stores older than owners have none)."""
+    path = store_path(out)
+    if not path.exists():
+        return {}
+    group = zarr.open_group(str(path), mode="r")
+    if ROW_ID_ARRAY not in group:
+        return {}
+    array = group[ROW_ID_ARRAY]
+    owners = {}
+    for row in rows:
+        if row >= array.shape[0]:
+            continue
+        try:
+            value = np.asarray(array[row])
+        except (ValueError, RuntimeError, OSError):  # a damaged owner is no owner: the row is recomputed
+            continue
+        if value.any():
+            owners[int(row)] = value.tobytes().hex()
+    return owners
 
 
 def read_row(out: Path, name: str, row: int) -> np.ndarray:

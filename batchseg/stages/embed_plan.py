@@ -16,7 +16,7 @@ from typing import Iterable
 import pyarrow as pa
 
 from batchseg.io.images import STATUS_DUPLICATE, FoundFile, ImageError, content_id, read_image_bytes
-from batchseg.io.store import row_owner, store_rows
+from batchseg.io.store import row_owners, store_rows
 from batchseg.io.store_integrity import verify_rows
 from batchseg.stages.embed_shard import ShardItem
 
@@ -157,11 +157,8 @@ def adopt_intact_rows(out: Path, pending: list[PendingImage], manifest: pa.Table
     total = store_rows(out)
     used = {row for row in manifest.column("zarr_row").to_pylist() if row is not None}
     owners: dict[str, int] = {}
-    for row in range(total):
-        if row not in used:
-            owner = row_owner(out, row)
-            if owner is not None:
-                owners.setdefault(owner, row)
+    for row, owner in sorted(row_owners(out, (row for row in range(total) if row not in used)).items()):
+        owners.setdefault(owner, row)
     candidates = {image.image_id: owners[image.image_id] for image in pending if image.image_id in owners}
     damaged = verify_rows(out, candidates.values())
     adopted = 0
