@@ -132,20 +132,24 @@ def damaged_part_error(path: Path, why: str) -> DamagedPartError:
     return DamagedPartError(f"{path} {why}; {fix}", path)
 
 
-def read_schema_checked(path: Path) -> pa.Schema:
-    """A part's schema; ``DamagedPartError`` when it is not a readable batchseg Parquet part."""
+def read_schema_checked(path: Path, identity: bool = True) -> pa.Schema:
+    """A part's schema; ``DamagedPartError`` when it is not a readable (batchseg, with ``identity``) Parquet part."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise damaged_part_error(path, f"is not a readable Parquet file (truncated or damaged: {_one_line(exc)})") from None
-    if SCHEMA_NAME_KEY not in (schema.metadata or {}):
+    if identity and SCHEMA_NAME_KEY not in (schema.metadata or {}):
         raise damaged_part_error(path, "is not a batchseg part (its metadata names no batchseg schema: a stray file)")
     return schema
 
 
-def read_part(path: Path, columns: list[str] | None = None, filters=None) -> pa.Table:
-    """One part, read whole: ``DamagedPartError`` naming the file when any page of it is damaged."""
-    read_schema_checked(path)
+def read_part(path: Path, columns: list[str] | None = None, filters=None, identity: bool = True) -> pa.Table:
+    """One part, read whole: ``DamagedPartError`` naming the file when any page of it is damaged.
+
+    ``identity`` False reads any Parquet table (a report shows what is there); by default a
+    file without batchseg's schema metadata is a stray file and refused as well.
+    """
+    read_schema_checked(path, identity)
     try:
         return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as exc:

@@ -61,12 +61,6 @@ class ClipPreprocess:
         return {"interpolation": self.interpolation, "mean": [round(m, 8) for m in self.mean],
                 "std": [round(s, 8) for s in self.std], "fill": MEAN_FILL if self.fill is None else self.fill}
 
-    def differences(self, stored: dict[str, Any]) -> list[str]:
-        """Readable differences from a build's recorded preprocessing."""
-        mine = self.to_json()
-        return [f"CLIP preprocessing {key}: stored {json.dumps(stored.get(key))}, now {json.dumps(mine[key])}"
-                for key in mine if stored.get(key) != mine[key]]
-
 
 def legacy_record(mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
     """What a build made before preprocessing was recorded used, with the model's mean and std."""

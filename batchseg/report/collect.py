@@ -121,7 +121,7 @@ def read_table(folder: Path) -> Table | None:
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return None
-    tables = [read_part(part) for part in parts]
+    tables = [read_part(part, identity=False) for part in parts]  # shown as they are
     columns = list(dict.fromkeys(name for t in tables for name in t.column_names))
     rows, total = [], 0
     for table in tables:
@@ -137,7 +137,7 @@ def read_qc(out: Path) -> tuple[Table | None, list[dict]]:
         return None, []
     flagged = []
     for part in sorted(folder.glob("part-*.parquet")):
-        table = read_part(part)
+        table = read_part(part, identity=False)
         flag = next((name for name in FLAG_COLUMNS if name in table.column_names), None)
         if flag is None or "image_id" not in table.column_names:
             continue

@@ -22,7 +22,9 @@ from batchseg.io.images import discover_images
 from batchseg.io.lock import build_lock
 from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
 from batchseg.io.store_integrity import arrays_without_checksums, verify_rows
-from batchseg.io.tables import QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, remove_temporaries, write_part_atomic
+from batchseg.io.tables import (
+    QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, remove_temporaries, write_part_atomic,
+)
 from batchseg.models.clip_preprocess import legacy_record
 from batchseg.models.runtime import ModelBuilders, get_models
 from batchseg.stages.embed_plan import adopt_intact_rows, assign_rows, plan_embed, shard_items
