@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchseg.io.tables import SCHEMA_NAME_KEY, SCHEMA_VERSION_KEY, labels_schema, read_manifest, visible_parts
+from batchseg.io.tables import SCHEMA_NAME_KEY, SCHEMA_VERSION_KEY, labels_schema, read_labels, read_manifest, visible_parts
 from batchseg.testing_labels import write_labelled_build
 from helpers import arrays_by_image, embed_args, manifest_rows, run_cli
 
@@ -144,3 +144,25 @@ def test_a_round_with_a_newer_schema_part_is_not_complete(_embedded, tmp_path, d
     pq.write_table(table.replace_schema_metadata({SCHEMA_NAME_KEY: b"labels", SCHEMA_VERSION_KEY: b"3"}), part)
     result = run_cli(args)
     assert result.exit_code == 2 and "schema version 3" in result.output and str(part) in result.output, result.output
+
+
+def test_a_damaged_label_part_moved_aside_is_labelled_again(_embedded, tmp_path, dask_scheduler):
+    _, clean = _embedded
+    out = tmp_path / "out"
+    shutil.copytree(clean, out)
+    args = ["pseudolabel", str(out), "--classes", "red thing,blue thing", "--no-sam", "--rounds", "1", "--epochs", "1",
+            "--stop-agreement", "1", "--shard-size", "3", "--scheduler", dask_scheduler, "-q"]
+    first = run_cli(args)
+    assert first.exit_code == 0, first.output
+    before = {k: read_labels(out, k).sort_by([("image_id", "ascending"), ("segment_id", "ascending")]) for k in (0, 1)}
+    part = _truncate(out / "labels" / "round=1")
+    refused = run_cli(args)
+    assert refused.exit_code == 2 and str(part) in refused.output and "quarantine" in refused.output, refused.output
+    (out / "quarantine").mkdir()
+    shutil.move(str(part), out / "quarantine" / part.name)  # what the message says to do
+    again = run_cli(args)
+    assert again.exit_code == 0, again.output
+    assert "round 0: already complete" in again.output and "round 1: 3 images" in again.output
+    for k in (0, 1):
+        after = read_labels(out, k).sort_by([("image_id", "ascending"), ("segment_id", "ascending")])
+        assert after.drop_columns(["mask"]).equals(before[k].drop_columns(["mask"]))

@@ -212,7 +212,10 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     same = bool(info) and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key)
     if same:
         # An incomplete round (its run was killed) keeps every shard it committed.
-        complete = info.get("complete", True)
+        for part in visible_parts(folder):  # a damaged part (its footer) or a newer schema's is refused
+            check_label_part(part)
+        # A part moved aside (damaged, quarantined) makes the round incomplete: its images are labelled again.
+        complete = info.get("complete", True) and all((folder / name).is_file() for name in info.get("parts", ()))
         done = {image.image_id for image in images} if ctx.round_index > 0 and complete else _committed_ids(folder)
         pending = [image for image in images if image.image_id not in done]
         if not pending and complete:
@@ -262,6 +265,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "sam": ctx.use_sam,
         "stats": stats,
         "complete": not damaged,  # a rerun labels the images left out once `embed --verify` repaired them
+        "parts": [part.name for part in visible_parts(folder)],
         "damaged": [image_id for image_id, _ in damaged],
         "trained": ctx.round_index > 0,
         "train": train,
