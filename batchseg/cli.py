@@ -91,9 +91,15 @@ Examples:
 @click.option("--max-pixels", type=int, default=None,
               help="Refuse images with more pixels than this (decompression bombs). Default: about 179 million.")
 @click.option("--overwrite", is_flag=True, help="Start over: delete this build's outputs in OUT first.")
+@click.option("--verify", is_flag=True,
+              help="Read every stored row back (checksums, missing chunks) and recompute the damaged ones.")
+@click.option("--repair", is_flag=True,
+              help="Move damaged or stray manifest parts to OUT/quarantine/ and re-plan the files they covered, "
+                   "keeping intact embeddings whose content still matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sam_model, sam_checkpoint, no_sam,
-          precision, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite, quiet) -> None:
+          precision, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite, verify, repair,
+          quiet) -> None:
     from batchseg.config import ClusterSettings, EmbedConfig, ModelSettings
     from batchseg.errors import UsageError
     from batchseg.io.images import DEFAULT_MAX_PIXELS
@@ -127,11 +133,17 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
             shard_size=shard_size,
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
             overwrite=overwrite,
+            verify=verify,
+            repair=repair,
         )
         summary = run_embed(config, progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())
+    if summary.unrepaired:
+        click.echo(f"error: {len(summary.unrepaired)} damaged rows could not be recomputed (their files are gone or "
+                   f"changed); later stages skip those images. First: {summary.unrepaired[0]}", err=True)
+        sys.exit(1)
 
 
 PSEUDOLABEL_HELP = f"""Label every embedded image in OUT without annotation.
@@ -273,6 +285,11 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())
+    if summary.damaged:
+        click.echo(f"error: {len(summary.damaged)} images were not labelled because their stored embeddings are "
+                   f"damaged; run `batchseg embed SRC {out} --verify` to recompute them, then pseudolabel again",
+                   err=True)
+        sys.exit(1)
 
 
 EVALUATE_HELP = f"""Measure the pseudo labels in OUT against a few hand-labelled images.

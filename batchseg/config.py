@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchseg.choices import REGION_VOTES
+from batchseg.choices import BACKGROUND, REGION_VOTES
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.io.hashing import file_sha256
@@ -136,11 +136,15 @@ class EmbedConfig:
     shard_size: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
+    verify: bool = False  # read every stored row back, recompute the damaged ones
+    repair: bool = False  # move damaged manifest parts to OUT/quarantine/, re-plan what they covered
 
     def validate(self) -> None:
         validate_image_job(self.source, self.out, "output", self.batch_size, self.shard_size)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
+        if self.overwrite and (self.verify or self.repair):
+            raise UsageError("--overwrite starts over, so there is nothing to --verify or --repair; pass one of them")
         self.models.validate()
         self.cluster.validate()
 
@@ -154,6 +158,8 @@ class EmbedConfig:
             "shard_size": self.shard_size,
             "max_pixels": self.max_pixels,
             "overwrite": self.overwrite,
+            "verify": self.verify,
+            "repair": self.repair,
         }
 
 
@@ -243,7 +249,7 @@ class LabelSettings:
     @property
     def class_names(self) -> tuple[str, ...]:
         names = tuple(self.vocabulary.names)
-        return names + ("background",) if self.background else names
+        return names + (BACKGROUND,) if self.background else names
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,7 @@ from batchseg.labels.selftrain import (
     SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, load_head, save_head, train_head,
 )
 from batchseg.models.runtime import pick_device
-from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features
+from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features, stored_rows
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
 # Dense head features are computed once per training task and kept in memory up to this
@@ -76,7 +76,7 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
             chunk = [int(r) for r in order[start : start + settings.batch_size]]
             label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor))
             clip = clip_features(chunk)
-            sam = torch.from_numpy(_read_rows(features["sam"], chunk)).float() if ctx.use_sam else None
+            sam = stored_rows(ctx, features, "sam", chunk).float() if ctx.use_sam else None
             yield sam, clip, label
 
     weights = None
