@@ -303,7 +303,7 @@ has a "background" class (pseudolabel --background); otherwise they are ignored.
 
 Reports per-class IoU, mIoU and pixel accuracy for every round and source (maskclip:
 MaskCLIP alone; sam: SAM-refined; student: the self-training head of round k) as a
-table, and writes OUT/eval/EVAL_ID.json and OUT/eval/EVAL_ID.parquet.
+table, and writes OUT/eval/EVAL_ID.parquet and the summary OUT/eval/_EVAL_ID.json.
 
 \b
 Examples:

@@ -79,7 +79,11 @@ def _results(out: Path) -> tuple[dict, dict]:
     """The single evaluation's JSON, and its Parquet rows keyed by (round, source, class name)."""
     (json_path,) = sorted((out / "eval").glob("*.json"))
     (parquet_path,) = sorted((out / "eval").glob("*.parquet"))
-    assert json_path.stem == parquet_path.stem
+    assert json_path.stem == "_" + parquet_path.stem
+    # The folder is a Parquet dataset: the summary's underscore keeps readers off it.
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "eval")) == pq.read_table(parquet_path).num_rows
     data = json.loads(json_path.read_text())
     table = pq.read_table(parquet_path)
     assert table.schema.equals(EVAL_SCHEMA, check_metadata=True)

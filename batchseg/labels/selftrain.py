@@ -67,6 +67,7 @@ class SelfTrainSettings:
     stop_agreement: float | None = 0.95
     # EXPERIMENT: rounds learning from round k-1 (> 0) ignore cells where it disagrees with round 0.
     anchor: bool = False
+    anchor_keep_conf: float | None = None  # EXPERIMENT: disagreeing cells at least this confident still train
     # EXPERIMENT: class balance only in rounds that learn from round 0.
     balance_teacher_only: bool = False
 

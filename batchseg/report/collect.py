@@ -97,7 +97,7 @@ def round_info(out: Path, round_index: int) -> RoundInfo:
 
 def read_evaluations(out: Path, keep: int = 5) -> list[dict]:
     found = []
-    for path in sorted((out / "eval").glob("*.json"))[-keep:]:
+    for path in sorted((out / "eval").glob("*.json"), key=lambda p: p.name.lstrip("_"))[-keep:]:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

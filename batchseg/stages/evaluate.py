@@ -17,7 +17,7 @@ wrong. An image is scored in a round when the round has label rows for it.
 Scores come from confusion matrices summed over images (see
 ``batchseg.labels.metrics``): per-class IoU (nan for classes absent from the ground
 truth), mIoU over the classes present in the ground truth, pixel accuracy.
-Results are printed as a table and written to ``OUT/eval/<EVAL_ID>.json`` and
+Results are printed as a table and written to ``OUT/eval/_<EVAL_ID>.json`` (the underscore keeps it out of the Parquet dataset) and
 ``OUT/eval/<EVAL_ID>.parquet`` (one row per round, source and class), where EVAL_ID is
 a UTC timestamp plus a short random suffix, e.g. ``20250101T120000Z-1a2b3c``.
 Evaluation only reads the build (it takes no lock); run it after pseudolabel finishes.
@@ -281,7 +281,7 @@ def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     report = EvaluateReport(
         eval_id=eval_id, out=config.out, gt=config.gt, gt_format=config.gt_format, class_names=names,
         background_scored=background is not None, images_matched=len(items), results=results,
-        notes=tuple(notes), json_path=folder / f"{eval_id}.json", parquet_path=folder / f"{eval_id}.parquet",
+        notes=tuple(notes), json_path=folder / f"_{eval_id}.json", parquet_path=folder / f"{eval_id}.parquet",
     )
     write_part_atomic(_parquet_table(report), report.parquet_path)
     write_json_atomic(report.json_path, _json(report, config, items))
