@@ -1,12 +1,13 @@
-"""Self-training targets: per-class thresholds and MaskCLIP+'s schedule."""
+"""Self-training targets: per-class thresholds, MaskCLIP+'s schedule, the round-0 anchor."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from batchseg.labels.selftrain import SelfTrainSettings
-from batchseg.stages.pseudolabel_train import class_thresholds, target_counts, target_round
+from batchseg.stages.pseudolabel_train import class_thresholds, target_counts, target_round, training_targets
 
 
 def _grid(tmp_path, labels: np.ndarray, conf: np.ndarray) -> zarr.Group:
@@ -44,3 +45,24 @@ def test_class_thresholds_follow_each_class_quantile(tmp_path):
 def test_target_round_follows_maskclip_plus_schedule(teacher_rounds, expected):
     settings = SelfTrainSettings(teacher_rounds=teacher_rounds)
     assert [target_round(k, settings) for k in (1, 2, 3)] == expected
+
+
+@pytest.mark.parametrize("keep_conf", [None, 0.8])
+def test_training_targets_anchor_drops_cells_that_left_round_0(tmp_path, keep_conf):
+    previous = np.array([[[0, 1, 2], [1, 1, -1]]])
+    conf = np.array([[[0.9, 0.9, 0.6], [0.95, 0.3, 0.9]]])
+    first = np.array([[[0, 2, 2], [0, 1, 1]]])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    targets = _grid(tmp_path / "a", previous, conf)
+    anchor = _grid(tmp_path / "b", first, np.ones_like(conf))["label"]
+    limits = np.full(3, 0.5, dtype=np.float32)
+    plain = training_targets(targets, [0], limits)
+    # Low confidence (0.3) and unlabelled cells never train.
+    assert plain.tolist() == [[[0, 1, 2], [1, -1, -1]]]
+    anchored = training_targets(targets, [0], limits, anchor, keep_conf)
+    # (0,1) and (1,0) moved away from round 0's label: dropped, unless confident enough to keep.
+    kept = 1 if keep_conf is not None else -1
+    assert anchored.tolist() == [[[0, kept, 2], [kept, -1, -1]]]
+    counts = target_counts(targets, [0], torch.from_numpy(limits), 3, anchor, keep_conf)
+    assert counts.tolist() == ([1, 2, 1] if keep_conf is not None else [1, 0, 1])
