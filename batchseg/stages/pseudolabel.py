@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import zarr
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file, write_json_atomic
+from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
@@ -196,6 +196,12 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     images_key = _sha([image.image_id for image in images])
     resources = gpu_resources(config.cluster)
     same = bool(info) and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key)
+    if not same and _keeps_head(config, ctx, info, key, len(images)):
+        # Images were added (or removed) since this round's head was trained and the
+        # retrain policy keeps it: the kept head labels the images that have no rows.
+        info = {**info, "images_key": images_key, "complete": False, "run_id": run_id}
+        write_json_atomic(artefacts / ROUND_FILE, info)
+        same = True
     if same:
         # An incomplete round (its run was killed) keeps every shard it committed.
         complete = info.get("complete", True)
@@ -224,7 +230,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     if ctx.round_index > 0 and not (info.get("trained") and ctx.head_path.exists()):
         future = client.submit(train_round, ctx, images, config.selftrain, resources=resources, pure=False)
         train = train_result_json(future.result())
-        info = {**info, "trained": True, "train": train}
+        info = {**info, "trained": True, "train": train, "trained_images": len(images)}
         write_json_atomic(artefacts / ROUND_FILE, info)
     where = _mask_parts(config.out, pending) if ctx.round_index > 0 and ctx.use_sam else {}
     shards = [
@@ -250,11 +256,23 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "complete": True,
         "trained": ctx.round_index > 0,
         "train": train,
+        "trained_images": info.get("trained_images", len(images)) if ctx.round_index > 0 else None,
         "run_id": run_id,
     })
     classes = sum(count > 0 for count in stats["class_histogram"].values())
     return RoundSummary(ctx.round_index, len(pending), rows, classes, time.perf_counter() - start, skipped=False,
                         stopped=decision["stop"], decision=decision["why"])
+
+
+def _keeps_head(config: PseudolabelConfig, ctx: RoundContext, info: dict | None, key: str, images: int) -> bool:
+    """A complete round >= 1 with unchanged settings whose image set changed keeps its
+    head when ``config.retrain`` says so (``batchseg.config.must_retrain``)."""
+    if ctx.round_index == 0 or not info or info.get("key") != key or not info.get("complete"):
+        return False
+    if not (info.get("trained") and ctx.head_path.exists()):
+        return False
+    trained_on = info.get("trained_images") or info.get("images") or 0
+    return not must_retrain(config.retrain, config.retrain_fraction, trained_on, images)
 
 
 def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
