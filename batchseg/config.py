@@ -136,8 +136,14 @@ class EmbedConfig:
     shard_size: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
+    # Only files under these folders (inside ``source``) are read; empty: all of ``source``.
+    # `batchseg build` with several sources embeds their common parent restricted to them.
+    include: tuple[Path, ...] = ()
 
     def validate(self) -> None:
+        for folder in self.include:
+            if self.source.resolve() not in (folder.resolve(), *folder.resolve().parents):
+                raise UsageError(f"included folder {folder} is not inside the source folder {self.source}")
         validate_image_job(self.source, self.out, "output", self.batch_size, self.shard_size)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
@@ -154,6 +160,7 @@ class EmbedConfig:
             "shard_size": self.shard_size,
             "max_pixels": self.max_pixels,
             "overwrite": self.overwrite,
+            "include": [str(folder) for folder in self.include],
         }
 
 

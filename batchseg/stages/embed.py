@@ -115,6 +115,17 @@ def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSum
     write_json_atomic(runs / f"{run_id}.json", record)
 
 
+def included(files: list, config: EmbedConfig) -> list:
+    """The discovered files under ``config.include`` (all of them when it is empty)."""
+    if not config.include:
+        return files
+    source = config.source.resolve()
+    prefixes = tuple(folder.resolve().relative_to(source).as_posix() for folder in config.include)
+    if "." in prefixes:
+        return files
+    return [f for f in files if any(f.rel_path == p or f.rel_path.startswith(p + "/") for p in prefixes)]
+
+
 def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progress: bool = True) -> EmbedSummary:
     """Run one `embed` build into ``config.out``; returns the summary.
 
@@ -148,7 +159,7 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
         files = discover_images(config.source, exclude=(config.out,))
     except OSError as exc:
         raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
-    plan = plan_embed(files, manifest, run_id)
+    plan = plan_embed(included(files, config), manifest, run_id)
 
     results: list[ShardResult] = []
     shard_seconds = 0.0
