@@ -90,10 +90,6 @@ def last_record(out: Path) -> dict:
     return record
 
 
-def units(record: dict) -> dict[str, dict]:
-    return {u["key"].split("/")[0] if u["key"].startswith("export:") else u["key"]: u for u in record["stages"]}
-
-
 @pytest.fixture(scope="session")
 def clean_root(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
     """A finished build of the 6-image pipeline (read only; copy it to change it)."""
@@ -200,6 +196,26 @@ def test_only_and_from_choose_the_stages(clean_root, tmp_path, dask_scheduler):
     assert [u["key"] for u in last_record(root / "build")["stages"]] == ["report"]
     bad = build(root / "p.yaml", dask_scheduler, "--from", "predict")
     assert bad.exit_code == 2 and "unknown stage" in bad.output
+
+
+def test_a_failing_stage_exits_1_and_is_recorded_with_its_traceback_in_the_log(clean_root, tmp_path, monkeypatch):
+    import batchseg.stages.report as report
+
+    root = tmp_path / "root"
+    shutil.copytree(clean_root, root, symlinks=True)
+
+    def broken(config, progress=True):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(report, "run_report", broken)
+    result = build(root / "p.yaml", None, "--only", "report", "--set", "report.per-class=2")  # not up to date
+    assert result.exit_code == 1, result.output
+    assert "build failed in a stage: RuntimeError: disk on fire" in result.output
+    record = last_record(root / "build")
+    assert record["status"] == "failed" and "disk on fire" in record["error"]
+    assert [(u["key"], u["status"]) for u in record["stages"]] == [("report", "failed")]
+    log = (root / "build" / record["log"]).read_text()
+    assert "Traceback" in log and "disk on fire" in log
 
 
 def test_killed_build_reruns_to_the_same_outputs_as_a_clean_build(clean_root, tiny_models, tmp_path, dask_scheduler):

@@ -89,6 +89,7 @@ def test_relative_paths_are_relative_to_the_file_and_cli_sets_win(world, tmp_pat
     (GOOD.replace("  sam-checkpoint: sam.safetensors\n", ""), 3, "SAM needs weights"),
     (GOOD + "train-student:\n  - name: a\n    kind: panoptic\n", 12, "must be one of semantic, instance"),
     (GOOD + "retrain: sometimes\n", 10, "must be one of always, never, fraction"),
+    (GOOD + "train-student:\n  - name: a\n  - name: a\n", 12, "train-student[1].name: a is used twice"),
 ])
 def test_bad_pipeline_files_exit_2_naming_the_line(world, text, line, words):
     path = write(world, text)

@@ -6,7 +6,6 @@ relative to the pipeline file's folder (``--set`` values: to the working folder)
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import tempfile
@@ -124,6 +123,14 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] = (), scheduler: str | 
     from batchseg.pipeline import stage_configs as make
 
     where = {name: (raw[name],) for name in SECTIONS if name in raw}
+    for name, field_name in (("train-student", "name"), ("export", "dest")):
+        seen: set = set()
+        for index, given in enumerate(sections.get(name, [])):
+            value = given[field_name].resolve() if field_name == "dest" else given[field_name]
+            if value in seen:
+                at = where[name] + ((index,) if isinstance(doc.data[raw[name]], list) else ())
+                raise doc.error(at + (field_name,), f"{value} is used twice; each needs its own {field_name}")
+            seen.add(value)
 
     def item(name: str, index: int) -> KeyPath:
         return where[name] + ((index,) if isinstance(doc.data[raw[name]], list) else ())

@@ -17,6 +17,7 @@ import logging
 import platform
 import sys
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,7 +210,7 @@ def run_build(pipeline: Pipeline, options: BuildOptions, echo: Callable[[str], N
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            logging.getLogger("batchseg.build").exception("build failed")
+            log.detail(traceback.format_exc())  # the log and the record; stdout/stderr get one line
             raise BatchsegError(f"build failed in a stage: {error} (details in {log.path})") from exc
         finally:
             summary = BuildSummary(run_id, out, tuple(results), time.perf_counter() - started, status)
@@ -232,8 +233,9 @@ def _run_units(pipeline: Pipeline, options: BuildOptions, shared: SharedCluster,
             log.detail(f"{key}: {plan.what}")
             try:
                 result = run_unit(pipeline, key, stage, config, plan, shared, log, options.progress, builders)
-            except BatchsegError as exc:
+            except Exception as exc:
                 results.append(UnitResult(key, stage, "failed", 0, time.perf_counter() - tick, f"{key}: failed: {exc}"))
+                log.line(f"{key}: failed: {exc}")
                 raise
             result.seconds = time.perf_counter() - tick
             if key != "embed":

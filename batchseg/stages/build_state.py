@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,14 +64,3 @@ def store_stage(out: Path, stage: str, value: dict[str, Any]) -> None:
 
 def stage_state(out: Path, stage: str) -> dict[str, Any]:
     return read_state(out).get("stages", {}).get(stage, {})
-
-
-def mtime_free(entries: list[tuple[str, int, int]]) -> list[str]:
-    """File names only (a set of label parts, whose names carry their run id)."""
-    return [name for name, _, _ in entries]
-
-
-def file_sha(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.stat().st_size < 2**24 else str(os.stat(path).st_mtime_ns)
