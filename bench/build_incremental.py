@@ -11,8 +11,8 @@ the report):
 
 Each run is reported as the wall time of the whole CLI process and split by stage from
 the run record (``OUT/last-build.json``: each unit's seconds, a local cluster's start
-counted in the first unit that needed it). "Outside the stages" is the rest of the
-process: interpreter start and imports (torch, open_clip: most of it), reading the
+counted in the first unit that needed it; "in the build": from taking the lock to the
+record). "Outside" is the rest of the process: interpreter start and imports (torch, open_clip: most of it), reading the
 pipeline file, the cluster's shutdown and the interpreter's exit. A rerun with new images
 pays fixed costs that do not grow with the dataset (interpreter start and imports,
 starting the local Dask cluster, loading the models in the fresh worker, training
@@ -54,6 +54,7 @@ embed:
   shard-size: {shard}
 qc:
   features: dense-mean
+  dup-features: dense-grid
 pseudolabel:
   vocab: world/classes.txt
   background: true
@@ -140,18 +141,20 @@ def main(argv=None) -> int:
     runs[f"+{new} new ({args.new_percent:g}%)"] = run_build(root)
 
     keys = [u["key"].split(":")[0] for u in runs["full"][1]["stages"]]
-    headers = ["run", "CLI wall s", "ratio to full", "outside the stages s"] + keys
+    headers = ["run", "CLI wall s", "ratio to full", "in the build s", "ratio to full", "outside s"] + keys
     rows = []
-    full_wall = runs["full"][0]
+    full_wall, full_build = runs["full"][0], runs["full"][1]["seconds"]
     for name, (wall, record) in runs.items():
         stages = [f"{u['seconds']:.1f}" + ("" if u["status"] == "ran" else f" ({u['status']})")
                   for u in record["stages"]]
-        rows.append([name, f"{wall:.1f}", common.ratio(wall, full_wall), f"{wall - record['seconds']:.1f}", *stages])
+        rows.append([name, f"{wall:.1f}", common.ratio(wall, full_wall), f"{record['seconds']:.1f}",
+                     common.ratio(record["seconds"], full_build), f"{wall - record['seconds']:.1f}", *stages])
     print()
     print(common.table(headers, rows))
-    rerun = list(runs.values())[2][0]
-    verdict = "met" if rerun / full_wall <= args.target else "MISSED"
-    print(f"\nrerun with new images / full = {rerun / full_wall:.3f} (target <= {args.target}): {verdict}")
+    rerun, record = list(runs.values())[2]
+    for what, value, base in (("CLI process", rerun, full_wall), ("in the build", record["seconds"], full_build)):
+        verdict = "met" if value / base <= args.target else "MISSED"
+        print(f"rerun with new images / full, {what}: {value / base:.3f} (target <= {args.target}): {verdict}")
     print(f"no-op nightly run: {runs['nothing new'][0]:.1f} s in all")
     print(common.load_line())
     return 0

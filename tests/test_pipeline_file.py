@@ -101,6 +101,13 @@ def test_bad_pipeline_files_exit_2_naming_the_line(world, text, line, words):
     assert "Traceback" not in result.output
 
 
+def test_a_bad_set_value_is_named_as_given(world):
+    with pytest.raises(UsageError, match=r"p.yaml, --set pseudolabel.rounds=many: pseudolabel.rounds: must be an integer"):
+        load_pipeline(write(world, GOOD), ("pseudolabel.rounds=many",))
+    with pytest.raises(UsageError, match="--set takes KEY=VALUE"):
+        load_pipeline(write(world, GOOD), ("rounds",))
+
+
 def test_missing_and_empty_files_are_usage_errors(world):
     with pytest.raises(UsageError, match="does not exist"):
         load_pipeline(world / "nope.yaml")

@@ -57,7 +57,7 @@ def apply_overrides(doc: YamlDocument, overrides: tuple[str, ...]) -> tuple[Yaml
     VALUE is read as YAML. Returns the new document and the keys set."""
     data = doc.data if isinstance(doc.data, dict) else {}
     lines = dict(doc.key_lines)
-    keys = set()
+    given: dict[KeyPath, str] = dict(doc.overrides)
     for text in overrides:
         name, sep, raw = text.partition("=")
         if not sep or not name.strip():
@@ -83,9 +83,9 @@ def apply_overrides(doc: YamlDocument, overrides: tuple[str, ...]) -> tuple[Yaml
             target[where[-1]] = value
         else:
             raise UsageError(f"--set {text}: cannot set {name} in {doc.path}")
-        keys.add(where)
+        given[where] = text
         lines.setdefault(where, doc.line(where))
-    return YamlDocument(doc.path, data, lines), frozenset(keys)
+    return YamlDocument(doc.path, data, lines, given), frozenset(given)
 
 
 def load_pipeline(path: Path, overrides: tuple[str, ...] = (), scheduler: str | None = None) -> Pipeline:
@@ -123,17 +123,17 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] = (), scheduler: str | 
     from batchseg.pipeline import stage_configs as make
 
     where = {name: (raw[name],) for name in SECTIONS if name in raw}
-    for name, field_name in (("train-student", "name"), ("export", "dest")):
-        seen: set = set()
-        for index, given in enumerate(sections.get(name, [])):
-            value = given[field_name].resolve() if field_name == "dest" else given[field_name]
-            if value in seen:
-                at = where[name] + ((index,) if isinstance(doc.data[raw[name]], list) else ())
-                raise doc.error(at + (field_name,), f"{value} is used twice; each needs its own {field_name}")
-            seen.add(value)
 
     def item(name: str, index: int) -> KeyPath:
         return where[name] + ((index,) if isinstance(doc.data[raw[name]], list) else ())
+
+    for name, unique in (("train-student", "name"), ("export", "dest")):
+        seen: set = set()
+        for index, given in enumerate(sections.get(name, [])):
+            value = given[unique].resolve() if unique == "dest" else given[unique]
+            if value in seen:
+                raise doc.error(item(name, index) + (unique,), f"{value} is used twice; each needs its own {unique}")
+            seen.add(value)
 
     return Pipeline(
         path=path, sources=sources, out=out, cluster=cluster, embed=embed_config,

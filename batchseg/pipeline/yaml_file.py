@@ -6,7 +6,7 @@ one, are errors here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ class YamlDocument:
     path: Path
     data: Any
     key_lines: dict[KeyPath, int]  # the line a key is written on (list items: the item's line)
+    overrides: dict[KeyPath, str] = field(default_factory=dict)  # keys set on the command line: their --set text
 
     def line(self, where: KeyPath) -> int:
         """The line of ``where``, or of its closest written ancestor (1 for the document)."""
@@ -37,7 +38,10 @@ class YamlDocument:
     def error(self, where: KeyPath, message: str) -> UsageError:
         """A usage error naming the file, the line and the key."""
         name = dotted(where)
-        return UsageError(f"{self.path}, line {self.line(where)}: {name + ': ' if name else ''}{message}")
+        given = next((self.overrides[where[:cut]] for cut in range(len(where), 0, -1) if where[:cut] in self.overrides),
+                     None)
+        place = f"--set {given}" if given is not None else f"line {self.line(where)}"
+        return UsageError(f"{self.path}, {place}: {name + ': ' if name else ''}{message}")
 
 
 def dotted(where: KeyPath) -> str:
