@@ -115,3 +115,13 @@ def test_missing_and_empty_files_are_usage_errors(world):
         load_pipeline(write(world, "# nothing\n"))
     with pytest.raises(UsageError, match="missing required key 'out'"):
         load_pipeline(write(world, "sources: world/images\nmodels: {no-sam: true}\n"))
+
+
+@pytest.mark.parametrize("policy, trained, now, retrain", [
+    ("always", 100, 101, True), ("never", 100, 1000, False),
+    ("fraction", 100, 110, False), ("fraction", 100, 111, True), ("fraction", 100, 90, False),
+])
+def test_retrain_policy(policy, trained, now, retrain):
+    from batchseg.config import must_retrain
+
+    assert must_retrain(policy, 0.1, trained, now) is retrain
