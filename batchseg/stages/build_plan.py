@@ -156,7 +156,8 @@ def describe_qc(pipeline: Pipeline, new_images: int) -> str:
 
     if read_model_files(pipeline.out) is None:
         return "fit the qc model and score every file"
-    return f"score the new files with the stored model ({new_images} new images from embed; more if a run was cut)"
+    coming = f" (embed adds {new_images} new images)" if new_images else ""
+    return f"score the files it has not scored yet with the stored model{coming}"
 
 
 def describe_pseudolabel(pipeline: Pipeline, new_images: int) -> str:
