@@ -97,6 +97,7 @@ def clean_root(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
     pipeline = write_root(root, tiny_models)
     result = build(pipeline, dask_scheduler)
     assert result.exit_code == 0, result.output
+    (root / "stdout.txt").write_text(result.output)
     return root
 
 
@@ -123,6 +124,11 @@ def test_a_pipeline_builds_every_stage_and_records_the_run(clean_root):
     coco = json.loads((clean_root / "coco" / "annotations" / "instances_train.json").read_text())
     assert len(coco["images"]) == 6 and coco["annotations"]
     assert (out / "report" / "index.html").exists() and len(list((out / "eval").glob("*.json"))) == 1
+    # Not a terminal: no progress bars, one summary line per unit, then the build's.
+    lines = (clean_root / "stdout.txt").read_text().splitlines()
+    assert len(lines) == 8 and lines[-1].startswith("build finished: 7 units, 7 computed something")
+    assert [line.split(":")[0] for line in lines[:7]] == [
+        "embed", "qc", "pseudolabel", "evaluate", "train-student", "export", "report"]
     log = (out / record["log"]).read_text()
     for key in UNITS:  # one summary line per unit in the log, as on stdout
         assert f" {key}" in log
