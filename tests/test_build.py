@@ -163,6 +163,7 @@ def test_rerun_with_nothing_new_computes_nothing_then_new_images_are_all_that_is
     dry = build(pipeline, dask_scheduler, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "embed: 2 new images to embed" in dry.output and "round 0: label 2 new images" in dry.output
+    assert "round 1: the kept head labels the 2 new images" in dry.output
     assert last_record(out)["run_id"] == record["run_id"]  # a dry run writes nothing
 
     grown = build(pipeline, dask_scheduler)

@@ -181,20 +181,23 @@ def describe_pseudolabel(pipeline: Pipeline, new_images: int) -> str:
         done.update(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist())
     new = len(ids - flagged - done) + new_images
     lines = [f"round 0: label {new} new images"]
+    now = len(ids - flagged) + new_images
+    retrained = False  # a round after a retrained one retrains too
     for k in range(1, config.rounds + 1):
         info_path = out / "selftrain" / f"round={k}" / "_round.json"
         if not info_path.exists():
             lines.append(f"round {k}: train and label every image")
+            retrained = True
             continue
         info = json.loads(info_path.read_text())
         trained = info.get("trained_images") or info.get("images") or 0
-        now = len(ids - flagged) + new_images
-        if now == info.get("images") and info.get("complete"):
-            continue
-        if must_retrain(config.retrain, config.retrain_fraction, trained, now):
-            lines.append(f"round {k}: retrain the head ({max(0, now - trained)} images added to the {trained} it was "
-                         f"trained on; retrain {config.retrain}) and label every image")
-        else:
+        retrain = retrained or (trained != now and must_retrain(config.retrain, config.retrain_fraction, trained, now))
+        if retrain:
+            why = "the round before retrains" if retrained else (
+                f"{max(0, now - trained)} images added to the {trained} it was trained on; retrain {config.retrain}")
+            lines.append(f"round {k}: retrain the head ({why}) and label every image")
+            retrained = True
+        elif now != info.get("images") or not info.get("complete"):
             lines.append(f"round {k}: the kept head labels the {max(0, now - info.get('images', now))} new images")
     return "; ".join(lines)
 
