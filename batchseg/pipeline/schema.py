@@ -158,7 +158,7 @@ class Checker:
         if path.is_absolute():
             return path
         from_cli = any(where[:cut] in self.cwd_keys for cut in range(1, len(where) + 1))
-        return (Path.cwd() if from_cli else self.base) / path
+        return Path(os.path.normpath((Path.cwd() if from_cli else self.base) / path))
 
 
 def _shown(value: Any) -> str:
