@@ -240,6 +240,15 @@ def test_killed_build_reruns_to_the_same_outputs_as_a_clean_build(clean_root, ti
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "students" / "s" / "config.json").exists()
+    # One local cluster for every stage of the killed run: started once, and the stages' records name it.
+    (killed_log,) = (out / "runs").glob("*.log")
+    started = [line for line in killed_log.read_text().splitlines() if "dask: started a local cluster" in line]
+    assert len(started) == 1, started
+    address = started[0].split("cluster ")[1].split(" ")[0]
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    used = {r["command"]: r["config"]["cluster"]["scheduler"] for r in records if r.get("command") in ("embed",
+                                                                                                      "train-student")}
+    assert used.get("embed") == address, (used, address)
 
     rerun = build(pipeline, dask_scheduler)
     assert rerun.exit_code == 0, rerun.output

@@ -125,3 +125,17 @@ def test_retrain_policy(policy, trained, now, retrain):
     from batchseg.config import must_retrain
 
     assert must_retrain(policy, 0.1, trained, now) is retrain
+
+
+def test_several_sources_embed_only_their_files(world):
+    from batchseg.io.images import discover_images
+    from batchseg.stages.embed import included
+    from batchseg.testing import write_image_folder
+
+    for name in ("cams/north", "cams/south", "cams/private"):
+        write_image_folder(world / name, 2, seed=len(name))
+    text = GOOD.replace("sources: world/images", "sources: [cams/north, cams/s*]")
+    pipeline = load_pipeline(write(world, text))
+    assert pipeline.embed.source == (world / "cams").resolve()
+    found = included(discover_images(pipeline.embed.source), pipeline.embed)
+    assert {f.rel_path.split("/")[0] for f in found} == {"north", "south"} and len(found) == 4
