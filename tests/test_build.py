@@ -185,6 +185,25 @@ def test_rerun_with_nothing_new_computes_nothing_then_new_images_are_all_that_is
     assert info["trained_images"] == 6 and info["images"] == 8
 
 
+def test_a_settings_change_recomputes_what_it_affects(clean_root, tmp_path, dask_scheduler):
+    root = tmp_path / "root"
+    shutil.copytree(clean_root, root, symlinks=True)
+    out = root / "build"
+    rows0 = _rows(out, 0)
+    changed = build(root / "p.yaml", dask_scheduler, "--set", "pseudolabel.epochs=2", "--set", "qc.dup-threshold=0.99")
+    assert changed.exit_code == 0, changed.output
+    by_key = {u["key"].split(":")[0]: u for u in last_record(out)["stages"]}
+    assert by_key["embed"]["status"] == "up to date"
+    assert by_key["qc"]["counts"]["refit"] is True and by_key["qc"]["counts"]["new_files"] == 6
+    # A self-training setting: round 0 is kept, round 1 recomputed, the student learns again.
+    assert [(r["round"], r["skipped"], r["images"]) for r in by_key["pseudolabel"]["counts"]["rounds"]] == [
+        (0, True, 0), (1, False, 6)]
+    assert _rows(out, 0) == rows0
+    assert by_key["train-student"]["status"] == "ran"
+    assert "labels were recomputed" in by_key["train-student"]["counts"]["reason"]
+    assert by_key["export"]["counts"]["parts_written"] >= 1
+
+
 def test_a_second_build_on_the_same_output_exits_75_at_once(clean_root, tmp_path):
     out = clean_root / "build"
     with build_lock(out):

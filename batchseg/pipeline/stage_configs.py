@@ -6,6 +6,7 @@ and a command line are held to the same rules. Messages name the file, line and 
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,6 @@ from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
 
 
 def _check_detached(doc: YamlDocument, where: KeyPath, config) -> None:
-    import dataclasses
-
     folder = detached_build()
     try:
         fields = {f.name for f in dataclasses.fields(config)}
@@ -41,7 +40,10 @@ def qc(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
         values["threshold"] = None
     if "compare" in values:
         values["compare"] = tuple(n.strip() for item in values["compare"] for n in item.split(",") if n.strip())
-    config = QcConfig(out=out, settings=QcSettings(**values), given=frozenset(values))
+    # The file is the whole truth: a key left out means its default (not "whatever the stored
+    # model was fitted with", as for `batchseg qc`), so deleting a key refits too.
+    config = QcConfig(out=out, settings=QcSettings(**values),
+                      given=frozenset(f.name for f in dataclasses.fields(QcSettings)))
     _check_detached(doc, where, config)
     return config
 
