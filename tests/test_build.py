@@ -251,7 +251,7 @@ def test_killed_build_reruns_to_the_same_outputs_as_a_clean_build(clean_root, ti
     proc = subprocess.Popen([sys.executable, "-m", "batchseg", "build", str(pipeline)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
     marker = out / "students" / "s" / "_checkpoints"  # inside train-student, after pseudolabel
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420
     while not marker.exists() and time.monotonic() < deadline:
         assert proc.poll() is None, "the build ended before it could be killed"
         time.sleep(0.02)
