@@ -11,3 +11,6 @@ DENSE_HEADS = ("maskclip", "value", "clearclip", "sclip", "naclip", "proxy-sam")
 # region correction), or "pool": argmax of the probabilities pooled inside it (Open-Vocabulary
 # SAM's SAM+CLIP baseline).
 REGION_VOTES = ("majority", "pool")
+# The class name that stands for "no object": `pseudolabel --background` adds it to the
+# vocabulary, and `evaluate` scores ground-truth background pixels only when it is there.
+BACKGROUND = "background"

@@ -92,9 +92,15 @@ Examples:
 @click.option("--max-pixels", type=int, default=None,
               help="Refuse images with more pixels than this (decompression bombs). Default: about 179 million.")
 @click.option("--overwrite", is_flag=True, help="Start over: delete this build's outputs in OUT first.")
+@click.option("--verify", is_flag=True,
+              help="Read every stored row back (checksums, missing chunks) and recompute the damaged ones.")
+@click.option("--repair", is_flag=True,
+              help="Move damaged or stray manifest parts to OUT/quarantine/ and re-plan the files they covered, "
+                   "keeping intact embeddings whose content still matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sam_model, sam_checkpoint, no_sam,
-          precision, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite, quiet) -> None:
+          precision, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite, verify, repair,
+          quiet) -> None:
     from batchseg.config import ClusterSettings, EmbedConfig, ModelSettings
     from batchseg.errors import UsageError
     from batchseg.io.images import DEFAULT_MAX_PIXELS
@@ -128,11 +134,17 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
             shard_size=shard_size,
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
             overwrite=overwrite,
+            verify=verify,
+            repair=repair,
         )
         summary = run_embed(config, progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())
+    if summary.unrepaired:
+        click.echo(f"error: {len(summary.unrepaired)} damaged rows could not be recomputed (their files are gone or "
+                   f"changed); later stages skip those images. First: {summary.unrepaired[0]}", err=True)
+        sys.exit(1)
 
 
 PSEUDOLABEL_HELP = f"""Label every embedded image in OUT without annotation.
@@ -179,6 +191,10 @@ Examples:
 @click.option("--region-vote", type=click.Choice(REGION_VOTES), default="pool", show_default=True,
               help="How each SAM mask picks its class: pool (argmax of the probabilities pooled inside it), or "
                    "majority of the pixel labels inside it (CorrCLIP's region correction).")
+@click.option("--bg-mask-vote", is_flag=True,
+              help="With --background: a SAM mask recognised as background repaints its pixels background. "
+                   "Off by default: such masks mostly hold objects the coarse CLIP grid half-missed, and "
+                   "repainting them erased the object pixels it got right.")
 @click.option("--pd-thresh", type=float, default=0.5, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
@@ -216,7 +232,7 @@ Examples:
 @click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
+def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
                 class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
@@ -250,6 +266,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             proposals=proposals,
             dense_head=DenseHeadSettings(dense_head, proxy_grid=proxy_grid),
             region_vote=region_vote,
+            bg_mask_vote=bg_mask_vote,
         )
         config = PseudolabelConfig(
             out=out,
@@ -269,6 +286,11 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())
+    if summary.damaged:
+        click.echo(f"error: {len(summary.damaged)} images were not labelled because their stored embeddings are "
+                   f"damaged; run `batchseg embed SRC {out} --verify` to recompute them, then pseudolabel again",
+                   err=True)
+        sys.exit(1)
 
 
 EVALUATE_HELP = f"""Measure the pseudo labels in OUT against a few hand-labelled images.
@@ -282,7 +304,7 @@ has a "background" class (pseudolabel --background); otherwise they are ignored.
 
 Reports per-class IoU, mIoU and pixel accuracy for every round and source (maskclip:
 MaskCLIP alone; sam: SAM-refined; student: the self-training head of round k) as a
-table, and writes OUT/eval/EVAL_ID.json and OUT/eval/EVAL_ID.parquet.
+table, and writes OUT/eval/EVAL_ID.parquet and the summary OUT/eval/_EVAL_ID.json.
 
 \b
 Examples:

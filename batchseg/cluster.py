@@ -65,11 +65,13 @@ def _cpu_cluster(workers: int, threads: int, local_directory: str):
 
 
 @contextmanager
-def dask_client(settings: ClusterSettings, scratch_parent: Path) -> Iterator["distributed.Client"]:  # noqa: F821
+def dask_client(settings: ClusterSettings, build: Path) -> Iterator["distributed.Client"]:  # noqa: F821
     """Yield a connected ``distributed.Client``; close whatever this call started.
 
     ``settings.scheduler`` (or ``DASK_SCHEDULER_ADDRESS``) joins an existing cluster;
-    otherwise a local one is started with its scratch space under ``scratch_parent``.
+    otherwise a local one is started. Its scratch space goes to the system's temporary
+    folder, never inside ``build`` (the output folder): a killed run cannot leave Dask
+    folders among the build's files.
     """
     from distributed import Client
 
@@ -89,8 +91,7 @@ def dask_client(settings: ClusterSettings, scratch_parent: Path) -> Iterator["di
             client.close()
         return
 
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".dask-", dir=scratch_parent)
+    scratch = tempfile.mkdtemp(prefix=f"batchseg-dask-{build.name}-")
     threads = settings.threads_per_worker()
     cluster = None
     try:

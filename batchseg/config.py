@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchseg.choices import REGION_VOTES
+from batchseg.choices import BACKGROUND, REGION_VOTES
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.io.hashing import file_sha256
@@ -136,6 +136,8 @@ class EmbedConfig:
     shard_size: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
+    verify: bool = False  # read every stored row back, recompute the damaged ones
+    repair: bool = False  # move damaged manifest parts to OUT/quarantine/, re-plan what they covered
     # Only files under these folders (inside ``source``) are read; empty: all of ``source``.
     # `batchseg build` with several sources embeds their common parent restricted to them.
     include: tuple[Path, ...] = ()
@@ -147,6 +149,8 @@ class EmbedConfig:
         validate_image_job(self.source, self.out, "output", self.batch_size, self.shard_size)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
+        if self.overwrite and (self.verify or self.repair):
+            raise UsageError("--overwrite starts over, so there is nothing to --verify or --repair; pass one of them")
         self.models.validate()
         self.cluster.validate()
 
@@ -160,6 +164,8 @@ class EmbedConfig:
             "shard_size": self.shard_size,
             "max_pixels": self.max_pixels,
             "overwrite": self.overwrite,
+            "verify": self.verify,
+            "repair": self.repair,
             "include": [str(folder) for folder in self.include],
         }
 
@@ -233,6 +239,10 @@ class LabelSettings:
     work_max_side: int = 1024  # label maps are made at most this large, then mapped up
     dense_head: DenseHeadSettings = field(default_factory=DenseHeadSettings)
     region_vote: str = "pool"  # measured better than "majority" with the toy CLIP (bench/RESULTS.md, selftrain)
+    # A SAM mask recognised as "background" repaints its pixels background. Off: such a
+    # mask usually holds an object CLIP's coarse grid half-missed, and repainting erased
+    # the object pixels it did get right (bench/RESULTS.md, "SAM's vote").
+    bg_mask_vote: bool = False
 
     def validate(self) -> None:
         if self.sam not in SAM_MODES:
@@ -250,7 +260,7 @@ class LabelSettings:
     @property
     def class_names(self) -> tuple[str, ...]:
         names = tuple(self.vocabulary.names)
-        return names + ("background",) if self.background else names
+        return names + (BACKGROUND,) if self.background else names
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -267,6 +277,7 @@ class LabelSettings:
             "work_max_side": self.work_max_side,
             "dense_head": asdict(self.dense_head),
             "region_vote": self.region_vote,
+            "bg_mask_vote": self.bg_mask_vote,
         }
 
 

@@ -83,7 +83,8 @@ def write_image_folder(folder: Path, count: int, seed: int = 0, start: int = 0) 
 
 
 _DENSE_CLIP_ATTRIBUTES = (
-    "canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "dense_form", "kind", "token_dim", "token_grid",
+    "canvas", "patch", "grid", "dense_dim", "key_dim", "mean", "std", "preprocess", "dense_form", "kind", "token_dim",
+    "token_grid",
 )
 
 

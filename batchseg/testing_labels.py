@@ -132,7 +132,7 @@ def _write_evaluation(out: Path, rounds: int) -> None:
             })
     folder = out / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "20260101T000001Z-abcdef.json").write_text(json.dumps({
+    (folder / "_20260101T000001Z-abcdef.json").write_text(json.dumps({
         "schema": "eval", "schema_version": 1, "eval_id": "20260101T000001Z-abcdef",
         "created": "2026-01-01T00:00:01+00:00", "gt": "gt/", "gt_format": "png",
         "classes": list(CLASS_NAMES), "results": results,

@@ -111,6 +111,7 @@ def _runs(args):
     runs = [(head, dict(dense_head=DenseHeadSettings(head), sam="on"), 0) for head in args.heads]
     if "maskclip" in args.heads:
         runs.append(("maskclip (majority vote)", dict(region_vote="majority", sam="on"), 0))
+        runs.append(("maskclip (background masks vote too)", dict(bg_mask_vote=True, sam="on"), 0))
         runs.append(("maskclip (no KS)", dict(key_smoothing=False, sam="on"), 0))
     if args.rounds:
         runs.append(("full", dict(dense_head=DenseHeadSettings(args.head), sam="on"), args.rounds))

@@ -198,8 +198,13 @@ def model_config(cfg: TrainConfig) -> dict:
 
 
 def open_clip_config(cfg: TrainConfig) -> dict:
-    """``open_clip_config.json`` content, as ``batchseg.models.clip.save_local_dir`` writes it."""
+    """``open_clip_config.json`` content, as ``batchseg.models.clip.save_local_dir`` writes it.
+
+    No ``fill_color``: the model is trained on letterboxes padded with the mean colour
+    (:func:`to_pixels`), which is what batchseg uses when the config states no fill.
+    """
     preprocess = asdict(PreprocessCfg())
+    preprocess.pop("fill_color")
     preprocess["size"] = cfg.image_size
     return {"model_cfg": model_config(cfg), "preprocess_cfg": preprocess}
 

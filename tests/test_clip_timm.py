@@ -174,7 +174,8 @@ def test_embed_stores_the_timm_dense_features(tmp_path, timm_dirs):
     assert result.exit_code == 0, result.output
     group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
     shapes = {name: group[name].shape for name in group.array_keys()}
-    assert shapes == {"clip_tokens": (3, 64, 2, 2), "clip_global": (3, 32)}  # the feature map: every head's input
+    # the feature map (every head's input), and each row's owner
+    assert shapes == {"clip_tokens": (3, 64, 2, 2), "clip_global": (3, 32), "image_id": (3, 32)}
     clip = load_dense_clip(ClipSpec(f"local-dir:{timm_dirs['linear']}"), canvas=64)
     rows = read_manifest(out).to_pylist()
     assert {r["status"] for r in rows} == {"ok"}

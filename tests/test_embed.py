@@ -35,8 +35,11 @@ def test_embed_writes_arrays_manifest_and_summary(image_folder, tmp_path, tiny_m
     assert sorted(r["zarr_row"] for r in rows) == list(range(8))
     group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
     shapes = {name: group[name].shape for name in group.array_keys()}
-    assert shapes == {"clip_tokens": (8, 64, 8, 8), "clip_cls": (8, 64), "clip_global": (8, 32), "sam": (8, 32, 16, 16)}
-    assert all(group[name].chunks[0] == 1 and group[name].dtype == np.float16 for name in shapes)
+    assert shapes == {"clip_tokens": (8, 64, 8, 8), "clip_cls": (8, 64), "clip_global": (8, 32), "sam": (8, 32, 16, 16),
+                      "image_id": (8, 32)}
+    assert all(group[name].chunks[0] == 1 and group[name].dtype == np.float16 for name in shapes if name != "image_id")
+    # every row records the image it holds (the SHA-256 digest of its bytes)
+    assert {bytes(group["image_id"][r["zarr_row"]]).hex() for r in rows} == {r["image_id"] for r in rows}
 
     # Values: each row equals the models run directly on that file's decoded image.
     clip = load_dense_clip(ClipSpec(tiny_models.clip_option), canvas=64).eval()

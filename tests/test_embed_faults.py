@@ -59,6 +59,7 @@ def test_command_killed_mid_run_then_rerun_equals_a_clean_run(tmp_path, tiny_mod
     proc.wait()
     committed = len(visible_parts(out / "manifest"))
     assert 1 <= committed < 6, committed
+    assert sorted(p.name for p in out.iterdir() if "dask" in p.name) == []  # no scratch left inside OUT
 
     rerun = run_cli(embed_args(src, out, tiny_models, *SINGLE_THREAD, "--shard-size", "2"))
     assert rerun.exit_code == 0, rerun.output

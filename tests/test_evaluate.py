@@ -79,7 +79,11 @@ def _results(out: Path) -> tuple[dict, dict]:
     """The single evaluation's JSON, and its Parquet rows keyed by (round, source, class name)."""
     (json_path,) = sorted((out / "eval").glob("*.json"))
     (parquet_path,) = sorted((out / "eval").glob("*.parquet"))
-    assert json_path.stem == parquet_path.stem
+    assert json_path.stem == "_" + parquet_path.stem
+    # The folder is a Parquet dataset: the summary's underscore keeps readers off it.
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "eval")) == pq.read_table(parquet_path).num_rows
     data = json.loads(json_path.read_text())
     table = pq.read_table(parquet_path)
     assert table.schema.equals(EVAL_SCHEMA, check_metadata=True)
@@ -355,3 +359,46 @@ def test_a_build_in_use_is_not_scored_exit_75(tmp_path, png_gt):
         result = invoke(out, "--gt", png_gt)
     assert result.exit_code == 75 and "another batchseg run is using" in result.output
     assert not (out / "eval").exists()
+
+
+def _coco_with(path: Path, image: dict | None = None, ann: dict | None = None, extra_images=()) -> Path:
+    """The COCO file of :func:`_coco` with the first image's and first annotation's fields replaced."""
+    data = json.loads(_coco(path).read_text())
+    data["images"][0].update(image or {})
+    data["annotations"][0].update(ann or {})
+    data["images"] += list(extra_images)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("image,ann,extra,message", [
+    ({}, {"image_id": 42}, (), "annotations point at image ids its 'images' list does not have"),
+    ({}, {}, ({"id": 1, "file_name": "b/img2.jpg"},), "more than once"),
+    ({"height": -2}, {}, (), "height -2"),
+    ({"width": 4.5}, {}, (), "width 4.5"),
+    ({"height": "2"}, {}, (), "height '2'"),
+    ({"height": 3}, {}, (), "is 4x3 pixels but a/img1.jpg is 4x2"),
+    ({}, {"segmentation": [[0, 0, 2, 0, 2, "NaN", 0, 2]]}, (), "not a number"),
+    ({}, {"segmentation": [[0, 0, 2, 0, 2, float("nan"), 0, 2]]}, (), "NaN or infinite"),
+    ({}, {"segmentation": [[0, 0, 2, 0, 2, float("inf"), 0, 2]]}, (), "NaN or infinite"),
+    ({}, {"segmentation": [[0, 0, 2, 0, 2, 1e300, 0, 2]]}, (), "far outside"),
+    ({}, {"segmentation": [[0, 0, 2, 0, 2, 2, 0]]}, (), "flat list of x, y pairs"),
+    ({}, {"segmentation": [[0, 0, 1, 1] * 50_001]}, (), "more than 100000 polygon points"),
+    ({}, {"segmentation": {"size": [2, 4], "counts": [3, 99]}}, (), "covering 102 pixels"),
+    ({}, {"segmentation": {"size": [2, 4], "counts": [-1, 9]}}, (), "non-negative"),
+])
+def test_bad_coco_ground_truth_is_refused_before_scoring(tmp_path, image, ann, extra, message):
+    out = _build(tmp_path, NAMES, {0: PNG_ROUNDS[0]})
+    gt = _coco_with(tmp_path / "gt.json", image, ann, extra)
+    result = invoke(out, "--gt", gt)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (out / "eval").exists()
+
+
+def test_ground_truth_that_matches_no_image_is_counted_and_printed(tmp_path, png_gt):
+    out = _build(tmp_path, NAMES, PNG_ROUNDS)
+    result = invoke(out, "--gt", png_gt)
+    assert result.exit_code == 0, result.output
+    assert "note: 1 PNG files match no image and were skipped: zzz/nothing.png" in result.output
+    data, _ = _results(out)
+    assert [item["path"] for item in data["images"]] == ["a/img1.jpg", "b/img2.jpg"]

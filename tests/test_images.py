@@ -606,3 +606,40 @@ def test_corpus_through_the_whole_pipeline(tmp_path):
             got[found.rel_path] = STATUS_OK
     assert got == expected
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def _write_names(root: Path, names: list[bytes], data: bytes) -> None:
+    root_b = os.fsencode(root)
+    try:
+        for name in names:
+            with open(os.path.join(root_b, name), "wb") as f:
+                f.write(data)
+    except OSError:
+        pytest.skip("this file system rejects non-UTF-8 names")
+
+
+@pytest.mark.parametrize("names", [
+    [b"a\xff\\xfe.png", b"a\\xff\xfe.png"],  # plain backslashreplace gave both "a\\xff\\xfe.png"
+    [b"\xff\\\\.png", b"\\\xff\\.png"],
+    [b"x\xff.png", b"x\xfe.png", b"x\xff\xfe.png", "x\u00ff.png".encode()],  # the last is UTF-8: itself
+])
+def test_different_names_never_share_a_manifest_path(tmp_path, names):
+    from batchseg.io.images import manifest_path
+
+    _write_names(tmp_path, names, enc(noise(3, 3), "PNG"))
+    found = discover_images(tmp_path)
+    paths = [f.rel_path for f in found]
+    assert len(paths) == len(set(paths)) == len(names)
+    assert sorted(paths) == sorted(manifest_path(n) for n in names)
+    for f in found:
+        f.rel_path.encode("utf-8")
+        assert decode_image(read_image_bytes(f)).pixels.shape == (3, 3, 3)
+
+
+def test_a_name_escaped_onto_another_is_refused(tmp_path):
+    from batchseg.errors import UsageError
+
+    # not UTF-8, escaped to "y\\xff.png"; and a UTF-8 name that is literally "y\\xff.png"
+    _write_names(tmp_path, [b"y\xff.png", b"y\\xff.png"], enc(noise(3, 3), "PNG"))
+    with pytest.raises(UsageError, match="rename one of them"):
+        discover_images(tmp_path)

@@ -335,3 +335,46 @@ def test_mask_nms_removes_duplicates_that_box_nms_misses() -> None:
     assert 0 < kept["box + mask"] < kept["box only"]
     with pytest.raises(ValueError, match="mask_nms_thresh"):
         ProposalSettings(mask_nms_thresh=-0.5)
+
+
+def _off_by_one_case(canvas: int, max_side: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """An original size whose work frame letterboxes one pixel differently from the original."""
+    from batchseg.io.geometry import letterbox
+    from batchseg.labels.image_labels import ImageFrame
+
+    for height in range(max_side + 1, 4 * max_side):
+        for width in range(max_side + 1, height):
+            frame = ImageFrame.create("x", height, width, max_side)
+            stored, recomputed = letterbox(height, width, canvas), letterbox(frame.work_h, frame.work_w, canvas)
+            if (stored.valid_h, stored.valid_w) != (recomputed.valid_h, recomputed.valid_w):
+                return (frame.work_h, frame.work_w), (stored.valid_h, stored.valid_w)
+    raise AssertionError("no size found")
+
+
+def test_masks_of_a_work_frame_use_the_stored_valid_region(blocky) -> None:
+    """SAM's own decoder and postprocess_masks with the stored region are the reference."""
+    sam, embedding = blocky
+    work, stored = _off_by_one_case(TINY.image_size, max_side=40)
+    s = ProposalSettings(points_per_side=3, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                         nms="torchvision", mask_nms_thresh=None)
+    grid = point_grid(3, *work)
+    coords = grid * np.array([[stored[1] / work[1], stored[0] / work[0]]])
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=(torch.as_tensor(coords)[:, None, :], torch.ones((9, 1), dtype=torch.int)),
+                                           boxes=None, masks=None)
+        low, iou = sam.mask_decoder(image_embeddings=embedding[None], image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+        expected = sam.postprocess_masks(low.flatten(0, 1)[:, None], stored, work)[:, 0] > sam.mask_threshold
+    expected = {m.tobytes() for m in expected.numpy()}
+    with torch.no_grad():
+        read = generate_proposals(sam, embedding, work, s, input_size=stored)
+        recomputed = generate_proposals(sam, embedding, work, s)
+    assert read.masks.shape[1:] == work and len(read) == 27
+    assert {m.tobytes() for m in read.masks} == expected
+    assert {m.tobytes() for m in recomputed.masks} != expected  # the off-by-one is visible
+
+
+def test_an_input_size_off_the_canvas_is_refused(blocky) -> None:
+    sam, embedding = blocky
+    with pytest.raises(ValueError, match="not a valid region"):
+        generate_proposals(sam, embedding, (H, W), input_size=(0, TINY.image_size + 1))

@@ -49,7 +49,6 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 @pytest.mark.parametrize(
     "metadata, fragment",
     [({b"batchseg.schema": b"manifest", b"batchseg.schema_version": b"99"}, "version 99"),
-     ({}, "unknown"),
      ({b"batchseg.schema": b"labels", b"batchseg.schema_version": b"1"}, "'labels'")],
 )
 def test_unknown_schema_version_is_refused_with_advice(tmp_path, metadata, fragment):
@@ -60,3 +59,14 @@ def test_unknown_schema_version_is_refused_with_advice(tmp_path, metadata, fragm
     with pytest.raises(SchemaVersionError) as info:
         read_manifest(tmp_path)
     assert fragment in str(info.value) and "--overwrite" in str(info.value)
+
+
+def test_a_part_without_batchseg_metadata_is_a_stray_file_with_the_repair(tmp_path):
+    from batchseg.io.tables import DamagedPartError
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    pq.write_table(manifest_table([_row("a.jpg")]).replace_schema_metadata({}), folder / "part-1.parquet")
+    with pytest.raises(DamagedPartError) as info:
+        read_manifest(tmp_path)
+    assert "a stray file" in str(info.value) and "--repair" in str(info.value)

@@ -11,10 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from batchseg.errors import UsageError
-from batchseg.io.tables import LABELS_VERSION, check_version, read_manifest, round_folder
+from batchseg.io.tables import LABELS_VERSION, check_version, read_manifest, read_part, read_schema_checked, round_folder
 
 ROUND_FILE = "_round.json"
 BUILD_FILE = "batchseg.json"  # batchseg.config.BUILD_FILE; config is not imported: it loads torch
@@ -77,13 +76,21 @@ def label_rounds(out: Path) -> list[int]:
 
 
 def label_parts(out: Path, round_index: int) -> list[Path]:
-    """Committed label parts of one round (``part-*.parquet``), sorted by name."""
-    return sorted(round_folder(out, round_index).glob("part-*.parquet"))
+    """Committed label parts of one round (``part-*.parquet``), sorted by name.
+
+    Each part's footer is checked: a damaged or stray file, or a part of a schema version
+    this code does not read (a newer batchseg's), is refused with the fix, never taken
+    as part of a complete round.
+    """
+    parts = sorted(round_folder(out, round_index).glob("part-*.parquet"))
+    for part in parts:
+        check_label_part(part)
+    return parts
 
 
 def check_label_part(part: Path) -> None:
-    """Refuse a label part of a schema version this code does not read."""
-    check_version(pq.read_schema(part), "labels", LABELS_VERSION, part)
+    """Refuse a damaged label part, or one of a schema version this code does not read."""
+    check_version(read_schema_checked(part), "labels", LABELS_VERSION, part)
 
 
 def read_json(path: Path) -> dict:
@@ -113,7 +120,7 @@ def round_class_names(out: Path, round_index: int) -> dict[int, str]:
     """class id -> class name as the label rows of one round name them (two columns read)."""
     names: dict[int, str] = {}
     for part in label_parts(out, round_index):
-        pairs = pq.read_table(part, columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
+        pairs = read_part(part, columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
         for pair in pairs.to_pylist():
             if names.setdefault(pair["class_id"], pair["class_name"]) != pair["class_name"]:
                 raise UsageError(f"round {round_index} of {out} names class id {pair['class_id']} both "

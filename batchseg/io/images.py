@@ -32,10 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from batchseg.errors import UsageError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS", "FAILURE_STATUSES", "IMAGE_EXTENSIONS", "STATUS_CHANGED", "STATUS_DUPLICATE", "STATUS_OK",
     "DecodedImage", "FoundFile", "ImageError", "content_id", "decode_image", "discover_images",
-    "read_image_bytes",
+    "manifest_path", "read_image_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,11 +210,36 @@ def discover_images(root: str | os.PathLike, exclude: tuple[str | os.PathLike, .
         # twice-linked folder wins is then deterministic.
         stack.extend(reversed(subdirs))
     found.sort(key=lambda pair: pair[0])
+    _check_unique(found)
     return [f for _, f in found]
 
 
+def manifest_path(rel: bytes) -> str:
+    """The manifest's name for a relative path (bytes, as the file system has it).
+
+    A UTF-8 name is itself. Any other name has every backslash doubled and every byte
+    that is not UTF-8 written ``\\xNN``: the result stores as UTF-8 (Parquet, JSON), and two
+    different names never share one manifest path (plain ``backslashreplace`` gave
+    ``b"\\xff\\\\xfe"`` and ``b"\\\\xff\\xfe"`` the same one).
+    """
+    try:
+        return rel.decode("utf-8")
+    except UnicodeDecodeError:
+        return rel.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def _check_unique(found: list[tuple[bytes, FoundFile]]) -> None:
+    """Refuse two files whose manifest names coincide (a non-UTF-8 name escaped onto a UTF-8 one)."""
+    seen: dict[str, bytes] = {}
+    for rel, f in found:
+        other = seen.setdefault(f.rel_path, rel)
+        if other != rel:
+            raise UsageError(f"two files map to the manifest path {f.rel_path!r}: {other!r} and {rel!r} "
+                             "(a name that is not UTF-8, escaped); rename one of them")
+
+
 def _found(path_b: bytes, rel: bytes, st: os.stat_result | None, problem: str | None) -> FoundFile:
-    return FoundFile(path=_open_path(path_b), rel_path=rel.decode("utf-8", "backslashreplace"),
+    return FoundFile(path=_open_path(path_b), rel_path=manifest_path(rel),
                      size=None if st is None else st.st_size,
                      mtime=None if st is None else st.st_mtime,
                      status=None if problem is None else STATUS_UNREADABLE, message=problem)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from batchseg.errors import UsageError
 from batchseg.io.build_info import check_label_part
+from batchseg.io.tables import read_part
 
 SOURCE_PREFERENCE = ("sam", "student", "maskclip")  # SAM-refined first: each round's best labels
 ROW_COLUMNS = ("image_id", "kind", "segment_id", "class_id", "class_name", "score", "source", "bbox", "area", "mask")
@@ -52,7 +52,7 @@ def plan_units(parts: list[Path]) -> list[LabelUnit]:
     holders: dict[str, list[int]] = {}
     for index, part in enumerate(parts):
         check_label_part(part)
-        ids = pc.unique(pq.read_table(part, columns=["image_id"]).column("image_id")).to_pylist()
+        ids = pc.unique(read_part(part, columns=["image_id"]).column("image_id")).to_pylist()
         for image_id in ids:
             owner.setdefault(image_id, index)
             holders.setdefault(image_id, []).append(index)
@@ -83,7 +83,7 @@ def image_groups(unit: LabelUnit, flt: LabelFilter) -> Iterator[tuple[str, list[
     labelled in this round, just not with anything kept (an all-ignore label map).
     """
     expression = _expression(flt, unit.image_ids)
-    tables = [pq.read_table(path, columns=list(ROW_COLUMNS), filters=expression) for path in (unit.part, *unit.extra)]
+    tables = [read_part(path, columns=list(ROW_COLUMNS), filters=expression) for path in (unit.part, *unit.extra)]
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     grouped: dict[str, list[dict]] = {image_id: [] for image_id in sorted(unit.image_ids)}
     for row in rows:
@@ -97,7 +97,7 @@ def sources_and_kinds(parts: list[Path]) -> dict[tuple[str, str], int]:
     """Row counts per (source, kind) over ``parts`` (two small columns read)."""
     counts: dict[tuple[str, str], int] = {}
     for part in parts:
-        table = pq.read_table(part, columns=["source", "kind"])
+        table = read_part(part, columns=["source", "kind"])
         for row in table.group_by(["source", "kind"]).aggregate([([], "count_all")]).to_pylist():
             key = (row["source"], row["kind"])
             counts[key] = counts.get(key, 0) + row["count_all"]

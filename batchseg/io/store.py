@@ -1,21 +1,26 @@
-"""The Zarr v3 store of embeddings: one chunk per image along axis 0, fp16, zstd.
+"""The Zarr v3 store of embeddings: one chunk per image along axis 0, fp16, zstd + CRC32C.
 
 Only the driver creates or resizes arrays (DESIGN rule 3); workers open the group
 read-write and assign whole rows, each of which is its own chunk, so concurrent
-workers never touch the same file.
+workers never touch the same file. Every chunk carries a checksum and every row's
+owner is stored beside it (``image_id``: the SHA-256 of the image the row holds), so a
+damaged row is found (``batchseg.io.store_integrity``) and an intact one can be matched
+to its image without the manifest.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 STORE_NAME = "embeddings.zarr"
 STORE_DTYPE = "float16"
+ROW_ID_ARRAY = "image_id"  # (N, 32) uint8: the SHA-256 digest of the image each row holds
+ROW_ID_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,8 @@ def store_path(out: Path) -> Path:
 def ensure_store(out: Path, geometry: ModelGeometry, rows: int) -> None:
     """Create the arrays if missing and grow them to at least ``rows`` rows (driver only)."""
     group = zarr.open_group(str(store_path(out)), mode="a", zarr_format=3)
-    for name, shape in geometry.array_shapes().items():
+    shapes = {**geometry.array_shapes(), ROW_ID_ARRAY: (ROW_ID_BYTES,)}
+    for name, shape in shapes.items():
         if name in group:
             array = group[name]
             if tuple(array.shape[1:]) != tuple(shape):
@@ -84,8 +90,9 @@ def ensure_store(out: Path, geometry: ModelGeometry, rows: int) -> None:
                 name,
                 shape=(rows, *shape),
                 chunks=(1, *shape),
-                dtype=STORE_DTYPE,
-                compressors=[ZstdCodec(level=3)],
+                dtype="uint8" if name == ROW_ID_ARRAY else STORE_DTYPE,
+                # The checksum last: it covers the compressed bytes as they lie on disk.
+                compressors=[ZstdCodec(level=3), Crc32cCodec()],
                 fill_value=0,
             )
 
@@ -104,13 +111,42 @@ class RowWriter:
 
     def __init__(self, out: Path) -> None:
         self._group = zarr.open_group(str(store_path(out)), mode="r+")
-        self._arrays = {name: self._group[name] for name in self._group.array_keys()}
+        # Every row gets its chunk, even an all-zero one: a missing chunk means damage.
+        self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
+                        for name in self._group.array_keys()}
 
     def write(self, name: str, row: int, value: np.ndarray) -> None:
         array = self._arrays[name]
         if row >= array.shape[0]:
             raise RuntimeError(f"row {row} is outside {name} ({array.shape[0]} rows): the driver must grow arrays first")
-        array[row] = value.astype(STORE_DTYPE, copy=False)
+        array[row] = value.astype(array.dtype, copy=False)
+
+    def write_owner(self, row: int, image_id: str) -> None:
+        """Record which image ``row`` holds (stores made before owners were kept have no such array)."""
+        if ROW_ID_ARRAY in self._arrays:
+            self.write(ROW_ID_ARRAY, row, np.frombuffer(bytes.fromhex(image_id), dtype=np.uint8))
+
+
+def row_owners(out: Path, rows: Iterable[int]) -> dict[int, str]:
+    """The image id stored with each of ``rows`` that has one (stores older than owners have none)."""
+    path = store_path(out)
+    if not path.exists():
+        return {}
+    group = zarr.open_group(str(path), mode="r")
+    if ROW_ID_ARRAY not in group:
+        return {}
+    array = group[ROW_ID_ARRAY]
+    owners = {}
+    for row in rows:
+        if row >= array.shape[0]:
+            continue
+        try:
+            value = np.asarray(array[row])
+        except (ValueError, RuntimeError, OSError):  # a damaged owner is no owner: the row is recomputed
+            continue
+        if value.any():
+            owners[int(row)] = value.tobytes().hex()
+    return owners
 
 
 def read_row(out: Path, name: str, row: int) -> np.ndarray:
@@ -126,13 +162,20 @@ def iter_rows(out: Path, name: str, rows: Sequence[int], chunk_rows: int = 1024)
     """Stored rows ``rows`` of array ``name``, ``chunk_rows`` at a time, in the given order.
 
     Yields (m, *row_shape) arrays in the stored dtype, so memory stays O(chunk_rows) rows
-    however many are asked for.
+    however many are asked for. A missing or damaged row raises ``DamagedRowError``.
     """
+    from batchseg.io.store_integrity import check_rows_present, read_row_checked
+
     array = open_array(out, name)
     for start in range(0, len(rows), chunk_rows):
         wanted = np.asarray(rows[start:start + chunk_rows], dtype=np.int64)
         order = np.argsort(wanted, kind="stable")  # sorted reads, then back to the asked order
-        values = np.asarray(array.oindex[wanted[order]])
+        check_rows_present(out, array, wanted)  # a missing chunk reads back as zeros
+        try:
+            values = np.asarray(array.oindex[wanted[order]])
+        except (ValueError, RuntimeError, OSError):  # name the damaged row
+            group = zarr.open_group(str(store_path(out)), mode="r")
+            values = np.stack([read_row_checked(out, group, name, int(row)) for row in wanted[order]])
         result = np.empty_like(values)
         result[order] = values
         yield result

@@ -7,13 +7,14 @@ half-written part, and readers ignore names starting with ``.`` or ``_``.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchseg.errors import SchemaVersionError
+from batchseg.errors import SchemaVersionError, UsageError
 
 SCHEMA_NAME_KEY = b"batchseg.schema"
 SCHEMA_VERSION_KEY = b"batchseg.schema_version"
@@ -58,7 +59,7 @@ def write_part_atomic(table: pa.Table, final_path: Path) -> Path:
     final_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = final_path.with_name(f".{final_path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final_path)
@@ -89,6 +90,94 @@ def remove_temporaries(folder: Path) -> int:
     return count
 
 
+QUARANTINE = "quarantine"
+# What each folder's damaged part needs; {path} and {out} are filled in.
+_PART_FIXES = {
+    "manifest": "run `batchseg embed SRC {out} --repair`: it moves the part to {out}/quarantine/ and re-plans "
+                "the files it covered, keeping their stored embeddings",
+    "labels": "move it to {out}/quarantine/ (mkdir -p {out}/quarantine && mv '{path}' {out}/quarantine/) and "
+              "run `batchseg pseudolabel` again: it labels the images that part held",
+    "qc": "move it to {out}/quarantine/ and run `batchseg qc {out} --refit`",
+}
+
+
+class DamagedPartError(UsageError):
+    """A Parquet file in a table folder is truncated, unreadable or not a batchseg part."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.path))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]
+
+
+def _table_kind(path: Path) -> tuple[str, Path]:
+    """Which table folder ``path`` lies in (manifest, labels, qc, ...) and the build folder."""
+    parent = path.parent
+    if parent.name.startswith("round=") and parent.parent.name == "labels":
+        return "labels", parent.parent.parent
+    return parent.name, parent.parent
+
+
+def damaged_part_error(path: Path, why: str) -> DamagedPartError:
+    """The one message for a damaged part: the file, what is wrong, and the fix."""
+    kind, out = _table_kind(path)
+    fix = _PART_FIXES.get(kind, "move it out of {folder} (to {out}/quarantine/) and rerun the command that wrote it")
+    fix = fix.format(out=out, path=path, folder=path.parent)
+    return DamagedPartError(f"{path} {why}; {fix}", path)
+
+
+def read_schema_checked(path: Path, identity: bool = True) -> pa.Schema:
+    """A part's schema; ``DamagedPartError`` when it is not a readable (batchseg, with ``identity``) Parquet part."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise damaged_part_error(path, f"is not a readable Parquet file (truncated or damaged: {_one_line(exc)})") from None
+    if identity and SCHEMA_NAME_KEY not in (schema.metadata or {}):
+        raise damaged_part_error(path, "is not a batchseg part (its metadata names no batchseg schema: a stray file)")
+    return schema
+
+
+def read_part(path: Path, columns: list[str] | None = None, filters=None, identity: bool = True) -> pa.Table:
+    """One part, read whole: ``DamagedPartError`` naming the file when any page of it is damaged.
+
+    ``identity`` False reads any Parquet table (a report shows what is there); by default a
+    file without batchseg's schema metadata is a stray file and refused as well.
+    """
+    read_schema_checked(path, identity)
+    try:
+        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise damaged_part_error(path, f"cannot be read (damaged: {_one_line(exc)})") from None
+
+
+def damaged_parts(folder: Path) -> list[tuple[Path, str]]:
+    """The visible parts of ``folder`` that do not read whole, with why (every page is read)."""
+    found = []
+    for part in visible_parts(folder):
+        try:
+            read_part(part)
+        except DamagedPartError as exc:
+            found.append((part, str(exc)))
+    return found
+
+
+def quarantine_damaged_parts(out: Path, folder: Path) -> list[Path]:
+    """Move ``folder``'s damaged and stray parts to ``OUT/quarantine/FOLDER/``; return where they went."""
+    moved = []
+    for part, _ in damaged_parts(folder):
+        target = out / QUARANTINE / folder.relative_to(out) / part.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(part), target)
+        moved.append(target)
+    return moved
+
+
 def check_version(schema: pa.Schema, name: str, known: int, path: Path) -> None:
     """Refuse a file written by an unknown schema version, saying what to do."""
     meta = schema.metadata or {}
@@ -107,9 +196,12 @@ def read_parts(folder: Path, name: str, version: int, schema: pa.Schema) -> pa.T
     parts = visible_parts(folder)
     tables = []
     for part in parts:
-        table = pq.read_table(part)
+        table = read_part(part)
         check_version(table.schema, name, version, part)
-        tables.append(table.cast(schema))
+        try:
+            tables.append(table.cast(schema))
+        except (pa.ArrowException, ValueError) as exc:
+            raise damaged_part_error(part, f"does not hold the '{name}' columns ({_one_line(exc)})") from None
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
@@ -179,3 +271,27 @@ def with_round(table: pa.Table, round_index: int) -> pa.Table:
     column = pa.array([round_index] * table.num_rows, type=pa.int32())
     table = table.add_column(LABELS_SCHEMA.get_field_index("round"), LABELS_SCHEMA.field("round"), column)
     return table.replace_schema_metadata(None)
+
+
+EVAL_FOLDER = "eval"
+EVAL_VERSION = 1
+# `batchseg evaluate`'s results, OUT/eval/EVAL_ID.parquet: one row per round, source and class.
+EVAL_SCHEMA = pa.schema(
+    [
+        pa.field("eval_id", pa.string()),
+        pa.field("round", pa.int32()),
+        pa.field("source", pa.string()),
+        pa.field("images", pa.int32()),  # images scored for this round and source
+        pa.field("class_id", pa.int32()),
+        pa.field("class_name", pa.string()),
+        pa.field("iou", pa.float64()),  # null: class absent from the ground truth
+        pa.field("intersection", pa.int64()),
+        pa.field("union", pa.int64()),
+        pa.field("gt_pixels", pa.int64()),
+        pa.field("pred_pixels", pa.int64()),
+        pa.field("miou", pa.float64()),  # of the round and source (repeated on its rows); null if undefined
+        pa.field("pixel_accuracy", pa.float64()),
+        pa.field("unlabelled_pixels", pa.int64()),  # scored pixels that no label row covers
+        pa.field("total_pixels", pa.int64()),  # scored ground-truth pixels
+    ]
+).with_metadata({SCHEMA_NAME_KEY: b"eval", SCHEMA_VERSION_KEY: str(EVAL_VERSION).encode()})

@@ -132,6 +132,8 @@ def mask_vote_confidence(label: np.ndarray, confidence: np.ndarray, masks: np.nd
     areas = masks.reshape(n, -1).sum(1)
     order = np.lexsort((-np.arange(n), -areas, np.nan_to_num(scores.astype(np.float64), nan=-np.inf)))
     for index in order:
+        if class_ids[index] < 0:  # a mask that paints nothing lends no confidence
+            continue
         region = masks[index] & (label == class_ids[index])
         refined[region] = scores[index]
     return refined

@@ -248,6 +248,7 @@ def generate_proposals(
     original_size: tuple[int, int],
     settings: ProposalSettings = ProposalSettings(),
     *,
+    input_size: tuple[int, int] | None = None,
     max_chunk_elems: int = _DEFAULT_CHUNK_ELEMS,
 ) -> Proposals:
     """Everything-mode proposals from one stored SAM image embedding.
@@ -262,8 +263,14 @@ def generate_proposals(
             ``image_encoder.img_size`` are used).
         embedding: ``(C, h, w)`` image embedding of the letterboxed image, any
             float dtype, e.g. ``(256, 64, 64)`` for vit_b/h, ``(32, 16, 16)`` for tiny.
-        original_size: ``(H, W)`` of the original image in pixels.
+        original_size: ``(H, W)`` the masks are made at: the original image, or a
+            smaller work frame of it (``pseudolabel --work-max-side``).
         settings: see ``ProposalSettings``.
+        input_size: ``(h, w)`` of the image's valid region on SAM's canvas as the
+            embedding was computed (the manifest's ``sam_valid_h``/``sam_valid_w``).
+            Pass it whenever ``original_size`` is not the size the image was embedded
+            at: recomputed from a work frame it can be one pixel off. Default: the
+            letterbox of ``original_size`` (SamPredictor's ``input_size``).
         max_chunk_elems: float elements one upscaling chunk may hold (memory bound;
             results do not depend on it).
 
@@ -283,8 +290,12 @@ def generate_proposals(
     emb = emb.to(device=device, dtype=dtype)[None].contiguous()  # (1, C, h, w)
 
     canvas = int(sam.image_encoder.img_size)
-    box = letterbox(height, width, canvas)  # equals SamPredictor's input_size
-    input_size = (box.valid_h, box.valid_w)
+    if input_size is None:
+        box = letterbox(height, width, canvas)  # equals SamPredictor's input_size
+        input_size = (box.valid_h, box.valid_w)
+    input_size = (int(input_size[0]), int(input_size[1]))
+    if not (0 < input_size[0] <= canvas and 0 < input_size[1] <= canvas):
+        raise ValueError(f"input_size {input_size} is not a valid region of the {canvas} px SAM canvas")
     grid = point_grid(settings.points_per_side, height, width)  # (P, 2) float64, original px
     prompts = _to_input_frame(grid, (height, width), input_size)
     image_pe = sam.prompt_encoder.get_dense_pe()  # (1, C, h, w); the same for every batch

@@ -65,6 +65,11 @@ class SelfTrainSettings:
     ema_decay: float | None = 0.99  # the saved head is the exponential moving average of the steps
     # Stop when a round agrees with the one before on at least this share of cells (None: never).
     stop_agreement: float | None = 0.95
+    # EXPERIMENT: rounds learning from round k-1 (> 0) ignore cells where it disagrees with round 0.
+    anchor: bool = False
+    anchor_keep_conf: float | None = None  # EXPERIMENT: disagreeing cells at least this confident still train
+    # EXPERIMENT: class balance only in rounds that learn from round 0.
+    balance_teacher_only: bool = False
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""

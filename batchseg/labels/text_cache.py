@@ -14,11 +14,10 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
+from batchseg.choices import BACKGROUND
 from batchseg.io.hashing import file_sha256
 from batchseg.models.clip import LOCAL_DIR, ClipSpec, load_dense_clip
 from batchseg.models.text import Vocabulary, build_text_classifier, classifier_key
-
-BACKGROUND = "background"
 
 
 def with_background(vocab: Vocabulary) -> Vocabulary:

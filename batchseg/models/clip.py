@@ -28,17 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg
-from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
-from batchseg.io.geometry import letterbox
 from batchseg.models.dense_heads import ClipTokens
 from batchseg.models.clip_resnet import (
     RESNET_STRIDE,
@@ -49,6 +46,7 @@ from batchseg.models.clip_resnet import (
 )
 from batchseg.models.clip_timm import check_timm, check_timm_config, is_timm_tower, timm_dims, timm_features
 from batchseg.models.clip_timm import timm_native_grid, timm_stride
+from batchseg.models.clip_preprocess import ClipPreprocess, model_preprocess, preprocess_clip  # noqa: F401  (re-exported)
 
 DENSE_FORMS = ("official", "clear")
 RANDOM = "random"
@@ -113,6 +111,8 @@ class DenseClip(nn.Module):
         canvas: side of the square input in pixels. patch: stride of the dense grid in
         canvas pixels. grid: ``canvas // patch``. dense_dim: D. key_dim: K.
         mean, std: the model's normalisation (RGB, for pixels in [0, 1]).
+        preprocess: all of the model's preprocessing (:class:`ClipPreprocess`: also the
+        resize filter and the letterbox fill); its mean and std are ``mean`` and ``std``.
         dense_form: ``"official"`` or ``"clear"``. kind: ``"vit"``, ``"resnet"`` or ``"timm"``.
     """
 
@@ -124,6 +124,7 @@ class DenseClip(nn.Module):
         mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
         std: Sequence[float] = open_clip.OPENAI_DATASET_STD,
         dense_form: str = "official",
+        preprocess: ClipPreprocess | None = None,
     ) -> None:
         super().__init__()
         if dense_form not in DENSE_FORMS:
@@ -165,8 +166,11 @@ class DenseClip(nn.Module):
             )
         self.canvas, self.patch, self.grid = canvas, patch, canvas // patch
         self.token_grid = self.grid  # stored tokens and CLIP's dense grid coincide for ViT and ResNet
+        if preprocess is not None:
+            mean, std = preprocess.mean, preprocess.std
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.preprocess = preprocess or ClipPreprocess(self.mean, self.std)
         self.dense_form = dense_form
         _resize_positional_embedding(visual, self.kind, native, self.grid)
         model.eval()
@@ -377,9 +381,7 @@ def load_dense_clip(
     if model_cfg is not None:
         _check_config(model_cfg)
     model = _create(spec, source, device)
-    pp = open_clip.get_model_preprocess_cfg(model)
-    mean, std = pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD)
-    return DenseClip(model, canvas, mean=mean, std=std, dense_form=dense_form)
+    return DenseClip(model, canvas, dense_form=dense_form, preprocess=model_preprocess(model, spec.model, spec.pretrained))
 
 
 def _resolve(spec: ClipSpec) -> tuple[str, dict | None]:
@@ -482,38 +484,6 @@ def _create(spec: ClipSpec, source: str, device: torch.device) -> nn.Module:
         raise ModelLoadError(f"{what}: {type(e).__name__}: {e}{hint}") from e
 
 
-def preprocess_clip(
-    image: np.ndarray, canvas: int, mean: Sequence[float], std: Sequence[float]
-) -> Tensor:
-    """Letterbox one image onto the CLIP canvas.
-
-    Args:
-        image: (H, W, 3) uint8 RGB.
-        canvas: side of the square output.
-        mean, std: per-channel normalisation for pixels in [0, 1] (``DenseClip.mean/std``).
-
-    Returns:
-        (3, canvas, canvas) float32: the longest side resized to ``canvas`` with PIL's
-        bicubic filter (antialiased when shrinking, as open_clip's own transform),
-        normalised, and placed top-left; the bottom/right padding is 0, i.e. the mean
-        colour after normalisation. The valid size is ``letterbox(H, W, canvas)``.
-    """
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {arr.shape} dtype {arr.dtype}")
-    h, w = arr.shape[:2]
-    box = letterbox(h, w, canvas)
-    if (box.valid_h, box.valid_w) != (h, w):
-        pil = Image.fromarray(np.ascontiguousarray(arr))
-        arr = np.asarray(pil.resize((box.valid_w, box.valid_h), Image.Resampling.BICUBIC))
-    valid = torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)  # (3, valid_h, valid_w)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    out = torch.zeros(3, canvas, canvas, dtype=torch.float32)
-    out[:, : box.valid_h, : box.valid_w] = (valid - m) / s
-    return out
-
-
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 _TINY_VISION = {
     # width 64 / head_width 32 = 2 heads; 32 px / patch 8 = a 4x4 grid.
@@ -535,17 +505,22 @@ def tiny_clip_config(kind: str = "vit") -> dict:
     return {"embed_dim": 32, "vision_cfg": copy.deepcopy(_TINY_VISION[kind]), "text_cfg": dict(_TINY_TEXT)}
 
 
-def save_local_dir(config: dict, path: str | os.PathLike, seed: int = 0) -> Path:
+def save_local_dir(config: dict, path: str | os.PathLike, seed: int = 0, preprocess: dict | None = None) -> Path:
     """Build a seeded random-init open_clip model from ``config`` and save it as a
     ``local-dir:`` folder (``open_clip_config.json`` with ``model_cfg`` and
     ``preprocess_cfg``, weights in ``open_clip_model.safetensors``). Both
     ``load_dense_clip(ClipSpec("local-dir:" + path))`` and
     ``open_clip.create_model("local-dir:" + path)`` load it. Returns the folder.
+
+    ``preprocess_cfg`` holds open_clip's defaults except ``fill_color``, which stays
+    unstated (batchseg then pads with the mean colour); ``preprocess`` overrides keys.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    preprocess = asdict(PreprocessCfg())
-    preprocess["size"] = config.get("vision_cfg", {}).get("image_size", preprocess["size"])
+    defaults = asdict(PreprocessCfg())
+    defaults.pop("fill_color")
+    defaults["size"] = config.get("vision_cfg", {}).get("image_size", defaults["size"])
+    preprocess = {**defaults, **(preprocess or {})}
     (path / CONFIG_FILE).write_text(
         json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2), encoding="utf-8"
     )

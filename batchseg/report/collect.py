@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from batchseg.io.tables import read_part
 
 from batchseg.io.build_info import ManifestSummary, label_parts, label_rounds, manifest_summary, read_round_file, vocabulary
 
@@ -83,7 +83,7 @@ def round_info(out: Path, round_index: int) -> RoundInfo:
     score_sum: dict[tuple[str, str], float] = {}
     images = 0
     for part in label_parts(out, round_index):
-        table = pq.read_table(part, columns=["image_id", "source", "kind", "score"])
+        table = read_part(part, columns=["image_id", "source", "kind", "score"])
         images += len(pc.unique(table.column("image_id")))
         grouped = table.group_by(["source", "kind"]).aggregate([([], "count_all"), ("score", "sum")])
         for row in grouped.to_pylist():
@@ -97,7 +97,7 @@ def round_info(out: Path, round_index: int) -> RoundInfo:
 
 def read_evaluations(out: Path, keep: int = 5) -> list[dict]:
     found = []
-    for path in sorted((out / "eval").glob("*.json"))[-keep:]:
+    for path in sorted((out / "eval").glob("*.json"), key=lambda p: p.name.lstrip("_"))[-keep:]:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -121,7 +121,7 @@ def read_table(folder: Path) -> Table | None:
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return None
-    tables = [pq.read_table(part) for part in parts]
+    tables = [read_part(part, identity=False) for part in parts]  # shown as they are
     columns = list(dict.fromkeys(name for t in tables for name in t.column_names))
     rows, total = [], 0
     for table in tables:
@@ -137,7 +137,7 @@ def read_qc(out: Path) -> tuple[Table | None, list[dict]]:
         return None, []
     flagged = []
     for part in sorted(folder.glob("part-*.parquet")):
-        table = pq.read_table(part)
+        table = read_part(part, identity=False)
         flag = next((name for name in FLAG_COLUMNS if name in table.column_names), None)
         if flag is None or "image_id" not in table.column_names:
             continue

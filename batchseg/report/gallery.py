@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+from batchseg.io.tables import read_part
 from PIL import Image
 
 from batchseg.io.build_info import BuildImage
@@ -39,7 +39,7 @@ def pick_gallery(parts: list[Path], source: str, per_class: int) -> dict[int, li
     heaps: dict[int, list[tuple[int, str]]] = {}
     expression = (ds.field("source") == source) & (ds.field("kind") == "semantic")
     for part in parts:
-        table = pq.read_table(part, columns=["image_id", "class_id", "area"], filters=expression)
+        table = read_part(part, columns=["image_id", "class_id", "area"], filters=expression)
         for image_id, class_id, area in zip(*(table.column(c).to_pylist() for c in ("image_id", "class_id", "area"))):
             heap = heaps.setdefault(class_id, [])
             item = (int(area), image_id)
@@ -58,7 +58,7 @@ def semantic_rows(parts: list[Path], source: str, image_ids: set[str]) -> dict[s
                   & ds.field("image_id").isin(pa.array(sorted(image_ids), type=pa.string())))
     found: dict[str, list[dict]] = {}
     for part in parts:
-        table = pq.read_table(part, columns=["image_id", "class_id", "class_name", "score", "mask"], filters=expression)
+        table = read_part(part, columns=["image_id", "class_id", "class_name", "score", "mask"], filters=expression)
         for row in table.to_pylist():
             found.setdefault(row["image_id"], []).append(row)
     return found

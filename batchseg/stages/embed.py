@@ -6,6 +6,7 @@ records the run; workers compute and commit shards (``embed_shard``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 import shutil
 import sys
@@ -20,9 +21,13 @@ from batchseg.errors import UsageError
 from batchseg.io.images import discover_images
 from batchseg.io.lock import build_lock
 from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
-from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, write_part_atomic
+from batchseg.io.store_integrity import arrays_without_checksums, verify_rows
+from batchseg.io.tables import (
+    QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, remove_temporaries, write_part_atomic,
+)
+from batchseg.models.clip_preprocess import legacy_record
 from batchseg.models.runtime import ModelBuilders, get_models
-from batchseg.stages.embed_plan import assign_rows, plan_embed, shard_items
+from batchseg.stages.embed_plan import adopt_intact_rows, assign_rows, plan_embed, shard_items
 from batchseg.stages.embed_shard import CURRENT_RUN_FILE, ShardResult, ShardTask, part_path, run_shard
 from batchseg.io.runs import new_run_id  # noqa: F401  (one home for run ids; re-exported)
 
@@ -43,6 +48,12 @@ class EmbedSummary:
     seconds: float  # whole run, cluster start and model loading included
     shard_seconds: float = 0.0  # from the first shard submitted to the last one committed
     compute_seconds: float = 0.0  # model forward time summed over shards
+    verified: int = 0  # stored rows read back by --verify
+    damaged: int = 0  # of those, rows missing or failing their checksum
+    unrepaired: tuple[str, ...] = ()  # damaged rows still damaged after this run, with why
+    unchecked_arrays: tuple[str, ...] = ()  # arrays without checksums (stores made before them)
+    quarantined: tuple[str, ...] = ()  # manifest parts --repair moved to OUT/quarantine/
+    reused: int = 0  # images --repair matched to intact stored rows instead of computing them
 
     @property
     def images_per_second(self) -> float:
@@ -50,17 +61,50 @@ class EmbedSummary:
         return self.computed / self.shard_seconds if self.shard_seconds > 0 else 0.0
 
     def text(self) -> str:
-        return (
+        lines = [
             f"embed finished: {self.ok} ok, {self.failed} failed, {self.skipped} skipped (unchanged), "
             f"{self.duplicates} duplicates; {self.computed} computed in {self.seconds:.1f} s "
-            f"({self.images_per_second:.2f} images/s once the cluster and models were up)\n"
-            f"outputs: {self.out / STORE_NAME}, {self.out / 'manifest'}, runs/{self.run_id}.json"
-        )
+            f"({self.images_per_second:.2f} images/s once the cluster and models were up)"
+        ]
+        if self.quarantined:
+            lines.append(f"repair: moved {len(self.quarantined)} damaged manifest parts to {self.out / QUARANTINE}: "
+                         + ", ".join(self.quarantined) + f"; {self.reused} images kept their intact stored rows")
+        if self.verified:
+            lines.append(f"verify: {self.verified} stored rows read back, {self.damaged} damaged, "
+                         f"{self.damaged - len(self.unrepaired)} recomputed, {len(self.unrepaired)} left damaged")
+        if self.unchecked_arrays:
+            lines.append(f"verify: {', '.join(self.unchecked_arrays)} carry no checksums (written by an older batchseg): "
+                         "missing chunks are found, flipped bytes may not be; --overwrite rewrites them with checksums")
+        lines.append(f"outputs: {self.out / STORE_NAME}, {self.out / 'manifest'}, runs/{self.run_id}.json")
+        return "\n".join(lines)
 
 
 def probe_geometry(models: ModelSettings, builders: ModelBuilders) -> ModelGeometry:
     """Load the models on a worker (where they stay cached) and report their shapes."""
     return get_models(models, builders).geometry
+
+
+def probe_models(models: ModelSettings, builders: ModelBuilders) -> tuple[ModelGeometry, dict | None]:
+    """Load the models on a worker and report their shapes and the CLIP preprocessing they use."""
+    loaded = get_models(models, builders)
+    clip = loaded.clip
+    return loaded.geometry, (clip.preprocess.to_json() if clip is not None else None)
+
+
+def _check_preprocessing(config: EmbedConfig, build: dict | None, probed: dict | None) -> None:
+    """A change of CLIP preprocessing (filter, mean, std, fill) is a change of settings."""
+    if build is None or "embed" not in build or probed is None:
+        return
+    stored = build["embed"].get("preprocessing")
+    if stored is None:  # made before it was recorded: bicubic, padded with the mean colour
+        stored = legacy_record(probed["mean"], probed["std"])
+    diffs = [f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(value)}"
+             for key, value in probed.items() if stored.get(key) != value]
+    if diffs:
+        raise UsageError(
+            f"{config.out} was embedded with other CLIP preprocessing than the model's preprocess_cfg now gives:\n  "
+            + "\n  ".join(diffs) + "\nrerun with --overwrite to start over, or choose a new output folder"
+        )
 
 
 def _start_over(out: Path) -> None:
@@ -88,10 +132,11 @@ def _check_build(config: EmbedConfig, build: dict | None) -> ModelGeometry | Non
     return geometry
 
 
-def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, run_id: str) -> None:
+def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, preprocessing: dict | None, run_id: str) -> None:
     data = read_build_file(config.out) or {"schema_version": BUILD_SCHEMA_VERSION, "created_by_run": run_id}
     data["batchseg_version"] = batchseg.__version__
-    data["embed"] = {"models": config.models.resolved().to_json(), "geometry": geometry.to_json()}
+    data["embed"] = {"models": config.models.resolved().to_json(), "geometry": geometry.to_json(),
+                     "preprocessing": preprocessing}
     write_json_atomic(config.out / BUILD_FILE, data)
 
 
@@ -146,12 +191,19 @@ def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progre
         return summary
 
 
+def _stored_images(manifest) -> dict[int, str]:
+    """Zarr row -> image id of every row an ``ok`` manifest row points at."""
+    rows = manifest.select(["image_id", "status", "zarr_row"]).to_pylist()
+    return {r["zarr_row"]: r["image_id"] for r in rows if r["status"] == "ok" and r["zarr_row"] is not None}
+
+
 def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, progress: bool, started: float) -> EmbedSummary:
     out = config.out
     if config.overwrite:
         _start_over(out)
     geometry = _check_build(config, read_build_file(out))
     remove_temporaries(out / "manifest")
+    quarantined = quarantine_damaged_parts(out, out / "manifest") if config.repair else []
     (out / CURRENT_RUN_FILE).write_text(run_id + "\n")
 
     manifest = read_manifest(out)
@@ -159,19 +211,24 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
         files = discover_images(config.source, exclude=(config.out,))
     except OSError as exc:
         raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
-    plan = plan_embed(included(files, config), manifest, run_id)
+    stored = _stored_images(manifest)
+    damaged = verify_rows(out, stored) if config.verify and store_rows(out) else {}
+    plan = plan_embed(included(files, config), manifest, run_id, recompute={stored[row]: row for row in damaged})
+    reused = adopt_intact_rows(out, plan.pending, manifest) if config.repair else 0
 
     results: list[ShardResult] = []
     shard_seconds = 0.0
     if plan.pending:
         with dask_client(config.cluster, out) as client:
             resources = gpu_resources(config.cluster)
-            probed = client.submit(probe_geometry, config.models, builders, resources=resources, pure=False).result()
+            probed, preprocessing = client.submit(probe_models, config.models, builders, resources=resources,
+                                                  pure=False).result()
             if geometry is not None and probed != geometry:
                 raise UsageError(
                     f"the models now produce {probed} but {out} holds {geometry}; rerun with --overwrite or use a new folder"
                 )
-            _write_build_file(config, probed, run_id)
+            _check_preprocessing(config, read_build_file(out), preprocessing)
+            _write_build_file(config, probed, preprocessing, run_id)
             items, rows = assign_rows(plan.pending, manifest, store_rows(out))
             ensure_store(out, probed, rows)
             tick = time.perf_counter()
@@ -180,13 +237,14 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
 
     if plan.recorded_rows:
         write_part_atomic(manifest_table(plan.recorded_rows), part_path(out, f"{run_id}-driver"))
+    still = verify_rows(out, damaged) if damaged else {}
     ok = sum(r.ok for r in results)
     failed = sum(r.failed for r in results) + sum(r["status"] != "duplicate" for r in plan.recorded_rows)
     return EmbedSummary(
         run_id=run_id,
         out=out,
         found=plan.found,
-        computed=len(plan.pending),
+        computed=len(plan.pending) - reused,
         ok=ok,
         failed=failed,
         skipped=plan.known,
@@ -194,6 +252,12 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
         seconds=time.perf_counter() - started,
         shard_seconds=shard_seconds,
         compute_seconds=sum(r.compute_seconds for r in results),
+        verified=len(stored) if config.verify else 0,
+        damaged=len(damaged),
+        unrepaired=tuple(f"row {row} (image {stored[row]}): {why}" for row, why in sorted(still.items())),
+        unchecked_arrays=tuple(arrays_without_checksums(out)) if config.verify else (),
+        quarantined=tuple(p.name for p in quarantined),
+        reused=reused,
     )
 
 

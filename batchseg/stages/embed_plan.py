@@ -7,13 +7,17 @@ files, not with the dataset.
 """
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
 
 from batchseg.io.images import STATUS_DUPLICATE, FoundFile, ImageError, content_id, read_image_bytes
+from batchseg.io.store import row_owners, store_rows
+from batchseg.io.store_integrity import verify_rows
 from batchseg.stages.embed_shard import ShardItem
 
 
@@ -21,6 +25,8 @@ from batchseg.stages.embed_shard import ShardItem
 class PendingImage:
     image_id: str
     found: FoundFile
+    zarr_row: int | None = None  # a damaged row recomputed in place (--verify), or an intact one kept (--repair)
+    reuse: bool = False  # the row already holds this image, intact: record it, compute nothing
 
 
 @dataclass
@@ -45,10 +51,18 @@ def _hash_file(found: FoundFile) -> tuple[str | None, ImageError | None]:
         return None, exc
 
 
-def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash_threads: int = 4) -> EmbedPlan:
-    """Compare discovered files with the committed manifest and decide what to compute."""
+def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash_threads: int = 4,
+               recompute: dict[str, int] | None = None) -> EmbedPlan:
+    """Compare discovered files with the committed manifest and decide what to compute.
+
+    ``recompute`` (image id -> its Zarr row) names stored images whose rows are damaged:
+    the files recorded with that content are hashed again and, while they still hold it,
+    the first one is computed again into the same row.
+    """
+    recompute = recompute or {}
     rows = manifest.select(["image_id", "path", "bytes", "mtime", "status"]).to_pylist()
     known_keys = {_stat_key(r["path"], r["bytes"], r["mtime"]) for r in rows}
+    damaged_paths = {r["path"] for r in rows if r["image_id"] in recompute}
     stored_paths: dict[str, str] = {}
     for r in rows:
         if r["image_id"] is not None and r["status"] != STATUS_DUPLICATE:
@@ -58,7 +72,7 @@ def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash
     to_hash: list[FoundFile] = []
     for found in files:
         plan.found += 1
-        if _stat_key(found.rel_path, found.size, found.mtime) in known_keys:
+        if _stat_key(found.rel_path, found.size, found.mtime) in known_keys and found.rel_path not in damaged_paths:
             plan.known += 1
         elif found.status is not None:
             plan.recorded_rows.append(_row(found, run_id, None, found.status, found.message))
@@ -74,6 +88,14 @@ def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash
         if error is not None:
             plan.recorded_rows.append(_row(found, run_id, None, error.status, error.message))
             continue
+        if image_id in recompute:
+            if image_id not in queued:  # the first file still holding it: recompute into its own row
+                queued[image_id] = found.rel_path
+                plan.pending.append(PendingImage(image_id, found, recompute[image_id]))
+                continue
+            if _stat_key(found.rel_path, found.size, found.mtime) in known_keys:
+                plan.known += 1  # another recorded copy: its duplicate row stands
+                continue
         original = stored_paths.get(image_id) or queued.get(image_id)
         if original is not None:
             plan.duplicates += 1
@@ -108,17 +130,41 @@ def assign_rows(pending: list[PendingImage], manifest: pa.Table, store_rows: int
     array size as one clean run.
     """
     used = {row for row in manifest.column("zarr_row").to_pylist() if row is not None}
+    used.update(image.zarr_row for image in pending if image.zarr_row is not None)
     free = (row for row in range(store_rows) if row not in used)
     items = []
     next_new = store_rows
     for image in pending:
-        row = next(free, None)
+        row = image.zarr_row if image.zarr_row is not None else next(free, None)
         if row is None:
             row, next_new = next_new, next_new + 1
         found = image.found
-        items.append(ShardItem(image.image_id, found.path, found.rel_path, found.size, found.mtime, row))
+        items.append(ShardItem(image.image_id, found.path, found.rel_path, found.size, found.mtime, row, image.reuse))
     return items, max(store_rows, next_new)
 
 
 def shard_items(items: list[ShardItem], shard_size: int) -> list[tuple[ShardItem, ...]]:
     return [tuple(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
+def adopt_intact_rows(out: Path, pending: list[PendingImage], manifest: pa.Table) -> int:
+    """Match pending images to stored rows no manifest row points at (`embed --repair`).
+
+    A row whose stored owner (``image_id`` array) is the pending image's content id and
+    whose chunks all read back intact keeps its embeddings: the image is recorded, not
+    computed. ``pending`` is updated in place; returns how many were matched.
+    """
+    total = store_rows(out)
+    used = {row for row in manifest.column("zarr_row").to_pylist() if row is not None}
+    owners: dict[str, int] = {}
+    for row, owner in sorted(row_owners(out, (row for row in range(total) if row not in used)).items()):
+        owners.setdefault(owner, row)
+    candidates = {image.image_id: owners[image.image_id] for image in pending if image.image_id in owners}
+    damaged = verify_rows(out, candidates.values())
+    adopted = 0
+    for index, image in enumerate(pending):
+        row = candidates.get(image.image_id)
+        if row is not None and row not in damaged and image.zarr_row is None:
+            pending[index] = dataclasses.replace(image, zarr_row=row, reuse=True)
+            adopted += 1
+    return adopted

@@ -40,6 +40,7 @@ class ShardItem:
     size: int | None
     mtime: float | None
     zarr_row: int
+    reuse: bool = False  # the row already holds this image intact (embed --repair): decode for the row only
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,21 @@ def _prepare(task: ShardTask, models: LoadedModels, item: ShardItem) -> _Prepare
         return _Prepared(item=item, row=row)
     row.update(width=image.width, height=image.height, frames=image.frames)
     prepared = _Prepared(item=item, row=row)
+    if item.reuse:  # the manifest row needs the geometry; the stored embeddings are kept
+        if models.clip is not None:
+            box = letterbox(image.height, image.width, models.clip.canvas)
+            row.update(clip_valid_h=box.valid_h, clip_valid_w=box.valid_w)
+        if models.sam is not None:
+            box = letterbox(image.height, image.width, models.sam.image_size)
+            row.update(sam_valid_h=box.valid_h, sam_valid_w=box.valid_w)
+        return prepared
     if models.clip is not None:
         clip = models.clip
         box = letterbox(image.height, image.width, clip.canvas)
         row.update(clip_valid_h=box.valid_h, clip_valid_w=box.valid_w)
-        prepared.clip_pixels = preprocess_clip(image.pixels, clip.canvas, clip.mean, clip.std)
+        pp = clip.preprocess  # the model's own preprocess_cfg: filter, mean, std, letterbox fill
+        prepared.clip_pixels = preprocess_clip(image.pixels, clip.canvas, pp.mean, pp.std,
+                                               interpolation=pp.interpolation, fill=pp.fill)
     if models.sam is not None:
         box = letterbox(image.height, image.width, models.sam.image_size)
         row.update(sam_valid_h=box.valid_h, sam_valid_w=box.valid_w)
@@ -150,7 +161,7 @@ def _batches(prepared: Iterator[_Prepared], size: int) -> Iterator[list[_Prepare
     """Group decodable images into batches; failed ones pass straight through."""
     batch: list[_Prepared] = []
     for entry in prepared:
-        if entry.row["status"] != "ok":
+        if entry.row["status"] != "ok" or entry.item.reuse:
             yield [entry]
             continue
         batch.append(entry)
@@ -183,6 +194,7 @@ def _write_rows(writer: RowWriter, batch: list[_Prepared], outputs: dict[str, np
     for index, entry in enumerate(batch):
         for name, values in outputs.items():
             writer.write(name, entry.item.zarr_row, values[index])
+        writer.write_owner(entry.item.zarr_row, entry.item.image_id)
 
 
 def run_shard(task: ShardTask, builders: ModelBuilders | None = None) -> ShardResult:
@@ -205,7 +217,7 @@ def run_shard(task: ShardTask, builders: ModelBuilders | None = None) -> ShardRe
         depth = max(2 * task.batch_size, task.decode_threads)
         for batch in _batches(_prefetch(decoders, task, models, depth), task.batch_size):
             rows.extend(entry.row for entry in batch)
-            if batch[0].row["status"] != "ok":
+            if batch[0].row["status"] != "ok" or batch[0].item.reuse:
                 continue
             tick = time.perf_counter()
             outputs = _forward(models, batch)

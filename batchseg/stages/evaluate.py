@@ -1,20 +1,7 @@
 """`batchseg evaluate`: measure the pseudo labels of a build against a few hand-labelled images.
 
-Ground truth is either
-
-- a folder of PNG label maps (single channel ``L``/``P``, or 16-bit ``I;16``/``I``),
-  read as raw indices (a palette is not applied). A file is matched to a source image
-  by its path without extension: ``gt/a/img0001.png`` ↔ ``a/img0001.jpg``; a flat
-  folder works too (``gt/img0001.png`` ↔ ``a/img0001.jpg``) as long as the file stem
-  names one image. Value ``--ignore-index`` (default 255) is not scored; values below
-  ``--gt-offset`` (default 1, VOC style) are background; value ``v >= offset`` is the
-  build's class id ``v - offset`` (classes are matched by id); or
-- a COCO instance JSON: images matched by ``file_name`` to the images' relative paths
-  (leading folders that the build does not have are dropped; a bare file name works
-  when it names one image), categories matched to the build's classes by name
-  (case-insensitive). Annotations (polygons or RLE, crowd included) are painted in
-  file order, later over earlier; pixels of a category that is not in the build's
-  vocabulary are not scored; pixels without annotation are background.
+Ground truth (PNG label maps or COCO instance JSON) is read and checked by
+``batchseg.io.ground_truth``.
 
 Background: ground-truth background pixels are scored as the class "background" only
 when the build's vocabulary has a class of that name (``pseudolabel --background``).
@@ -30,7 +17,7 @@ wrong. An image is scored in a round when the round has label rows for it.
 Scores come from confusion matrices summed over images (see
 ``batchseg.labels.metrics``): per-class IoU (nan for classes absent from the ground
 truth), mIoU over the classes present in the ground truth, pixel accuracy.
-Results are printed as a table and written to ``OUT/eval/<EVAL_ID>.json`` and
+Results are printed as a table and written to ``OUT/eval/_<EVAL_ID>.json`` (the underscore keeps it out of the Parquet dataset) and
 ``OUT/eval/<EVAL_ID>.parquet`` (one row per round, source and class), where EVAL_ID is
 a UTC timestamp plus a short random suffix, e.g. ``20250101T120000Z-1a2b3c``.
 Evaluation only reads the build (it takes no lock); run it after pseudolabel finishes.
@@ -38,59 +25,27 @@ Evaluation only reads the build (it takes no lock); run it after pseudolabel fin
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
 
+from batchseg.choices import BACKGROUND
 from batchseg.config import read_build_file, write_json_atomic
-from batchseg.io.build_info import label_rounds
-from batchseg.io.lock import build_lock
 from batchseg.errors import UsageError
-from batchseg.io.tables import (
-    SCHEMA_NAME_KEY,
-    SCHEMA_VERSION_KEY,
-    read_labels,
-    read_manifest,
-    write_part_atomic,
-)
+from batchseg.io.build_info import label_rounds
+from batchseg.io.ground_truth import IGNORE, GroundTruthSource, GtItem, read_ground_truth
+from batchseg.io.lock import build_lock
+from batchseg.io.tables import EVAL_FOLDER, EVAL_SCHEMA, EVAL_VERSION, read_labels, write_part_atomic
 from batchseg.labels.metrics import Scores, confusion, scores_from_confusion
 from batchseg.labels.rle import decode_mask
 
-EVAL_FOLDER = "eval"
-EVAL_VERSION = 1
-BACKGROUND = "background"
-PNG_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
+__all__ = ["EVAL_SCHEMA", "EvaluateConfig", "EvaluateReport", "SourceResult", "describe_source", "run_evaluate"]
 SOURCE_ORDER = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then SAM's vote on it
-_IGNORE = -1  # internal ignore value of mapped ground-truth maps
-
-EVAL_SCHEMA = pa.schema(
-    [
-        pa.field("eval_id", pa.string()),
-        pa.field("round", pa.int32()),
-        pa.field("source", pa.string()),
-        pa.field("images", pa.int32()),  # images scored for this round and source
-        pa.field("class_id", pa.int32()),
-        pa.field("class_name", pa.string()),
-        pa.field("iou", pa.float64()),  # null: class absent from the ground truth
-        pa.field("intersection", pa.int64()),
-        pa.field("union", pa.int64()),
-        pa.field("gt_pixels", pa.int64()),
-        pa.field("pred_pixels", pa.int64()),
-        pa.field("miou", pa.float64()),  # of the round and source (repeated on its rows); null if undefined
-        pa.field("pixel_accuracy", pa.float64()),
-        pa.field("unlabelled_pixels", pa.int64()),  # scored pixels that no label row covers
-        pa.field("total_pixels", pa.int64()),  # scored ground-truth pixels
-    ]
-).with_metadata({SCHEMA_NAME_KEY: b"eval", SCHEMA_VERSION_KEY: str(EVAL_VERSION).encode()})
 
 
 @dataclass(frozen=True)
@@ -116,7 +71,11 @@ class EvaluateConfig:
 
     @property
     def gt_format(self) -> str:
-        return "png" if self.gt.is_dir() else "coco"
+        return self.ground_truth.format
+
+    @property
+    def ground_truth(self) -> GroundTruthSource:
+        return GroundTruthSource(self.gt, self.out, self.ignore_index, self.gt_offset)
 
 
 @dataclass(frozen=True)
@@ -162,6 +121,7 @@ class EvaluateReport:
             fmt(header),
             *(fmt(row) for row in rows),
         ]
+        lines += [f"note: {note}" for note in self.notes]  # what was skipped is said, never silently dropped
         hidden = len(self.class_names) - len(shown)
         if hidden:
             lines.append(f"({hidden} classes absent from the ground truth are not shown; their IoU is null in the files)")
@@ -191,254 +151,6 @@ def _none_if_nan(value: float) -> float | None:
 
 def new_eval_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-# ---------------------------------------------------------------- the build's images
-
-
-@dataclass(frozen=True)
-class _Image:
-    path: str  # relative to the source folder, POSIX
-    image_id: str
-    height: int
-    width: int
-
-
-def _manifest_images(out: Path) -> dict[str, _Image]:
-    """The build's current images by relative path (a path's latest manifest row wins)."""
-    rows = read_manifest(out).to_pylist()
-    if not rows:
-        raise UsageError(f"{out} has no images (no manifest rows); run `batchseg embed SRC {out}` first")
-    sizes = {r["image_id"]: (r["height"], r["width"]) for r in rows if r["status"] == "ok" and r["image_id"]}
-    latest: dict[str, dict] = {}
-    for row in sorted(rows, key=lambda r: r["run_id"] or ""):
-        latest[row["path"]] = row
-    images = {}
-    for path, row in latest.items():
-        if row["status"] in ("ok", "duplicate") and row["image_id"] in sizes:
-            height, width = sizes[row["image_id"]]
-            images[path] = _Image(path, row["image_id"], int(height), int(width))
-    if not images:
-        raise UsageError(f"{out} has no successfully embedded images; nothing to evaluate")
-    return images
-
-
-class _PathIndex:
-    """Find the image a ground-truth name refers to: by relative path, dropping leading
-    folders the build does not have, else by bare name when it names one image."""
-
-    def __init__(self, images: dict[str, _Image], key: Callable[[str], str]) -> None:
-        self.full: dict[str, list[_Image]] = {}
-        self.base: dict[str, list[_Image]] = {}
-        for path in sorted(images):
-            k = key(path)
-            self.full.setdefault(k, []).append(images[path])
-            self.base.setdefault(PurePosixPath(k).name, []).append(images[path])
-
-    def find(self, name: str, what: str) -> _Image | None:
-        parts = PurePosixPath(name.replace("\\", "/")).parts
-        parts = tuple(p for p in parts if p not in (".", "/"))
-        for start in range(len(parts)):
-            found = self.full.get("/".join(parts[start:]))
-            if found:
-                return self._one(found, what)
-        return self._one(self.base.get(parts[-1], []), what) if parts else None
-
-    @staticmethod
-    def _one(found: list[_Image], what: str) -> _Image | None:
-        if not found:
-            return None
-        if len({image.image_id for image in found}) > 1:
-            names = ", ".join(image.path for image in found[:5])
-            raise UsageError(
-                f"ground truth {what} matches several different images ({names}); "
-                "put it in the same subfolders as its image"
-            )
-        return found[0]  # several paths with one content: the same image
-
-
-def _stem(path: str) -> str:
-    return str(PurePosixPath(path).with_suffix(""))
-
-
-# ---------------------------------------------------------------- ground truth
-
-
-@dataclass(frozen=True)
-class _GtItem:
-    name: str  # the ground-truth file (PNG) or COCO file_name, for messages and the JSON
-    image: _Image
-    load: Callable[[], np.ndarray]  # (H, W) int64 build class ids, _IGNORE where not scored
-
-
-def _check_shape(gt: np.ndarray, image: _Image, name: str) -> None:
-    if gt.shape != (image.height, image.width):
-        raise UsageError(
-            f"ground truth {name} is {gt.shape[1]}x{gt.shape[0]} pixels but its image {image.path} is "
-            f"{image.width}x{image.height}; label maps must have the image's size"
-        )
-
-
-def _png_items(config: EvaluateConfig, images: dict[str, _Image], names: tuple[str, ...],
-               background: int | None, notes: list[str]) -> list[_GtItem]:
-    files = sorted(
-        p for p in config.gt.rglob("*")
-        if p.is_file() and p.suffix.lower() == ".png"
-        and not any(part.startswith(".") for part in p.relative_to(config.gt).parts)
-    )
-    if not files:
-        raise UsageError(f"{config.gt} holds no .png label maps")
-    index = _PathIndex(images, _stem)
-    items, unmatched, seen = [], [], {}
-    for file in files:
-        rel = file.relative_to(config.gt).as_posix()
-        image = index.find(_stem(rel), rel)
-        if image is None:
-            unmatched.append(rel)
-            continue
-        if image.path in seen:
-            raise UsageError(f"ground truth files {seen[image.path]} and {rel} both match image {image.path}")
-        seen[image.path] = rel
-        items.append(_GtItem(rel, image, _png_loader(file, rel, image, config, names, background)))
-    _check_matched(items, unmatched, config, "PNG files", notes)
-    return items
-
-
-def _png_loader(file: Path, rel: str, image: _Image, config: EvaluateConfig, names: tuple[str, ...],
-                background: int | None) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        try:
-            with Image.open(file) as img:
-                if img.mode not in PNG_MODES:
-                    raise UsageError(
-                        f"ground truth {rel} has mode {img.mode}; expected a single-channel label map "
-                        "(L, palette P or 16-bit), whose values are class indices"
-                    )
-                raw = np.asarray(img).astype(np.int64)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise UsageError(f"cannot read ground truth {rel}: {exc}") from None
-        _check_shape(raw, image, rel)
-        ignored = raw == config.ignore_index
-        gt = raw - config.gt_offset
-        gt[raw < config.gt_offset] = _IGNORE if background is None else background
-        gt[ignored] = _IGNORE
-        bad = (gt >= len(names)) & ~ignored
-        if bad.any():
-            value = int(raw[bad][0])
-            raise UsageError(
-                f"ground truth {rel} holds value {value}, which with --gt-offset {config.gt_offset} is class id "
-                f"{value - config.gt_offset}, but the build has {len(names)} classes (ids 0..{len(names) - 1}: "
-                f"{', '.join(names)}); check --gt-offset and --ignore-index"
-            )
-        return gt
-
-    return load
-
-
-def _check_matched(items: list[_GtItem], unmatched: list[str], config: EvaluateConfig, what: str,
-                   notes: list[str]) -> None:
-    if not items:
-        sample = f" (e.g. {', '.join(unmatched[:3])})" if unmatched else ""
-        raise UsageError(
-            f"none of the {len(unmatched)} {what} in {config.gt} matches an image of {config.out}{sample}; "
-            "name each after its image's relative path (a/img1.jpg -> a/img1.png, or file_name a/img1.jpg)"
-        )
-    if unmatched:
-        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
-        notes.append(f"{len(unmatched)} {what} match no image and were skipped: {', '.join(unmatched[:5])}{more}")
-
-
-def _load_coco(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read COCO JSON {path}: {exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise UsageError(f"{path} is not COCO instance JSON: it needs lists 'images', 'annotations' and 'categories'")
-    return data
-
-
-def _coco_items(config: EvaluateConfig, images: dict[str, _Image], names: tuple[str, ...],
-                background: int | None, notes: list[str]) -> list[_GtItem]:
-    data = _load_coco(config.gt)
-    try:
-        by_name = {name.strip().lower(): index for index, name in enumerate(names)}
-        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        anns: dict[int, list[dict]] = {}
-        for ann in data["annotations"]:
-            if int(ann["category_id"]) not in categories:
-                raise UsageError(f"{config.gt}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-            anns.setdefault(int(ann["image_id"]), []).append(ann)
-        coco_images = [(int(im["id"]), str(im["file_name"]), im.get("height"), im.get("width")) for im in data["images"]]
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{config.gt} is not valid COCO instance JSON ({type(exc).__name__}: {exc})") from None
-    class_of = {cid: by_name.get(name.strip().lower()) for cid, name in categories.items()}
-    if not any(v is not None for v in class_of.values()):
-        raise UsageError(
-            f"no category of {config.gt} ({', '.join(sorted(categories.values())[:10])}) is a class of the build "
-            f"({', '.join(names)}); categories are matched by name"
-        )
-    unknown = sorted(name for cid, name in categories.items() if class_of[cid] is None)
-    if unknown:
-        notes.append(f"COCO categories not in the vocabulary, their pixels not scored: {', '.join(unknown)}")
-    index = _PathIndex(images, lambda p: p)
-    items, unmatched, seen = [], [], {}
-    for coco_id, file_name, height, width in coco_images:
-        image = index.find(file_name, file_name)
-        if image is None:
-            unmatched.append(file_name)
-            continue
-        if (height is not None and int(height) != image.height) or (width is not None and int(width) != image.width):
-            raise UsageError(
-                f"COCO image {file_name} is {width}x{height} pixels but {image.path} is {image.width}x{image.height}"
-            )
-        if image.path in seen:
-            raise UsageError(f"COCO images {seen[image.path]} and {file_name} both match image {image.path}")
-        seen[image.path] = file_name
-        items.append(_GtItem(file_name, image, _coco_loader(config.gt, file_name, image, anns.get(coco_id, []),
-                                                            class_of, background)))
-    _check_matched(items, unmatched, config, "COCO images", notes)
-    return items
-
-
-def _coco_loader(gt: Path, file_name: str, image: _Image, anns: list[dict], class_of: dict[int, int | None],
-                 background: int | None) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        h, w = image.height, image.width
-        label = np.full((h, w), _IGNORE if background is None else background, dtype=np.int64)
-        for ann in anns:
-            mask = _ann_mask(gt, file_name, ann, h, w)
-            value = class_of[int(ann["category_id"])]
-            label[mask] = _IGNORE if value is None else value
-        return label
-
-    return load
-
-
-def _ann_mask(gt: Path, file_name: str, ann: dict, h: int, w: int) -> np.ndarray:
-    seg = ann.get("segmentation")
-    where = f"{gt}: annotation {ann.get('id')} of {file_name}"
-    try:
-        if isinstance(seg, list):
-            polygons = [p for p in seg if len(p) >= 6]
-            if not polygons:
-                return np.zeros((h, w), dtype=bool)
-            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
-        elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-            rle = mask_utils.frPyObjects(seg, h, w)
-        elif isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes)):
-            counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
-            rle = {"size": [int(s) for s in seg["size"]], "counts": counts}
-        else:
-            raise UsageError(f"{where} has no polygon or RLE segmentation")
-        if [int(s) for s in rle["size"]] != [h, w]:
-            raise UsageError(f"{where} has mask size {rle['size']}, but the image is {h}x{w} (height x width)")
-        return mask_utils.decode(rle).astype(bool)
-    except UsageError:
-        raise
-    except Exception as exc:  # pycocotools raises plain Exceptions on malformed input
-        raise UsageError(f"{where} has a malformed segmentation ({type(exc).__name__}: {exc})") from None
-
 
 # ---------------------------------------------------------------- predictions
 
@@ -529,7 +241,6 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateReport:
 
 def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     notes: list[str] = []
-    images = _manifest_images(config.out)
     tables = {k: read_labels(config.out, k) for k in label_rounds(config.out)}
     tables = {k: t for k, t in tables.items() if t.num_rows}
     if not tables:
@@ -540,8 +251,7 @@ def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     lowered = [name.strip().lower() for name in names]
     background = lowered.index(BACKGROUND) if BACKGROUND in lowered else None
 
-    make_items = _png_items if config.gt_format == "png" else _coco_items
-    items = make_items(config, images, names, background, notes)
+    items = read_ground_truth(config.ground_truth, names, background, notes)
     predictions = _read_predictions(tables, {item.image.image_id for item in items})
     keys = sorted(predictions.rows, key=lambda key: (key[0], SOURCE_ORDER.get(key[1], 9), key[1]))
     if not keys:
@@ -556,7 +266,7 @@ def _evaluate(config: EvaluateConfig) -> EvaluateReport:
                 continue
             where = f"round {key[0]} {key[1]} labels of {item.image.path}"
             pred = _pred_map(predictions.rows[key].get(item.image.image_id, []), gt.shape, k, where)
-            conf[key] += confusion(pred, gt, k, ignore=_IGNORE)
+            conf[key] += confusion(pred, gt, k, ignore=IGNORE)
             counted[key] += 1
     if not any(counted.values()):
         raise UsageError(f"none of the {len(items)} matched images has labels in {config.out}; "
@@ -571,7 +281,7 @@ def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     report = EvaluateReport(
         eval_id=eval_id, out=config.out, gt=config.gt, gt_format=config.gt_format, class_names=names,
         background_scored=background is not None, images_matched=len(items), results=results,
-        notes=tuple(notes), json_path=folder / f"{eval_id}.json", parquet_path=folder / f"{eval_id}.parquet",
+        notes=tuple(notes), json_path=folder / f"_{eval_id}.json", parquet_path=folder / f"{eval_id}.parquet",
     )
     write_part_atomic(_parquet_table(report), report.parquet_path)
     write_json_atomic(report.json_path, _json(report, config, items))
@@ -594,7 +304,7 @@ def _parquet_table(report: EvaluateReport) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
 
 
-def _json(report: EvaluateReport, config: EvaluateConfig, items: list[_GtItem]) -> dict:
+def _json(report: EvaluateReport, config: EvaluateConfig, items: list[GtItem]) -> dict:
     return {
         "schema": "eval",
         "schema_version": EVAL_VERSION,

@@ -16,14 +16,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import zarr
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
-from batchseg.io.tables import read_manifest, remove_temporaries, round_folder, selftrain_folder, visible_parts
+from batchseg.io.build_info import check_label_part
+from batchseg.io.tables import read_manifest, read_part, remove_temporaries, round_folder, selftrain_folder, visible_parts
 from batchseg.labels.selftrain import settings_record
 from batchseg.labels.text_cache import text_classifier, with_background
 from batchseg.models.clip import ClipSpec
@@ -47,6 +47,7 @@ class RoundSummary:
     skipped: bool
     stopped: bool = False  # self-training stops after this round (the stopping rule fired)
     decision: str = ""  # why self-training stopped or went on after this round
+    damaged: tuple[tuple[str, str], ...] = ()  # (image id, why): not labelled, stored rows damaged
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class PseudolabelSummary:
     seconds: float
     left_out: int = 0  # images flagged by batchseg qc and not labelled
 
+    @property
+    def damaged(self) -> dict[str, str]:
+        """Images left unlabelled because their stored embeddings are damaged: id -> why."""
+        return {image_id: why for r in self.rounds for image_id, why in r.damaged}
+
     def text(self) -> str:
         lines = ["pseudolabel finished:"]
         if self.left_out:
@@ -64,6 +70,9 @@ class PseudolabelSummary:
         for r in self.rounds:
             state = "already complete, skipped" if r.skipped else f"{r.images} images, {r.segments} segments"
             lines.append(f"  round {r.round}: {state}; {r.classes} classes present; {r.seconds:.1f} s")
+            if r.damaged:
+                lines.append(f"  round {r.round}: {len(r.damaged)} images NOT labelled, their stored embeddings "
+                             f"are damaged: {r.damaged[0][1]}")
             if r.stopped:
                 lines.append(f"  self-training stopped after round {r.round}: {r.decision}")
         lines.append(f"outputs: {self.out / 'labels'}/round=K/part-*.parquet ({self.seconds:.1f} s in all)")
@@ -127,7 +136,8 @@ def _read_round_info(folder: Path) -> dict | None:
 def _committed_ids(folder: Path) -> set[str]:
     ids: set[str] = set()
     for part in visible_parts(folder):
-        ids.update(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist())
+        check_label_part(part)  # a newer schema's part does not make a round complete
+        ids.update(read_part(part, columns=["image_id"]).column("image_id").to_pylist())
     return ids
 
 
@@ -146,7 +156,8 @@ def _mask_parts(out: Path, images: list[LabelImage]) -> dict[str, str]:
     wanted = {image.image_id for image in images}
     where: dict[str, str] = {}
     for part in visible_parts(round_folder(out, 0)):
-        for image_id in set(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist()) & wanted:
+        check_label_part(part)
+        for image_id in set(read_part(part, columns=["image_id"]).column("image_id").to_pylist()) & wanted:
             where[image_id] = str(part)
     return where
 
@@ -171,6 +182,7 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
         classifier, text_key = text_classifier(config.out, clip_spec, vocab, config.labels.templates)
         key = _sha({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
         summaries = []
+        damaged: set[str] = set()
         with dask_client(config.cluster, config.out) as client:
             for round_index in range(config.rounds + 1):
                 if round_index > 0:
@@ -178,8 +190,10 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                 ctx = RoundContext(config.out, round_index, vocab.names, classifier, config.labels, geometry,
                                    use_sam, sam_spec, clip_spec,
                                    selftrain_folder(config.out, round_index) / "head.safetensors")
-                summary = _run_round(client, config, ctx, images, key, run_id, progress)
+                kept = tuple(image for image in images if image.image_id not in damaged)
+                summary = _run_round(client, config, ctx, kept, key, run_id, progress)
                 summaries.append(summary)
+                damaged.update(image_id for image_id, _ in summary.damaged)
                 if summary.stopped:
                     _remove_rounds_after(config.out, round_index)
                     break
@@ -204,7 +218,10 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         write_json_atomic(artefacts / ROUND_FILE, info)
     if same:
         # An incomplete round (its run was killed) keeps every shard it committed.
-        complete = info.get("complete", True)
+        for part in visible_parts(folder):  # a damaged part (its footer) or a newer schema's is refused
+            check_label_part(part)
+        # A part moved aside (damaged, quarantined) makes the round incomplete: its images are labelled again.
+        complete = info.get("complete", True) and all((folder / name).is_file() for name in info.get("parts", ()))
         done = {image.image_id for image in images} if ctx.round_index > 0 and complete else _committed_ids(folder)
         pending = [image for image in images if image.image_id not in done]
         if not pending and complete:
@@ -242,7 +259,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         )
         for index, i in enumerate(range(0, len(pending), config.shard_size))
     ]
-    rows = _run_label_shards(client, ctx, shards, resources, progress)
+    rows, damaged = _run_label_shards(client, ctx, shards, resources, progress)
     stats = round_stats(config.out, ctx.round_index, images, ctx.names)
     decision = _decision(config, ctx.round_index, stats)
     write_json_atomic(artefacts / ROUND_FILE, {
@@ -254,7 +271,9 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "settings": config.labels.to_json() if ctx.round_index == 0 else settings_record(config.selftrain),
         "sam": ctx.use_sam,
         "stats": stats,
-        "complete": True,
+        "complete": not damaged,  # a rerun labels the images left out once `embed --verify` repaired them
+        "parts": [part.name for part in visible_parts(folder)],
+        "damaged": [image_id for image_id, _ in damaged],
         "trained": ctx.round_index > 0,
         "train": train,
         "trained_images": info.get("trained_images", len(images)) if ctx.round_index > 0 else None,
@@ -263,8 +282,8 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "run_id": run_id,
     })
     classes = sum(count > 0 for count in stats["class_histogram"].values())
-    return RoundSummary(ctx.round_index, len(pending), rows, classes, time.perf_counter() - start, skipped=False,
-                        stopped=decision["stop"], decision=decision["why"])
+    return RoundSummary(ctx.round_index, len(pending) - len(damaged), rows, classes, time.perf_counter() - start,
+                        skipped=False, stopped=decision["stop"], decision=decision["why"], damaged=damaged)
 
 
 def _round_state(config: PseudolabelConfig, ctx: RoundContext, info: dict | None, key: str, images_key: str,
@@ -319,6 +338,8 @@ def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
         return {"stop": True, "why": f"converged: {agreement:.4f} of cells agree with round {round_index - 1} "
                                      f"(stop_agreement {threshold})"}
     shown = "n/a" if agreement is None else f"{agreement:.4f}"
+    if threshold is None:
+        return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}; stopping rule off"}
     return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}, below {threshold}"}
 
 
@@ -331,11 +352,13 @@ def _remove_rounds_after(out: Path, round_index: int) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resources, progress: bool) -> int:
+def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resources, progress: bool
+                      ) -> tuple[int, tuple[tuple[str, str], ...]]:
+    """Label rows written, and the (image id, why) of images left out for damaged stored rows."""
     futures = [client.submit(run_label_shard, ctx, shard, resources=resources, pure=False) for shard in shards]
     total = sum(len(shard.images) for shard in shards)
     results = gather_with_progress(futures, total, f"round {ctx.round_index}", progress, lambda r: r.images)
-    return sum(result.rows for result in results)
+    return sum(result.rows for result in results), tuple(d for result in results for d in result.damaged)
 
 
 def _record(config: PseudolabelConfig, run_id: str, text_key: str, summaries: list[RoundSummary]) -> None:

@@ -19,6 +19,7 @@ import zarr
 
 from batchseg.config import LabelSettings, ModelSettings
 from batchseg.io.store import ModelGeometry, store_path
+from batchseg.io.store_integrity import DamagedRowError, read_row_checked
 from batchseg.io.tables import labels_table, round_folder, selftrain_folder, write_part_atomic
 from batchseg.labels.image_labels import (
     ImageFrame,
@@ -98,6 +99,7 @@ class LabelShardResult:
     rows: int
     seconds: float
     already_committed: bool = False
+    damaged: tuple[tuple[str, str], ...] = ()  # (image id, why) of images not labelled: damaged stored rows
 
 
 def label_part_path(out: Path, round_index: int, shard_id: str) -> Path:
@@ -116,16 +118,17 @@ def _clip(ctx: RoundContext) -> DenseClip:
     return get_models(settings, ModelBuilders(), device=pick_device()).clip
 
 
+def stored_rows(ctx: RoundContext, group: zarr.Group, name: str, rows: list[int]) -> torch.Tensor:
+    """Stored rows of one array, each checked (``DamagedRowError`` for a missing or damaged chunk)."""
+    return torch.from_numpy(np.stack([read_row_checked(ctx.out, group, name, int(r)) for r in rows]))
+
+
 def head_features(ctx: RoundContext, group: zarr.Group, rows: list[int], with_keys: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chosen dense head on stored tokens of ``rows``: float32 (B, D, h, w) and keys (B, K, h, w)."""
-    tokens = torch.from_numpy(np.stack([np.asarray(group["clip_tokens"][r]) for r in rows]))
-    cls = None
-    if "clip_cls" in group:
-        cls = torch.from_numpy(np.stack([np.asarray(group["clip_cls"][r]) for r in rows]))
-    sam = None
-    if ctx.dense_on_sam_grid:
-        sam = torch.from_numpy(np.stack([np.asarray(group["sam"][r]) for r in rows]))
+    tokens = stored_rows(ctx, group, "clip_tokens", rows)
+    cls = stored_rows(ctx, group, "clip_cls", rows) if "clip_cls" in group else None
+    sam = stored_rows(ctx, group, "sam", rows) if ctx.dense_on_sam_grid else None
     clip = _clip(ctx)
     device = next(clip.parameters()).device
     tokens, cls, sam = (None if t is None else t.to(device) for t in (tokens, cls, sam))
@@ -164,6 +167,15 @@ def _dense_canvas(ctx: RoundContext) -> int:
     return ctx.geometry.sam_image_size if ctx.dense_on_sam_grid else ctx.geometry.clip_canvas
 
 
+def _painting_classes(ctx: RoundContext, class_ids: np.ndarray) -> np.ndarray:
+    """The class each mask paints in the vote: its own, or -1 (paints nothing) for a mask
+    recognised as background unless ``bg_mask_vote`` (the instance rows keep its class)."""
+    if ctx.settings.bg_mask_vote or not ctx.settings.background:
+        return class_ids
+    background = len(ctx.names) - 1  # LabelSettings.class_names puts "background" last
+    return np.where(class_ids == background, -1, class_ids)
+
+
 def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor, label: np.ndarray,
                        confidence: np.ndarray, masks: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Recognise SAM masks with ``probs`` and let them vote the semantic map."""
@@ -178,13 +190,14 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
     class_ids, scores = class_ids.numpy(), scores.numpy()
     voted = class_ids >= 0  # a mask over unlabelled pixels only (bg floor) has no class
     rows = instance_rows(frame, masks[voted], class_ids[voted], scores[voted], ctx.names, "sam", ctx.round_index)
+    painting = _painting_classes(ctx, class_ids)
     refined = refine_semantic(probs, mask_tensor, torch.from_numpy(scores),
-                              class_ids=torch.from_numpy(class_ids)).numpy().astype(np.int64)
+                              class_ids=torch.from_numpy(painting)).numpy().astype(np.int64)
     if ctx.settings.bg_floor is not None:
         # Pixels no mask covers keep the floor's "unlabelled".
         uncovered = ~masks.any(axis=0)
         refined[uncovered & (label < 0)] = -1
-    refined_conf = mask_vote_confidence(refined, confidence, masks, class_ids, scores)
+    refined_conf = mask_vote_confidence(refined, confidence, masks, painting, scores)
     rows += semantic_rows(frame, refined, refined_conf, ctx.names, "sam", ctx.round_index)
     return rows, refined, refined_conf
 
@@ -201,8 +214,10 @@ def _round0_image(ctx: RoundContext, group: zarr.Group, image: LabelImage) -> tu
     rows = semantic_rows(frame, label, confidence, ctx.names, "maskclip", 0)
     if not ctx.use_sam:
         return rows, label, confidence
-    embedding = torch.from_numpy(np.asarray(group["sam"][image.zarr_row]))
-    proposals = generate_proposals(_sam(ctx.sam_spec), embedding, (frame.work_h, frame.work_w), settings.proposals)
+    embedding = stored_rows(ctx, group, "sam", [image.zarr_row])[0]
+    # The valid region as embed stored it: recomputed from the work frame it can be a pixel off.
+    proposals = generate_proposals(_sam(ctx.sam_spec), embedding, (frame.work_h, frame.work_w), settings.proposals,
+                                   input_size=(image.sam_valid_h, image.sam_valid_w))
     sam_rows, label, confidence = _refine_with_masks(ctx, frame, probs, label, confidence, proposals.masks)
     return rows + sam_rows, label, confidence
 
@@ -239,7 +254,7 @@ def _student_image(ctx: RoundContext, group: zarr.Group, image: LabelImage,
     frame = _frame(ctx, image)
     head = _head(ctx.head_path, ctx.classifier)
     clip, _ = head_features(ctx, group, [image.zarr_row])
-    sam = torch.from_numpy(np.asarray(group["sam"][image.zarr_row]))[None] if ctx.use_sam else None
+    sam = stored_rows(ctx, group, "sam", [image.zarr_row]) if ctx.use_sam else None
     grid_probs = predict_probs(head, sam, clip)[0].cpu()
     grid, canvas = ctx.head_grid
     valid_h, valid_w = _valid(ctx, image)
@@ -264,16 +279,22 @@ def run_label_shard(ctx: RoundContext, shard: LabelShard) -> LabelShardResult:
     grid, canvas = ctx.head_grid
     sam_masks = _stored_sam_masks(shard) if ctx.round_index > 0 else {}
     rows: list[dict] = []
+    damaged: list[tuple[str, str]] = []
     with torch.inference_mode():
         for image in shard.images:
-            if ctx.round_index == 0:
-                image_rows, label, confidence = _round0_image(ctx, group, image)
-            else:
-                image_rows, label, confidence = _student_image(ctx, group, image, sam_masks)
+            try:
+                if ctx.round_index == 0:
+                    image_rows, label, confidence = _round0_image(ctx, group, image)
+                else:
+                    image_rows, label, confidence = _student_image(ctx, group, image, sam_masks)
+            except DamagedRowError as exc:  # never label an image from zeros or garbage
+                damaged.append((image.image_id, str(exc)))
+                continue
             rows.extend(image_rows)
             valid_h, valid_w = _valid(ctx, image)
             target, target_conf = grid_targets(label, confidence, grid, canvas, valid_h, valid_w)
             grid_store["label"][image.zarr_row] = target
             grid_store["conf"][image.zarr_row] = target_conf
     write_part_atomic(labels_table(rows), part)
-    return LabelShardResult(shard.shard_id, len(shard.images), len(rows), time.perf_counter() - start)
+    return LabelShardResult(shard.shard_id, len(shard.images), len(rows),
+                            time.perf_counter() - start, damaged=tuple(damaged))

@@ -19,7 +19,7 @@ from batchseg.labels.selftrain import (
     SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, load_head, save_head, train_head,
 )
 from batchseg.models.runtime import pick_device
-from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features
+from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features, stored_rows
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
 # Dense head features are computed once per training task and kept in memory up to this
@@ -64,6 +64,9 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
                        settings.temperature, seed=settings.seed)
     head = head.to(pick_device())  # train on the worker's GPU when it has one
     thresholds = class_thresholds(targets, rows, settings, len(ctx.names))
+    anchor = None
+    if settings.anchor and source > 0:
+        anchor = zarr.open_group(str(selftrain_folder(ctx.out, 0) / GRID_STORE), mode="r")["label"]
 
     clip_features = _HeadFeatures(ctx, features, rows)
 
@@ -71,16 +74,14 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
         order = np.random.default_rng([settings.seed, epoch]).permutation(rows)
         for start in range(0, len(order), settings.batch_size):
             chunk = [int(r) for r in order[start : start + settings.batch_size]]
-            label = torch.from_numpy(_read_rows(targets["label"], chunk).astype(np.int64))
-            confidence = torch.from_numpy(_read_rows(targets["conf"], chunk).astype(np.float32))
-            label[confidence < thresholds[label.clamp_min(0)]] = -1
+            label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor, settings.anchor_keep_conf))
             clip = clip_features(chunk)
-            sam = torch.from_numpy(_read_rows(features["sam"], chunk)).float() if ctx.use_sam else None
+            sam = stored_rows(ctx, features, "sam", chunk).float() if ctx.use_sam else None
             yield sam, clip, label
 
     weights = None
-    if settings.class_balance > 0:
-        counts = target_counts(targets, rows, thresholds, len(ctx.names))
+    if settings.class_balance > 0 and not (settings.balance_teacher_only and source > 0):
+        counts = target_counts(targets, rows, thresholds, len(ctx.names), anchor, settings.anchor_keep_conf)
         weights = balanced_class_weights(counts, settings.class_balance)
     report: TrainReport = train_head(head, batches, settings, class_weights=weights)
     save_head(head.cpu(), ctx.head_path)
@@ -107,16 +108,36 @@ class _HeadFeatures:
         return head_features(self.ctx, self.group, chunk)[0]
 
 
-def target_counts(targets: zarr.Group, rows: list[int], thresholds: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Cells per class that training will use (label set, confidence >= its class's threshold)."""
+def training_targets(targets: zarr.Group, rows: list[int], thresholds: np.ndarray,
+                     anchor: zarr.Array | None = None, keep_conf: float | None = None) -> np.ndarray:
+    """The cells a round learns from: int64 ``(len(rows), G, G)``, class id or -1 (ignored).
+
+    A cell is kept when it is labelled and its confidence reaches its class's threshold
+    (``thresholds``, float ``(C,)``). With ``anchor`` (round 0's label grid), a cell is
+    kept only where the target round agrees with round 0 too: a cell a later round
+    changed away from the labeller is the round's own guess, and teaching it to the
+    next round is how self-training drifts (confirmation bias); the warm-started head
+    keeps what it learnt there without being pushed further.
+    """
+    label = _read_rows(targets["label"], rows).astype(np.int64)
+    confidence = _read_rows(targets["conf"], rows).astype(np.float32)
+    label[confidence < thresholds[np.maximum(label, 0)]] = -1
+    if anchor is not None:
+        drop = label != _read_rows(anchor, rows).astype(np.int64)
+        if keep_conf is not None:
+            drop &= confidence < keep_conf
+        label[drop] = -1
+    return label
+
+
+def target_counts(targets: zarr.Group, rows: list[int], thresholds: torch.Tensor, num_classes: int,
+                  anchor: zarr.Array | None = None, keep_conf: float | None = None) -> np.ndarray:
+    """Cells per class that training will use (see :func:`training_targets`)."""
     counts = np.zeros(num_classes, dtype=np.int64)
     limits = thresholds.numpy()
     for start in range(0, len(rows), STATS_BLOCK):
-        chunk = rows[start : start + STATS_BLOCK]
-        label = _read_rows(targets["label"], chunk).astype(np.int64)
-        confidence = _read_rows(targets["conf"], chunk).astype(np.float32)
-        used = (label >= 0) & (confidence >= limits[np.maximum(label, 0)])
-        counts += np.bincount(label[used], minlength=num_classes)
+        label = training_targets(targets, rows[start : start + STATS_BLOCK], limits, anchor, keep_conf)
+        counts += np.bincount(label[label >= 0], minlength=num_classes)
     return counts
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,7 +27,7 @@ from batchseg.errors import UsageError
 from batchseg.io.geometry import letterbox
 from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
 from batchseg.io.build_info import label_parts
-from batchseg.io.tables import LABELS_VERSION, check_version, labels_schema, read_manifest
+from batchseg.io.tables import LABELS_VERSION, check_version, labels_schema, read_manifest, read_part
 from batchseg.labels.rle import decode_mask
 
 IGNORE = -1  # target value of pixels that do not count in the loss
@@ -64,7 +63,7 @@ def read_round(out: Path, round_index: int, kind: str) -> pa.Table:
     """Label rows of one round and kind (``semantic`` or ``instance``), every source."""
     tables = []
     for part in label_parts(out, round_index):
-        table = pq.read_table(part)
+        table = read_part(part)
         check_version(table.schema, "labels", LABELS_VERSION, part)
         table = table.cast(labels_schema())
         tables.append(table.filter(pc.equal(table.column("kind"), kind)))

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from batchseg.choices import BACKGROUND
 from batchseg.students.blocks import BLOCK_KINDS, Backbone, _norm
-
-BACKGROUND = "background"
 
 
 @dataclass(frozen=True)
