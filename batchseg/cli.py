@@ -38,6 +38,7 @@ def cli() -> None:
       train-student  labels + images -> a small deployable model (predict, export-student apply it)
       qc           stored embeddings -> outlier scores, near-duplicates, flags (OUT/qc)
       export       labels of a round -> COCO JSON, PNG label maps or YOLO polygons; report: an HTML page
+      build        a pipeline file (pipelines/NAME.yaml): all of the above, one cluster, incremental, for cron
     """
 
 
@@ -707,6 +708,61 @@ def export_student(student, fmt, output) -> None:
     except BatchsegError as exc:
         _fail(exc)
     click.echo(f"export-student: wrote {path} ({path.stat().st_size / 2**20:.2f} MB)")
+
+
+BUILD_HELP = f"""Build a whole dataset from one pipeline file: every stage, in order, on one Dask cluster.
+
+PIPELINE.yaml names the sources (folders or globs), the output folder, the models, the
+cluster and one section per stage (embed, qc, pseudolabel, evaluate, train-student,
+export, report) with its options under their CLI flag names; see pipelines/demo.yaml
+and pipelines/nightly.example.yaml. Relative paths are relative to the file's folder.
+
+Incremental, for cron: a stage whose inputs and settings did not change is skipped
+from file listings alone (a run with nothing new takes seconds); otherwise it computes
+only what is missing: new images are embedded, scored and labelled; self-training
+heads and students retrain per the file's retrain policy (always | never | fraction).
+One build per output folder at a time (exit 75); every run writes OUT/runs/RUN_ID.log
+and OUT/runs/RUN_ID.json (per-stage counts and timings; a copy in OUT/last-build.json).
+Progress bars only on a terminal; otherwise one summary line per stage.
+
+\b
+Examples:
+  batchseg build pipelines/nightly.yaml
+  batchseg build pipelines/nightly.yaml --dry-run
+  batchseg build pipelines/nightly.yaml --from pseudolabel
+  batchseg build pipelines/demo.yaml --set out=/tmp/demo --set pseudolabel.rounds=1
+  # crontab: nightly at 02:30
+  30 2 * * * cd /srv/batchseg && .venv/bin/batchseg build pipelines/nightly.yaml
+
+{EXIT_CODES_HELP}"""
+
+
+@cli.command(help=BUILD_HELP)
+@click.argument("pipeline_file", metavar="PIPELINE.yaml", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print what each stage would compute; change nothing.")
+@click.option("--from", "from_stage", default=None, metavar="STAGE", help="Start at this stage (the ones before are not run).")
+@click.option("--only", default=None, metavar="STAGE", help="Run this stage only.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key of the file, e.g. out=/tmp/x or pseudolabel.rounds=1 (value read as YAML; "
+                   "relative paths from the working folder). Repeatable.")
+@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
+              help="Address of an existing Dask scheduler (overrides the file) [env: DASK_SCHEDULER_ADDRESS].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, even on a terminal.")
+def build(pipeline_file, dry_run, from_stage, only, overrides, scheduler, quiet) -> None:
+    from batchseg.pipeline.spec import load_pipeline
+    from batchseg.stages.build import BuildOptions, dry_run as plan_build, run_build
+
+    try:
+        pipeline = load_pipeline(pipeline_file, tuple(overrides), scheduler)
+        interactive = sys.stdout.isatty() and sys.stderr.isatty() and not quiet
+        options = BuildOptions(dry_run=dry_run, from_stage=from_stage, only=only, progress=interactive)
+        if dry_run:
+            plan_build(pipeline, options, echo=click.echo)
+            return
+        summary = run_build(pipeline, options, echo=click.echo)
+    except BatchsegError as exc:
+        _fail(exc)
+    click.echo(summary.text())
 
 
 def _pretrained_tag(model: str, pretrained: str | None) -> str | None:

@@ -138,8 +138,14 @@ class EmbedConfig:
     overwrite: bool = False
     verify: bool = False  # read every stored row back, recompute the damaged ones
     repair: bool = False  # move damaged manifest parts to OUT/quarantine/, re-plan what they covered
+    # Only files under these folders (inside ``source``) are read; empty: all of ``source``.
+    # `batchseg build` with several sources embeds their common parent restricted to them.
+    include: tuple[Path, ...] = ()
 
     def validate(self) -> None:
+        for folder in self.include:
+            if self.source.resolve() not in (folder.resolve(), *folder.resolve().parents):
+                raise UsageError(f"included folder {folder} is not inside the source folder {self.source}")
         validate_image_job(self.source, self.out, "output", self.batch_size, self.shard_size)
         if self.max_pixels < 1:
             raise UsageError("--max-pixels must be at least 1")
@@ -160,6 +166,7 @@ class EmbedConfig:
             "overwrite": self.overwrite,
             "verify": self.verify,
             "repair": self.repair,
+            "include": [str(folder) for folder in self.include],
         }
 
 
@@ -210,6 +217,10 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 SAM_MODES = ("auto", "on", "off")
+# What images added since a self-training head (or a student) was trained do to it:
+# always retrain; never (the kept head labels them); fraction (retrain once the added
+# images exceed this share of the images it was trained on).
+RETRAIN_POLICIES = ("always", "never", "fraction")
 
 
 @dataclass(frozen=True)
@@ -282,8 +293,14 @@ class PseudolabelConfig:
     shard_size: int = 64
     overwrite: bool = False
     include_flagged: bool = False  # label images `batchseg qc` flagged too
+    retrain: str = "always"  # rounds >= 1 when images were added: RETRAIN_POLICIES
+    retrain_fraction: float = 0.1  # retrain "fraction": added images / images trained on
 
     def validate(self) -> None:
+        if self.retrain not in RETRAIN_POLICIES:
+            raise UsageError(f"retrain must be one of {', '.join(RETRAIN_POLICIES)}, got {self.retrain!r}")
+        if not 0.0 <= self.retrain_fraction <= 100.0:
+            raise UsageError(f"retrain-fraction must be in [0, 100], got {self.retrain_fraction}")
         if not (self.out / BUILD_FILE).exists():
             raise UsageError(
                 f"{self.out} is not a batchseg build (no {BUILD_FILE}); run `batchseg embed SRC {self.out}` first"
@@ -295,6 +312,17 @@ class PseudolabelConfig:
         self.labels.validate()
         self.selftrain.validate()
         self.cluster.validate()
+
+
+def must_retrain(policy: str, fraction: float, trained_on: int, now: int) -> bool:
+    """Whether a head (or student) trained on ``trained_on`` images retrains now that its
+    image set changed and holds ``now`` images (``RETRAIN_POLICIES``; removed images
+    count as nothing added)."""
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    return max(0, now - trained_on) > fraction * max(1, trained_on)
 
 
 def _sha256_json(value: Any) -> str:

@@ -1,15 +1,16 @@
 """The README's main job on a fresh machine: no downloads, a local Dask cluster, local files.
 
 Generates a small folder of the synthetic world (shapes on textures, with ground
-truth), then runs the real CLI on it with the small models this project ships
-(``batchseg/assets``: a toy CLIP and a toy SAM, trained on that world only):
+truth), then builds it with the pipeline file the repo ships (``pipelines/demo.yaml``)
+through the real CLI, with the small models this project ships (``batchseg/assets``:
+a toy CLIP and a toy SAM, trained on that world only):
 
-    batchseg embed       demo-out/world/images demo-out/build --clip-model local-dir:... --sam-model tiny ...
-    batchseg pseudolabel demo-out/build --vocab demo-out/world/classes.txt --background --rounds 2
-    batchseg evaluate    demo-out/build --gt demo-out/world/gt
+    batchseg build pipelines/demo.yaml --set sources=demo-out/world/images --set out=demo-out/build ...
 
-prints the mIoU of each round and leaves overlay images (image + labels + class
-names) in demo-out/overlays/. Running it again skips finished work.
+which embeds, pseudo-labels (round 0 and the self-training rounds) and evaluates
+against the world's ground truth on one local Dask cluster. It prints the mIoU of
+each round and leaves overlay images (image + labels + class names) in
+demo-out/overlays/. Running it again skips finished work (every stage is up to date).
 
     python examples/demo.py                       # 16 images -> demo-out/
     python examples/demo.py --images 4 --out /tmp/demo --rounds 1
@@ -23,7 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "demo-out"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "demo-out"
+PIPELINE = REPO / "pipelines" / "demo.yaml"
 SEED = 4242  # never used for training or evaluating the toy models
 
 
@@ -113,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         marker.write_text(f"{args.images} {SEED}")
     clip, sam, what = _models(root)
     print(f"demo: {args.images} synthetic images in {world}; models: {what}")
-    _run("embed", str(world / "images"), str(build), "--clip-model", clip, "--sam-model", "tiny",
-         "--sam-checkpoint", sam, "--workers", "1", "--shard-size", "8", "--precision", "fp32")
-    _run("pseudolabel", str(build), "--vocab", str(world / "classes.txt"), "--background",
-         "--rounds", str(args.rounds), "--shard-size", "8")
-    _run("evaluate", str(build), "--gt", str(world / "gt"))
+    # The pipeline file names demo-out/ next to the repo; --set points it at this run's folders.
+    _run("build", str(PIPELINE), "--set", f"sources={world / 'images'}", "--set", f"out={build}",
+         "--set", f"models.clip-model={clip}", "--set", f"models.sam-checkpoint={sam}",
+         "--set", f"pseudolabel.vocab={world / 'classes.txt'}", "--set", f"pseudolabel.rounds={args.rounds}",
+         "--set", f"evaluate.gt={world / 'gt'}")
     latest = max((build / "eval").glob("*.json"))
     print("\nmIoU over 12 shape classes + background, against the world's exact ground truth:")
     print("\n".join(summary_lines(latest)))
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
           "SAM and each round on 200 images of two world variants: bench/RESULTS.md)")
     overlays = _overlays(root, build, world, args.rounds)
     print(f"\noverlays (image, labels, class names): {overlays[0].parent}/ ({len(overlays)} files)")
-    print("run it again: every stage is incremental and skips finished work.")
+    print(f"run it again: every stage is incremental and skips finished work (run records: {build / 'runs'}/).")
     return 0
 
 

@@ -26,3 +26,13 @@ def test_lock_of_a_killed_process_is_released(tmp_path):
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     with build_lock(tmp_path):
         pass
+
+
+def test_the_holding_process_may_take_its_lock_again_others_may_not(tmp_path):
+    code = f"from batchseg.io.lock import build_lock\nfrom pathlib import Path\nwith build_lock(Path({str(tmp_path)!r})):\n    pass\n"
+    with build_lock(tmp_path, allow_nested=True):
+        with build_lock(tmp_path):  # nested: `batchseg build` calls the stages under its lock
+            pass
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert other.returncode == 1 and "LockedError" in other.stderr  # still held after the nested exit
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -160,6 +160,17 @@ def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSum
     write_json_atomic(runs / f"{run_id}.json", record)
 
 
+def included(files: list, config: EmbedConfig) -> list:
+    """The discovered files under ``config.include`` (all of them when it is empty)."""
+    if not config.include:
+        return files
+    source = config.source.resolve()
+    prefixes = tuple(folder.resolve().relative_to(source).as_posix() for folder in config.include)
+    if "." in prefixes:
+        return files
+    return [f for f in files if any(f.rel_path == p or f.rel_path.startswith(p + "/") for p in prefixes)]
+
+
 def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progress: bool = True) -> EmbedSummary:
     """Run one `embed` build into ``config.out``; returns the summary.
 
@@ -202,7 +213,7 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
         raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
     stored = _stored_images(manifest)
     damaged = verify_rows(out, stored) if config.verify and store_rows(out) else {}
-    plan = plan_embed(files, manifest, run_id, recompute={stored[row]: row for row in damaged})
+    plan = plan_embed(included(files, config), manifest, run_id, recompute={stored[row]: row for row in damaged})
     reused = adopt_intact_rows(out, plan.pending, manifest) if config.repair else 0
 
     results: list[ShardResult] = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zarr
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file, write_json_atomic
+from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
@@ -209,7 +209,13 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     info = _read_round_info(artefacts)
     images_key = _sha([image.image_id for image in images])
     resources = gpu_resources(config.cluster)
-    same = bool(info) and info["key"] == key and (ctx.round_index == 0 or info["images_key"] == images_key)
+    state = _round_state(config, ctx, info, key, images_key, len(images))
+    same = state != "recompute"
+    if state == "keep":
+        # Images were added (or removed) since this round's head was trained and the
+        # retrain policy keeps it: the kept head labels the images that have no rows.
+        info = {**info, "images_key": images_key, "complete": False, "run_id": run_id}
+        write_json_atomic(artefacts / ROUND_FILE, info)
     if same:
         # An incomplete round (its run was killed) keeps every shard it committed.
         for part in visible_parts(folder):  # a damaged part (its footer) or a newer schema's is refused
@@ -241,7 +247,8 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     if ctx.round_index > 0 and not (info.get("trained") and ctx.head_path.exists()):
         future = client.submit(train_round, ctx, images, config.selftrain, resources=resources, pure=False)
         train = train_result_json(future.result())
-        info = {**info, "trained": True, "train": train}
+        info = {**info, "trained": True, "train": train, "trained_images": len(images), "trained_run": run_id,
+                "previous_trained_run": _previous_trained_run(config.out, ctx.round_index)}
         write_json_atomic(artefacts / ROUND_FILE, info)
     where = _mask_parts(config.out, pending) if ctx.round_index > 0 and ctx.use_sam else {}
     shards = [
@@ -269,11 +276,48 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "damaged": [image_id for image_id, _ in damaged],
         "trained": ctx.round_index > 0,
         "train": train,
+        "trained_images": info.get("trained_images", len(images)) if ctx.round_index > 0 else None,
+        "trained_run": info.get("trained_run"),
+        "previous_trained_run": info.get("previous_trained_run"),
         "run_id": run_id,
     })
     classes = sum(count > 0 for count in stats["class_histogram"].values())
     return RoundSummary(ctx.round_index, len(pending) - len(damaged), rows, classes, time.perf_counter() - start,
                         skipped=False, stopped=decision["stop"], decision=decision["why"], damaged=damaged)
+
+
+def _round_state(config: PseudolabelConfig, ctx: RoundContext, info: dict | None, key: str, images_key: str,
+                 images: int) -> str:
+    """What a round does with what it stored: "same" (complete, or resume what a killed run
+    left), "keep" (its head is kept and labels the images that have no rows yet: a round
+    >= 1 whose image set changed, within ``config.retrain``; see
+    ``batchseg.config.must_retrain``), or "recompute" (settings changed, the round before
+    it retrained, or the retrain policy says so)."""
+    if not info or info.get("key") != key:
+        return "recompute"
+    if ctx.round_index == 0:
+        return "same"
+    trained = bool(info.get("trained")) and ctx.head_path.exists()
+    if trained and info.get("previous_trained_run") != _previous_trained_run(config.out, ctx.round_index):
+        return "recompute"  # the round before retrained since: this head learnt from labels that are gone
+    trained_on = info.get("trained_images") or info.get("images") or 0
+    if info.get("images_key") == images_key:
+        # A kept head that the policy now wants retrained (e.g. retrain "always" after a "fraction" run).
+        stale = trained and info.get("complete") and trained_on != images and must_retrain(
+            config.retrain, config.retrain_fraction, trained_on, images)
+        return "recompute" if stale else "same"
+    if trained and info.get("complete") and not must_retrain(config.retrain, config.retrain_fraction, trained_on,
+                                                             images):
+        return "keep"
+    return "recompute"
+
+
+def _previous_trained_run(out: Path, round_index: int) -> str | None:
+    """The run that trained round ``round_index - 1``'s head (None for round 0 or older builds)."""
+    if round_index < 2:
+        return None
+    info = _read_round_info(selftrain_folder(out, round_index - 1))
+    return (info or {}).get("trained_run")
 
 
 def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:

@@ -1,0 +1,1 @@
+"""Pipeline files for `batchseg build`: YAML reading with line numbers, the schema, the stage configs."""

@@ -1,0 +1,161 @@
+"""One pipeline section -> the stage's own frozen config, with the CLI's defaults.
+
+Each builder mirrors its command's option handling in ``batchseg.cli`` and runs the
+stage's own ``validate()`` (against a throw-away folder when it checks OUT), so a file
+and a command line are held to the same rules. Messages name the file, line and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
+from batchseg.errors import UsageError
+from batchseg.pipeline.spec import _validated, detached_build
+from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
+
+
+def _check_detached(doc: YamlDocument, where: KeyPath, config) -> None:
+    folder = detached_build()
+    try:
+        fields = {f.name for f in dataclasses.fields(config)}
+        probe = dataclasses.replace(config, out=folder) if "out" in fields else config
+        _validated(doc, where, probe.validate)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def qc(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
+    from batchseg.qc.settings import QcSettings
+    from batchseg.stages.qc import QcConfig
+
+    values = dict(given)
+    if "contamination" in values and "threshold" in values:
+        raise doc.error(where, "give at most one of contamination and threshold")
+    if "threshold" in values:
+        values["contamination"] = None
+    elif "contamination" in values:
+        values["threshold"] = None
+    if "compare" in values:
+        values["compare"] = tuple(n.strip() for item in values["compare"] for n in item.split(",") if n.strip())
+    # The file is the whole truth: a key left out means its default (not "whatever the stored
+    # model was fitted with", as for `batchseg qc`), so deleting a key refits too.
+    config = QcConfig(out=out, settings=QcSettings(**values),
+                      given=frozenset(f.name for f in dataclasses.fields(QcSettings)))
+    _check_detached(doc, where, config)
+    return config
+
+
+def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettings, given: dict[str, Any],
+                retrain: str, retrain_fraction: float) -> PseudolabelConfig:
+    from batchseg.labels.proposals import ProposalSettings
+    from batchseg.labels.selftrain import SelfTrainSettings
+    from batchseg.models.dense_heads import DenseHeadSettings
+    from batchseg.models.text import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
+
+    g = given.get
+    if ("classes" in given) == ("vocab" in given):
+        raise doc.error(where, "give the classes with exactly one of classes (a list, or \"cat,dog|puppy\") "
+                               "or vocab (a file, one class per line)")
+    try:
+        vocabulary = (parse_classes(",".join(given["classes"])) if "classes" in given
+                      else load_vocab_file(given["vocab"]))
+    except UsageError as exc:
+        raise doc.error(where + ("classes" if "classes" in given else "vocab",), str(exc)) from None
+    try:
+        templates = load_templates(given["templates"]) if "templates" in given else MASKCLIP_TEMPLATES
+    except UsageError as exc:
+        raise doc.error(where + ("templates",), str(exc)) from None
+    nms = g("nms_thresh", 0.7)
+    try:
+        proposals = ProposalSettings(points_per_side=g("points_per_side", 32), pred_iou_thresh=g("pred_iou_thresh", 0.88),
+                                     stability_score_thresh=g("stability_thresh", 0.95), box_nms_thresh=nms,
+                                     mask_nms_thresh=nms)
+    except ValueError as exc:
+        raise doc.error(where, str(exc)) from None
+    sam = g("sam")
+    labels = LabelSettings(
+        vocabulary=vocabulary, templates=templates, background=g("background", False), bg_floor=g("bg_floor"),
+        key_smoothing=not g("no_key_smoothing", False), prompt_denoising=not g("no_prompt_denoising", False),
+        pd_thresh=g("pd_thresh", 0.5), sam="auto" if sam is None else ("on" if sam else "off"), proposals=proposals,
+        dense_head=DenseHeadSettings(g("dense_head", "maskclip"), proxy_grid=g("proxy_grid", 32)),
+        region_vote=g("region_vote", "pool"))
+    stop = g("stop_agreement", 0.95)
+    selftrain = SelfTrainSettings(
+        epochs=g("epochs", 8), seed=g("seed", 0), conf_thresh=g("conf_thresh", 0.5),
+        class_balance=g("class_balance", 0.5), class_quantile=g("class_quantile", 0.5) or None,
+        teacher_rounds=g("teacher_rounds", 1), stop_agreement=None if stop >= 1 else stop,
+        ema_decay=g("ema_decay", 0.99) or None, warm_start=g("warm_start", True))
+    config = PseudolabelConfig(out=out, labels=labels, selftrain=selftrain, rounds=g("rounds", 3), cluster=cluster,
+                               shard_size=g("shard_size", 64), include_flagged=g("include_flagged", False),
+                               retrain=retrain, retrain_fraction=retrain_fraction)
+    _check_detached(doc, where, config)
+    return config
+
+
+def evaluate(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
+    from batchseg.stages.evaluate import EvaluateConfig
+
+    config = EvaluateConfig(out=out, gt=given["gt"], ignore_index=given.get("ignore_index", 255),
+                            gt_offset=given.get("gt_offset", 1))
+    if not config.gt.exists():
+        raise doc.error(where + ("gt",), f"ground truth {config.gt} does not exist")
+    _check_detached(doc, where, config)
+    return config
+
+
+def student(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettings, given: dict[str, Any]):
+    from batchseg.stages.train_student import TrainStudentConfig
+    from batchseg.students.data import Augment
+    from batchseg.students.semantic import SemanticArch
+    from batchseg.students.train import TrainSettings
+    from batchseg.students.yolact import YolactArch
+
+    g = given.get
+    kind = g("kind", "semantic")
+    classes = None
+    if "classes" in given:
+        classes = tuple(c.strip() for item in given["classes"] for c in item.split(",") if c.strip())
+        if not classes:
+            raise doc.error(where + ("classes",), "is empty: give at least one class name")
+    arch = (YolactArch if kind == "instance" else SemanticArch)(
+        blocks=g("blocks", "conv"), width=g("width", 64), depth=g("depth", 4), input_size=g("input_size", 128))
+    config = TrainStudentConfig(
+        out=out, name=given["name"], kind=kind, round=g("round"), source=g("source", "auto"), classes=classes,
+        conf_thresh=g("conf_thresh", 0.3), class_balance=g("class_balance", 0.5), arch=arch, nms=g("nms", "fast"),
+        nms_thresh=g("nms_thresh", 0.5),
+        train=TrainSettings(epochs=g("epochs", 20), batch_size=g("batch_size", 8), lr=g("lr", 2e-3), seed=g("seed", 0)),
+        augment=Augment(flip=not g("no_flip", False), scale=g("scale_jitter", (0.75, 1.25))), images=g("images"),
+        cluster=cluster, include_flagged=g("include_flagged", False))
+    _check_detached(doc, where, config)
+    return config
+
+
+def export(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
+    from batchseg.stages.export_plan import ExportConfig, parse_split
+
+    g = given.get
+    try:
+        split = parse_split(g("split"))
+    except UsageError as exc:
+        raise doc.error(where + ("split",), str(exc)) from None
+    dest = given["dest"]
+    if dest.resolve() == out.resolve() or out.resolve() in dest.resolve().parents:
+        raise doc.error(where + ("dest",), f"the export destination {dest} must be outside the output folder {out}")
+    config = ExportConfig(out=out, dest=dest, format=given["format"], round=g("round"), source=g("source"),
+                          kind=g("kind", "semantic"), min_score=g("min_score", 0.0), split=split, seed=g("seed", 0),
+                          images=g("images", "copy"), src=g("src"), tolerance=g("tolerance", 1.0),
+                          ignore_value=g("ignore_value", 255))
+    _check_detached(doc, where, config)
+    return config
+
+
+def report(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
+    from batchseg.stages.report import ReportConfig
+
+    config = ReportConfig(out=out, src=given.get("src"), round=given.get("round"), source=given.get("source"),
+                          per_class=given.get("per_class", 4))
+    _check_detached(doc, where, config)
+    return config
