@@ -111,6 +111,10 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
                 "label time, e.g. `batchseg pseudolabel OUT --dense-head value` (was --dense-form clear)"
             )
         sam_folder = not no_sam and sam_model not in ("vit_b", "vit_l", "vit_h", "tiny")
+        if sam_folder and not Path(sam_model).expanduser().is_dir():
+            from batchseg.models.sam import unknown_sam_message
+
+            raise UsageError(unknown_sam_message(sam_model))
         if sam_folder and sam_checkpoint is not None:
             raise UsageError(f"--sam-model {sam_model} is a SAM model folder, which carries its own weights: "
                              "drop --sam-checkpoint")
