@@ -162,3 +162,65 @@ def test_prompt_epochs_only_for_sam_encoder(build, dask_scheduler):
     result = run_cli(["train-student", str(build), "--name", "x", "--prompt-epochs", "1", "--scheduler",
                       dask_scheduler, "-q"])
     assert result.exit_code == 2 and "--prompt-epochs applies to --kind sam-encoder only" in result.output
+
+
+def test_batched_decoding_equals_segment_anythings_decoder():
+    from batchseg.students.sam_distill import decode_per_prompt
+
+    sam = load_sam(SamSpec("tiny", str(TOY_SAM_CHECKPOINT)))
+    torch.manual_seed(0)
+    embeddings = torch.randn(3, 32, 16, 16)
+    coords = torch.rand(3, 2, 2) * 256
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1]])
+    sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=torch.tensor([[10.0, 10, 90, 120]] * 3),
+                                       masks=None)
+    pe = sam.prompt_encoder.get_dense_pe()
+    with torch.no_grad():
+        for multimask in (False, True):
+            masks, iou = decode_per_prompt(sam.mask_decoder, embeddings, pe, sparse, dense, multimask)
+            for k in range(3):
+                ref_masks, ref_iou = sam.mask_decoder(image_embeddings=embeddings[k : k + 1], image_pe=pe,
+                                                      sparse_prompt_embeddings=sparse[k : k + 1],
+                                                      dense_prompt_embeddings=dense[k : k + 1],
+                                                      multimask_output=multimask)
+                torch.testing.assert_close(masks[k : k + 1], ref_masks, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(iou[k : k + 1], ref_iou, rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_loss_ignores_the_padding_and_the_teachers_own_embedding_scores_best(tmp_path):
+    """Phase 1: an embedding equal to the teacher's on the image cells scores 0 whatever the padding holds.
+    Phase 2: the teacher's own embedding gives a finite loss (BCE of its own hard mask), lower than noise's."""
+    from batchseg.students.data import TrainImage
+    from batchseg.students.sam_distill import DistillImage, PromptSettings, SamDistillObjective
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(path)
+    from batchseg.io.images import content_id
+
+    image = TrainImage(content_id(path.read_bytes()), str(path), 64, 128)
+    teacher_embedding = torch.randn(1, 32, 16, 16)
+    sam = load_sam(SamSpec("tiny", str(TOY_SAM_CHECKPOINT))).requires_grad_(False)
+    objective = SamDistillObjective([DistillImage(image, 0, 128, 256)], teacher_embedding.numpy(), sam, 1,
+                                    PromptSettings(objects_per_image=4), {}, 0, "cpu")
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, pixels):
+            return self.value
+
+    padded = teacher_embedding.clone()
+    padded[:, :, 8:] = 100.0  # rows 8.. lie in the padding (the image covers 128 of 256 canvas rows)
+    loss, cells = objective.loss(Fixed(padded), [0], 0)
+    assert cells == 8 * 16 and float(loss) == 0.0
+    padded[:, :, 7] += 1.0
+    loss, _ = objective.loss(Fixed(padded), [0], 0)
+    assert float(loss) == pytest.approx(16 * 32 / (8 * 16 * 32))
+    own, used = objective.loss(Fixed(teacher_embedding), [0], 1)
+    noise, _ = objective.loss(Fixed(torch.randn(1, 32, 16, 16)), [0], 1)
+    assert 1 <= used <= 4 and np.isfinite(float(own)) and float(own) < float(noise)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, Sam
 from torch import Tensor
 
 from batchseg.errors import UsageError
@@ -145,33 +145,42 @@ class SamDistillObjective:
             error = ((student - teacher) ** 2 * weight).sum()
             used = int(weight.sum().item())
             return error / max(1, used * student.shape[1]), used
+        return self._prompt_phase(student, teacher, indices, epoch)
+
+    def _prompt_phase(self, student: Tensor, teacher: Tensor, indices: list[int], epoch: int) -> tuple[Tensor, int]:
+        """Phase 2 on a batch: every image's objects, prompted by box or point, decoded in two batched groups."""
+        rngs = [np.random.default_rng([self.seed, epoch, int(index), 2]) for index in indices]
+        objects = self._objects(rngs, indices, teacher)
+        valid = torch.stack([self._valid_cells(self.images[i], self.low) for i in indices])[:, None].to(self.device)
+        groups: dict[bool, list[tuple[int, _Object]]] = {True: [], False: []}
+        for b, found in enumerate(objects):
+            for obj, use_box in zip(found, rngs[b].random(len(found)) < self.prompts.box_share):
+                groups[bool(use_box)].append((b, obj))
+        rng = np.random.default_rng([self.seed, epoch, int(indices[0]), 3])
         losses, used = [], 0
-        for b, index in enumerate(indices):
-            rng = np.random.default_rng([self.seed, epoch, int(index), 2])
-            objects = self._objects(rng, index, teacher[b : b + 1])
-            if not objects:
-                continue
-            valid = self._valid_cells(self.images[index], self.low).to(self.device)
-            use_box = rng.random(len(objects)) < self.prompts.box_share
-            for group in (np.flatnonzero(use_box), np.flatnonzero(~use_box)):
-                if len(group):
-                    chosen = [objects[k] for k in group]
-                    losses.append(self._prompt_loss(rng, student[b : b + 1], teacher[b : b + 1], chosen,
-                                                    bool(use_box[group[0]]), valid) * len(group))
-                    used += len(group)
+        for with_box, members in groups.items():
+            if members:
+                rows = torch.tensor([b for b, _ in members], device=self.device)
+                loss = self._prompt_loss(rng, student[rows], teacher[rows], [o for _, o in members], with_box,
+                                         valid[rows])
+                losses.append(loss * len(members))
+                used += len(members)
         if not losses:
             return (student * 0).sum(), 0
         return torch.stack(losses).sum() / used, used
 
-    def _decode(self, embedding: Tensor, coords: Tensor | None, labels: Tensor | None, boxes: Tensor | None,
+    def _decode(self, embeddings: Tensor, coords: Tensor | None, labels: Tensor | None, boxes: Tensor | None,
                 multimask: bool) -> tuple[Tensor, Tensor]:
-        """Mask logits ``(K, M, L, L)`` and predicted IoUs ``(K, M)`` of K prompts on one ``(1, C, h, w)`` embedding."""
+        """Mask logits ``(K, M, L, L)`` and predicted IoUs ``(K, M)`` of K prompts, prompt k on ``embeddings[k]``.
+
+        ``embeddings`` is ``(K, C, h, w)``, one (possibly repeated) image embedding per prompt: the
+        decoder's own ``forward`` takes one image per call, which would mean a call per image.
+        """
         encoder = self.teacher.prompt_encoder
         points = (coords, labels) if coords is not None and coords.shape[1] else None
         sparse, dense = encoder(points=points, boxes=boxes, masks=None)
-        return self.teacher.mask_decoder(image_embeddings=embedding, image_pe=encoder.get_dense_pe(),
-                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                         multimask_output=multimask)
+        return decode_per_prompt(self.teacher.mask_decoder, embeddings, encoder.get_dense_pe(), sparse, dense,
+                                 multimask)
 
     def _mask_loss(self, logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         """``5 BCE + 5 Dice`` of ``(K, 1, L, L)`` logits against binary targets, over ``valid`` pixels."""
@@ -184,6 +193,7 @@ class SamDistillObjective:
 
     def _prompt_loss(self, rng: np.random.Generator, student: Tensor, teacher: Tensor, objects: list[_Object],
                      with_box: bool, valid: Tensor) -> Tensor:
+        """Mean mask loss over the decodes of K objects; ``student``/``teacher`` ``(K, C, h, w)``, ``valid`` ``(K, 1, L, L)``."""
         k = len(objects)
         boxes = torch.from_numpy(np.stack([o.box for o in objects])).to(self.device) if with_box else None
         coords = torch.zeros(k, 0, 2, device=self.device)
@@ -211,17 +221,22 @@ class SamDistillObjective:
 
     def _error_points(self, rng: np.random.Generator, predicted: Tensor, target: Tensor, valid: Tensor
                       ) -> tuple[Tensor, Tensor]:
-        """One new point per mask from its error region: ``(K, 2)`` canvas coordinates, ``(K,)`` labels."""
+        """One new point per mask from its error region: ``(K, 2)`` canvas coordinates, ``(K,)`` labels.
+
+        A pixel the student missed gives a positive point, a spurious one a negative point; with no
+        error left, a positive point inside the teacher's mask (or a negative one when that is empty).
+        """
         missed = (target & ~predicted & valid).cpu().numpy()[:, 0]
         spurious = (predicted & ~target & valid).cpu().numpy()[:, 0]
         inside = (target & valid).cpu().numpy()[:, 0]
+        image = valid.cpu().numpy()[:, 0]
         scale = self.size / self.low
         points, labels = [], []
         for k in range(missed.shape[0]):
             error = missed[k] | spurious[k]
             pool, fallback = (error, None) if error.any() else (inside[k], 1)
             if not pool.any():
-                pool, fallback = valid.cpu().numpy(), 0
+                pool, fallback = image[k], 0
             ys, xs = np.nonzero(pool)
             pick = int(rng.integers(len(ys)))
             y, x = int(ys[pick]), int(xs[pick])
@@ -231,14 +246,16 @@ class SamDistillObjective:
 
     # ----------------------------------------------------------------- prompts
 
-    def _objects(self, rng: np.random.Generator, index: int, teacher: Tensor) -> list[_Object]:
-        """Up to ``objects_per_image`` objects: pseudo-label instances first (half at most), then teacher masks."""
+    def _objects(self, rngs: list[np.random.Generator], indices: list[int], teacher: Tensor) -> list[list[_Object]]:
+        """Per image, up to ``objects_per_image`` objects: pseudo-label instances (half at most), then teacher masks."""
         wanted = self.prompts.objects_per_image
-        labelled = self._labelled_objects(index)
-        take = min(len(labelled), (wanted + 1) // 2)
-        chosen = [labelled[i] for i in rng.permutation(len(labelled))[:take]]
-        chosen += self._teacher_objects(rng, index, teacher, wanted - len(chosen))
-        return chosen
+        chosen = []
+        for rng, index in zip(rngs, indices):
+            labelled = self._labelled_objects(index)
+            take = min(len(labelled), (wanted + 1) // 2)
+            chosen.append([labelled[i] for i in rng.permutation(len(labelled))[:take]])
+        extra = self._teacher_objects(rngs, indices, teacher, [wanted - len(c) for c in chosen])
+        return [c + e for c, e in zip(chosen, extra)]
 
     def _labelled_objects(self, index: int) -> list[_Object]:
         if index not in self._label_objects:
@@ -259,27 +276,64 @@ class SamDistillObjective:
         return self._label_objects[index]
 
     @torch.no_grad()
-    def _teacher_objects(self, rng: np.random.Generator, index: int, teacher: Tensor, count: int) -> list[_Object]:
-        """Masks the teacher decodes from random points in the image; each gives its point and its box."""
-        if count <= 0:
-            return []
-        item = self.images[index]
-        tries = 2 * count
-        points = np.stack([rng.uniform(0, item.valid_w, tries), rng.uniform(0, item.valid_h, tries)], 1).astype(np.float32)
-        coords = torch.from_numpy(points)[:, None].to(self.device)
-        labels = torch.ones(tries, 1, dtype=torch.int64, device=self.device)
-        logits, iou = self._decode(teacher, coords, labels, None, True)
-        best = logits[torch.arange(tries, device=self.device), iou.argmax(1)] > 0
-        best &= self._valid_cells(item, self.low).to(self.device)
+    def _teacher_objects(self, rngs: list[np.random.Generator], indices: list[int], teacher: Tensor,
+                         counts: list[int]) -> list[list[_Object]]:
+        """Masks the teacher decodes from random points in each image (twice as many tries as wanted, one
+        batched decode); each mask gives its point and its box. ``teacher`` is ``(B, C, h, w)``."""
+        rows, points = [], []
+        for b, (rng, index, count) in enumerate(zip(rngs, indices, counts)):
+            item = self.images[index]
+            tries = 2 * max(0, count)
+            rows += [b] * tries
+            points.append(np.stack([rng.uniform(0, item.valid_w, tries), rng.uniform(0, item.valid_h, tries)], 1))
+        found: list[list[_Object]] = [[] for _ in indices]
+        if not rows:
+            return found
+        points_np = np.concatenate(points).astype(np.float32)
+        row_index = torch.tensor(rows, device=self.device)
+        coords = torch.from_numpy(points_np)[:, None].to(self.device)
+        labels = torch.ones(len(rows), 1, dtype=torch.int64, device=self.device)
+        logits, iou = self._decode(teacher[row_index], coords, labels, None, True)
+        masks = logits[torch.arange(len(rows), device=self.device), iou.argmax(1)] > 0
+        valid = torch.stack([self._valid_cells(self.images[indices[b]], self.low) for b in rows]).to(self.device)
         scale = self.size / self.low
-        objects = []
-        for k, mask in enumerate(best.cpu().numpy()):
+        for k, mask in enumerate((masks & valid).cpu().numpy()):
+            b = rows[k]
             ys, xs = np.nonzero(mask)
-            if len(ys) < 2:
+            if len(ys) < 2 or len(found[b]) >= counts[b]:
                 continue
             box = np.array([xs.min() * scale, ys.min() * scale, (xs.max() + 1) * scale, (ys.max() + 1) * scale],
                            np.float32)
-            objects.append(_Object(box, points[k]))
-            if len(objects) == count:
-                break
-        return objects
+            found[b].append(_Object(box, points_np[k]))
+        return found
+
+
+def decode_per_prompt(decoder: MaskDecoder, embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor,
+                      multimask: bool) -> tuple[Tensor, Tensor]:
+    """SAM's mask decoder with one image embedding per prompt instead of one per call.
+
+    Equals ``decoder(embeddings[k:k+1], image_pe, sparse[k:k+1], dense[k:k+1], multimask)`` for every
+    ``k`` (a test checks it), in one batched pass: the same steps as ``MaskDecoder.predict_masks``
+    (output tokens + prompt tokens, two-way transformer over the embedding plus dense prompt,
+    upscaling, hypernetwork masks, IoU head), with the embedding indexed instead of repeated.
+
+    Args:
+        embeddings: ``(K, C, h, w)``; image_pe: ``(1, C, h, w)``; sparse: ``(K, n, C)``; dense: ``(K, C, h, w)``.
+
+    Returns:
+        Mask logits ``(K, M, 4h, 4w)`` and IoU predictions ``(K, M)``; ``M`` = 3 with ``multimask``, else 1.
+    """
+    k = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
+    tokens = torch.cat([output_tokens[None].expand(k, -1, -1), sparse], 1)
+    src = embeddings + dense
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, image_pe.expand(k, -1, -1, -1), tokens)
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens]
+    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    _, cu, hu, wu = upscaled.shape
+    masks = (hyper @ upscaled.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
+    iou = decoder.iou_prediction_head(hs[:, 0])
+    chosen = slice(1, None) if multimask else slice(0, 1)
+    return masks[:, chosen], iou[:, chosen]
