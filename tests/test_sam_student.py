@@ -1,6 +1,11 @@
 """`train-student --kind sam-encoder` end to end through the CLI: distil, resume, embed with the student."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +16,10 @@ import zarr
 
 from batchseg.assets import TOY_SAM_CHECKPOINT
 from batchseg.models.sam import SamEncoder, SamSpec, load_sam
+from batchseg.students.train import PAUSE_ENV, PAUSE_MARKER
 from helpers import embed_args, run_cli
 
+REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--width", "16", "--depth", "1", "--batch-size", "4", "--threads", "1", "-q"]
 
 
@@ -117,25 +124,39 @@ def test_distils_a_sam_model_folder_that_embed_uses(build, sam_build, tmp_path, 
     assert mixed.exit_code == 2 and "cannot be mixed in one store" in mixed.output
 
 
-def test_interrupted_training_resumes_to_the_same_weights(build, dask_scheduler):
-    """The state a kill after epoch 2 leaves (its committed checkpoint, no finished files) resumes to the
-    weights of an uninterrupted run, through the prompt-in-the-loop epoch."""
+def test_sigkill_then_the_same_command_resumes_to_the_same_weights(build, dask_scheduler):
+    """Killed (SIGKILL, the whole process group) after epoch 2 of 3, the same command resumes and ends, through
+    the prompt-in-the-loop epoch, with the weights of an uninterrupted run."""
     reference = _train(build, dask_scheduler, "--name", "ref", "--epochs", "3", "--prompt-epochs", "1")
     assert reference.exit_code == 0, reference.output
-    killed = build / "students" / "killed"
-    shutil.copytree(build / "students" / "ref", killed)
-    (killed / "config.json").unlink()
-    (killed / "model.safetensors").unlink()
-    for path in (killed / "_checkpoints").glob("epoch-0003.*"):
-        path.unlink()
-    assert sorted(p.name for p in (killed / "_checkpoints").glob("epoch-*.json")) == ["epoch-0002.json"]
+
+    folder = build / "students" / "killed"
+    command = [sys.executable, "-m", "batchseg", "train-student", str(build), "--kind", "sam-encoder", "--name",
+               "killed", "--epochs", "3", "--prompt-epochs", "1", "--workers", "1", *SMALL]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", PAUSE_ENV: "2"}
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    marker = folder / "_checkpoints" / PAUSE_MARKER
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert marker.exists(), process.stderr.read().decode() if process.poll() is not None else "timeout"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the command, its cluster and the training worker
+        process.wait()
+    assert not (folder / "model.safetensors").exists() and not (folder / "config.json").exists()
+
     resumed = _train(build, dask_scheduler, "--name", "killed", "--epochs", "3", "--prompt-epochs", "1")
     assert resumed.exit_code == 0, resumed.output
     assert "resumed after epoch 2" in resumed.output
-    ref, got = _weights(build / "students" / "ref"), _weights(killed)
+    ref, got = _weights(build / "students" / "ref"), _weights(folder)
     assert ref.keys() == got.keys()
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+        assert torch.equal(got[key], ref[key]), key
+    metrics = ds.dataset(folder / "metrics", format="parquet").to_table()
+    assert sorted(metrics.column("epoch").to_pylist()) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
