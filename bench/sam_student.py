@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--points-per-side", type=int, default=8, help="SAM everything-mode grid (default 8)")
     parser.add_argument("--speed-reps", type=int, default=2, help="timed ViT-B forwards (student: 5x); 0: skip")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, 2 threads made a training step 15x slower)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, 2 threads made a "
+                        "training step 15x slower)")
     parser.add_argument("--workdir", default=None, help="keep everything here (default: a temp folder, deleted)")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -146,7 +147,8 @@ def _quality(student_folder: Path, world: Path, points: int, threads: int) -> di
     by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    ious = {f"{prompt} {pair}": [] for prompt in ("box", "point") for pair in ("student-teacher", "teacher-gt", "student-gt")}
+    pairs = ("student-teacher", "teacher-gt", "student-gt")
+    ious = {f"{prompt} {pair}": [] for prompt in ("box", "point") for pair in pairs}
     recall = {"teacher": [], "student": []}
     settings = ProposalSettings(points_per_side=points)
     for image_info in coco["images"]:

@@ -41,7 +41,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SECTION_KEY = "sam_model"
 FOLDER_FORMAT = 1
-MAX_PARAMETERS = 4_000_000_000  # ~4x ViT-H... x1000: far past any SAM, low enough to refuse nonsense early
+MAX_PARAMETERS = 4_000_000_000  # ViT-H has 0.64 G: far past any SAM, low enough to refuse nonsense early
 
 # (section path, lowest, highest) of every integer size.
 _BOUNDS = {
@@ -139,8 +139,8 @@ def check_section(section: Any, where: str) -> dict:
             raise fail(f"{SECTION_KEY}.image_encoder.mlp_ratio must be in (0, 16], got {ratio!r}")
         if encoder["window_size"] < 1 and len(indexes) < depth:
             raise fail(f"{SECTION_KEY}.image_encoder.window_size must be at least 1")
-    elif size % 32 or encoder["width"] % 8:
-        raise fail("a repvit encoder needs image_size a multiple of 32 and width a multiple of 8")
+    elif size % 32 or encoder["width"] % 8 or encoder["depth"] > 64:
+        raise fail("a repvit encoder needs image_size a multiple of 32, width a multiple of 8 and depth <= 64")
     return section
 
 

@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import batchseg
 from batchseg.cluster import dask_client, gpu_resources
@@ -28,6 +29,10 @@ from batchseg.qc.flags import flagged_image_ids
 from batchseg.stages.train_sam_student_task import SamStudentTask, run_sam_student_task
 from batchseg.students.data import TrainImage, pick_source, read_round, train_images
 from batchseg.students.sam_distill import DistillImage
+
+if TYPE_CHECKING:  # train_student imports this module lazily; the reverse only for types
+    from batchseg.stages.train_sam_student_task import SamStudentResult
+    from batchseg.stages.train_student import TrainStudentConfig
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class _SamPlan:
     left_out: int
 
 
-def plan_sam_student(config) -> _SamPlan:
+def plan_sam_student(config: "TrainStudentConfig") -> _SamPlan:
     """The teacher, the images and the prompt labels; ``UsageError`` when the build cannot teach."""
     out = config.out
     build = read_build_file(out)
@@ -109,7 +114,7 @@ def plan_sam_student(config) -> _SamPlan:
     return _SamPlan(teacher, recorded, geometry, images, distill, round_index, source, len(flagged))
 
 
-def _label_round(config) -> tuple[int | None, str | None]:
+def _label_round(config: "TrainStudentConfig") -> tuple[int | None, str | None]:
     """Instance pseudo labels for phase-2 prompts: the asked (or last) round, when the build has labels."""
     rounds = label_rounds(config.out)
     if config.round is not None and config.round not in rounds:
@@ -128,7 +133,8 @@ def _label_round(config) -> tuple[int | None, str | None]:
     return round_index, pick_source(table, config.source)
 
 
-def train_sam_student(config, run_id: str, progress: bool, started: float) -> SamStudentSummary:
+def train_sam_student(config: "TrainStudentConfig", run_id: str, progress: bool, started: float
+                      ) -> SamStudentSummary:
     """Plan, train (or resume, or skip) and finish the sam-encoder student ``config.name``."""
     from batchseg.stages.train_student import _check_settings, _follow
 
@@ -158,7 +164,7 @@ def train_sam_student(config, run_id: str, progress: bool, started: float) -> Sa
                              left_out=plan.left_out)
 
 
-def _student_config(config, plan: _SamPlan, result, run_id: str) -> dict:
+def _student_config(config: "TrainStudentConfig", plan: _SamPlan, result: "SamStudentResult", run_id: str) -> dict:
     """The student keys of ``config.json`` (the SAM model section is added next to them)."""
     return {
         "format": STUDENT_FORMAT,

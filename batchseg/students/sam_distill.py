@@ -193,7 +193,10 @@ class SamDistillObjective:
 
     def _prompt_loss(self, rng: np.random.Generator, student: Tensor, teacher: Tensor, objects: list[_Object],
                      with_box: bool, valid: Tensor) -> Tensor:
-        """Mean mask loss over the decodes of K objects; ``student``/``teacher`` ``(K, C, h, w)``, ``valid`` ``(K, 1, L, L)``."""
+        """Mean mask loss over the decodes of K objects.
+
+        ``student`` and ``teacher`` are ``(K, C, h, w)`` embeddings (one per object), ``valid`` ``(K, 1, L, L)``.
+        """
         k = len(objects)
         boxes = torch.from_numpy(np.stack([o.box for o in objects])).to(self.device) if with_box else None
         coords = torch.zeros(k, 0, 2, device=self.device)
@@ -210,7 +213,8 @@ class SamDistillObjective:
             student_logits, _ = self._decode(student, coords, labels, boxes, multimask)
             if multimask:
                 best = iou.argmax(1)
-                teacher_logits, student_logits = teacher_logits[rows, best][:, None], student_logits[rows, best][:, None]
+                teacher_logits = teacher_logits[rows, best][:, None]
+                student_logits = student_logits[rows, best][:, None]
             target = (teacher_logits > 0).to(student_logits.dtype)
             losses.append(self._mask_loss(student_logits, target, valid))
             if step < self.prompts.refine_iterations:
