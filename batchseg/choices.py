@@ -11,3 +11,6 @@ DENSE_HEADS = ("maskclip", "value", "clearclip", "sclip", "naclip", "proxy-sam")
 # region correction), or "pool": argmax of the probabilities pooled inside it (Open-Vocabulary
 # SAM's SAM+CLIP baseline).
 REGION_VOTES = ("majority", "pool")
+# SAM registry names (batchseg.models.sam.SAM_ARCHS has their sizes); anything else given as
+# --sam-model is a SAM model folder (batchseg.models.sam_folder).
+SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")

@@ -9,7 +9,7 @@ import click
 from batchseg.errors import BatchsegError
 
 # Choices are the library's own tuples; these modules import neither torch nor Dask.
-from batchseg.choices import DENSE_HEADS, REGION_VOTES
+from batchseg.choices import DENSE_HEADS, REGION_VOTES, SAM_MODELS
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -110,7 +110,7 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
                 "--dense-form is gone: embed now stores tokens every dense head can use; choose the head at "
                 "label time, e.g. `batchseg pseudolabel OUT --dense-head value` (was --dense-form clear)"
             )
-        sam_folder = not no_sam and sam_model not in ("vit_b", "vit_l", "vit_h", "tiny")
+        sam_folder = not no_sam and sam_model not in SAM_MODELS
         if sam_folder and not Path(sam_model).expanduser().is_dir():
             from batchseg.models.sam import unknown_sam_message
 

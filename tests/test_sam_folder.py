@@ -184,3 +184,9 @@ def test_embed_with_a_folder_equals_embed_with_the_registry_model(folder, tmp_pa
     assert a.keys() == b.keys() and len(a) == 8
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_the_clis_sam_names_are_the_registry():
+    from batchseg.choices import SAM_MODELS
+
+    assert set(SAM_MODELS) == set(SAM_ARCHS)
