@@ -14,3 +14,6 @@ REGION_VOTES = ("majority", "pool")
 # The class name that stands for "no object": `pseudolabel --background` adds it to the
 # vocabulary, and `evaluate` scores ground-truth background pixels only when it is there.
 BACKGROUND = "background"
+# SAM registry names (batchseg.models.sam.SAM_ARCHS has their sizes); anything else given as
+# --sam-model is a SAM model folder (batchseg.models.sam_folder).
+SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")

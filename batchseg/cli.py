@@ -9,7 +9,7 @@ import click
 from batchseg.errors import BatchsegError
 
 # Choices are the library's own tuples; these modules import neither torch nor Dask.
-from batchseg.choices import DENSE_HEADS, REGION_VOTES
+from batchseg.choices import DENSE_HEADS, REGION_VOTES, SAM_MODELS
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -54,6 +54,8 @@ Examples:
   # real models, local cluster of 2 CPU worker processes
   batchseg embed photos/ out/ --clip-model ViT-B-16 --clip-pretrained openai \\
       --sam-model vit_b --sam-checkpoint sam_vit_b_01ec64.pth --workers 2
+  # a SAM model folder: a distilled encoder (train-student --kind sam-encoder), into a new OUT
+  batchseg embed photos/ out2/ --clip-model ViT-B-16 --sam-model out/students/fast-sam
   # a model folder in open_clip's local-dir format, CLIP only, 4 GPUs
   batchseg embed photos/ out/ --clip-model local-dir:models/clip --no-sam --gpus 4
   # join an existing Dask cluster (or set DASK_SCHEDULER_ADDRESS)
@@ -74,8 +76,9 @@ Examples:
 @click.option("--no-clip", is_flag=True, help="Do not compute CLIP features.")
 @click.option("--canvas", type=int, default=None,
               help="CLIP input size in pixels (square, letterboxed); default: the model's own size.")
-@click.option("--sam-model", type=click.Choice(["vit_b", "vit_l", "vit_h", "tiny"]), default="vit_b", show_default=True,
-              help="SAM architecture.")
+@click.option("--sam-model", default="vit_b", show_default=True,
+              help="SAM architecture (vit_b, vit_l, vit_h, tiny), or a SAM model folder (config.json + "
+                   "model.safetensors), e.g. a distilled OUT/students/NAME of train-student --kind sam-encoder.")
 @click.option("--sam-checkpoint", default=None,
               help="SAM weights (.pth as released, or .safetensors), or 'random' (speed tests only).")
 @click.option("--no-sam", is_flag=True, help="Do not compute SAM embeddings.")
@@ -114,7 +117,15 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
                 "--dense-form is gone: embed now stores tokens every dense head can use; choose the head at "
                 "label time, e.g. `batchseg pseudolabel OUT --dense-head value` (was --dense-form clear)"
             )
-        if not no_sam and sam_checkpoint is None:
+        sam_folder = not no_sam and sam_model not in SAM_MODELS
+        if sam_folder and not Path(sam_model).expanduser().is_dir():
+            from batchseg.models.sam import unknown_sam_message
+
+            raise UsageError(unknown_sam_message(sam_model))
+        if sam_folder and sam_checkpoint is not None:
+            raise UsageError(f"--sam-model {sam_model} is a SAM model folder, which carries its own weights: "
+                             "drop --sam-checkpoint")
+        if not no_sam and not sam_folder and sam_checkpoint is None:
             raise UsageError(
                 "SAM needs weights: pass --sam-checkpoint PATH (e.g. sam_vit_b_01ec64.pth), "
                 "or --no-sam to compute CLIP features only"
@@ -536,7 +547,12 @@ CLIP text embeddings of the classes plus a learnable background embedding; --blo
 picks its blocks: conv, attention (softmax), dynamic (ReLU + LayerNorm attention,
 "ViTs as dynamic convolutions") or dynamic-dw (its depth-wise variant). The instance
 student is YOLACT (32 prototypes, Fast NMS; --nms noh adds NOH-NMS for crowds),
-learnt from the round's instance rows (SAM masks recognised by CLIP).
+learnt from the round's instance rows (SAM masks recognised by CLIP). The sam-encoder
+student (EdgeSAM) is a RepViT-like CNN distilled from the stored SAM embeddings: pixel-wise
+MSE first, then --prompt-epochs with the teacher's frozen prompt encoder and mask decoder
+in the loop (box and point prompts from the round's instance labels and the teacher's own
+masks, refined twice from the error region). Its folder is a SAM model folder:
+`batchseg embed SRC NEW_OUT --sam-model OUT/students/NAME` embeds with it.
 
 Writes OUT/students/NAME/: model.safetensors, config.json (architecture, classes,
 input size, normalisation, the round and label settings), metrics/part-*.parquet
@@ -550,14 +566,16 @@ Examples:
   batchseg train-student out/ --name dyn --blocks dynamic --round 0 --conf-thresh 0.6
   batchseg train-student out/ --name pets --classes "cat,dog,background" --images /mnt/photos
   batchseg train-student out/ --kind instance --name yolact --nms noh --epochs 40
+  batchseg train-student out/ --kind sam-encoder --name fast-sam --epochs 16 --prompt-epochs 4
 
 {EXIT_CODES_HELP}"""
 
 
 @cli.command("train-student", help=TRAIN_STUDENT_HELP)
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--kind", type=click.Choice(["semantic", "instance"]), default="semantic", show_default=True,
-              help="What the student predicts: a semantic map (MaskCLIP+) or instances (YOLACT).")
+@click.option("--kind", type=click.Choice(["semantic", "instance", "sam-encoder"]), default="semantic", show_default=True,
+              help="What the student predicts: a semantic map (MaskCLIP+), instances (YOLACT), or SAM's image "
+                   "embedding (EdgeSAM: a CNN distilled from the stored SAM embeddings, a SAM model folder).")
 @click.option("--name", required=True, help="Folder name of the student under OUT/students/.")
 @click.option("--round", "round_index", type=int, default=None, help="Label round to learn from (default: the last).")
 @click.option("--source", type=click.Choice(["auto", "sam", "student", "maskclip"]), default="auto", show_default=True,
@@ -570,12 +588,16 @@ Examples:
 @click.option("--blocks", type=click.Choice(["conv", "attention", "dynamic", "dynamic-dw"]), default="conv",
               show_default=True, help="Backbone blocks.")
 @click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
-@click.option("--depth", type=int, default=4, show_default=True, help="Number of blocks.")
+@click.option("--depth", type=int, default=4, show_default=True,
+              help="Number of blocks (sam-encoder: of the stride-16 stage).")
 @click.option("--input-size", type=int, default=128, show_default=True, help="Square input canvas (multiple of 8).")
 @click.option("--nms", type=click.Choice(["fast", "noh"]), default="fast", show_default=True,
               help="Instance students: NMS at prediction, Fast NMS or NOH-NMS (crowds).")
 @click.option("--nms-thresh", type=float, default=0.5, show_default=True, help="Instance students: NMS IoU threshold.")
 @click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs.")
+@click.option("--prompt-epochs", type=int, default=None,
+              help="sam-encoder: how many of the last --epochs are prompt-in-the-loop (phase 2); "
+                   "default: a quarter (at least 1).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step.")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, order and augmentation.")
@@ -593,12 +615,13 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_student(out, kind, name, round_index, source, classes, conf_thresh, class_balance, blocks, width, depth, input_size,
-                  nms, nms_thresh, epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
+                  nms, nms_thresh, epochs, prompt_epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
                   include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings
     from batchseg.errors import UsageError
     from batchseg.stages.train_student import TrainStudentConfig, run_train_student
     from batchseg.students.data import Augment
+    from batchseg.students.edgesam import SamStudentArch
     from batchseg.students.semantic import SemanticArch
     from batchseg.students.train import TrainSettings
     from batchseg.students.yolact import YolactArch
@@ -609,11 +632,19 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, cl
             chosen = tuple(c.strip() for c in classes.split(",") if c.strip())
             if not chosen:
                 raise UsageError("--classes is empty: give at least one class name")
+        if kind == "sam-encoder":
+            given = click.get_current_context().get_parameter_source
+            for option in ("input_size", "blocks", "classes", "nms", "nms_thresh"):
+                if given(option) == click.core.ParameterSource.COMMANDLINE:
+                    raise UsageError(f"--{option.replace('_', '-')} does not apply to --kind sam-encoder (the "
+                                     "teacher SAM fixes its canvas and output)")
+            arch = SamStudentArch(width=width, depth=depth)
+        else:
+            arch = (YolactArch if kind == "instance" else SemanticArch)(blocks=blocks, width=width, depth=depth,
+                                                                         input_size=input_size)
         config = TrainStudentConfig(
             out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
-            conf_thresh=conf_thresh, class_balance=class_balance,
-            arch=(YolactArch if kind == "instance" else SemanticArch)(blocks=blocks, width=width, depth=depth,
-                                                                       input_size=input_size),
+            conf_thresh=conf_thresh, class_balance=class_balance, arch=arch, prompt_epochs=prompt_epochs,
             nms=nms, nms_thresh=nms_thresh,
             train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
             augment=Augment(flip=not no_flip, scale=tuple(scale_jitter)),

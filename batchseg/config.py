@@ -14,7 +14,7 @@ from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.io.hashing import file_sha256
 from batchseg.models.clip import LOCAL_DIR, ClipSpec
 from batchseg.models.dense_heads import DenseHeadSettings
-from batchseg.models.sam import SamSpec
+from batchseg.models.sam import SamSpec, check_sam_spec, is_sam_folder
 
 if TYPE_CHECKING:
     from batchseg.labels.proposals import ProposalSettings
@@ -48,6 +48,8 @@ class ModelSettings:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.clip_canvas is not None and self.clip_canvas < 16:
             raise UsageError(f"--canvas must be at least 16 pixels, got {self.clip_canvas}")
+        if self.sam is not None:
+            check_sam_spec(self.sam)
 
     def resolved(self) -> "ModelSettings":
         """The same settings with every model path made absolute (how a path was spelt,
@@ -63,6 +65,8 @@ class ModelSettings:
             clip = ClipSpec(model, pretrained)
         if sam is not None and sam.checkpoint and Path(sam.checkpoint).expanduser().exists():
             sam = SamSpec(sam.model, str(Path(sam.checkpoint).expanduser().resolve()))
+        if sam is not None and is_sam_folder(sam.model):
+            sam = SamSpec(str(Path(sam.model).expanduser().resolve()), sam.checkpoint)
         return dataclasses.replace(self, clip=clip, sam=sam)
 
     def weights_sha256(self) -> dict[str, str | None]:
@@ -71,9 +75,15 @@ class ModelSettings:
         from batchseg.labels.text_cache import model_identity
 
         sam = self.sam.checkpoint if self.sam and self.sam.checkpoint else None
+        if self.sam is not None and is_sam_folder(self.sam.model):
+            from batchseg.models.sam_folder import sam_folder_identity
+
+            sam_identity: str | None = sam_folder_identity(Path(self.sam.model))
+        else:
+            sam_identity = file_sha256(sam) if sam and Path(sam).is_file() else None
         return {
             "clip": model_identity(self.clip) if self.clip else None,
-            "sam": file_sha256(sam) if sam and Path(sam).is_file() else None,
+            "sam": sam_identity,
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -52,6 +52,8 @@ __all__ = [
     "SamEncoder",
     "SamSpec",
     "build_sam_model",
+    "check_sam_spec",
+    "is_sam_folder",
     "embed_shape_for",
     "load_sam",
     "save_sam_checkpoint",
@@ -71,7 +73,10 @@ class SamSpec:
     """Which SAM to load.
 
     Attributes:
-        model: a key of ``SAM_ARCHS``: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"tiny"``.
+        model: a key of ``SAM_ARCHS``: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"tiny"``;
+            or the path of a SAM model folder (``batchseg.models.sam_folder``: config
+            JSON + safetensors, e.g. a distilled ``sam-encoder`` student), then
+            ``checkpoint`` stays ``None``.
         checkpoint: path to a ``.pth``/``.pt`` file (a plain ``state_dict`` as SAM
             ships it) or a ``.safetensors`` file; ``None`` or ``"random"`` gives a
             randomly initialised model (speed benchmarks, tests).
@@ -475,8 +480,13 @@ def load_sam(spec: SamSpec, device: str | torch.device = "cpu") -> Sam:
     """
     arch = SAM_ARCHS.get(spec.model)
     if arch is None:
-        valid = ", ".join(sorted(SAM_ARCHS))
-        raise ModelLoadError(f"unknown SAM model {spec.model!r}; valid models: {valid}")
+        if is_sam_folder(spec.model):
+            from batchseg.models.sam_folder import load_sam_folder
+
+            if spec.checkpoint not in (None, _RANDOM):
+                raise ModelLoadError(f"SAM model folder {spec.model} carries its own weights; give no checkpoint")
+            return load_sam_folder(Path(spec.model), device)
+        raise ModelLoadError(unknown_sam_message(spec.model))
 
     if spec.checkpoint is None or spec.checkpoint == _RANDOM:
         return _to_device(build_sam_model(arch), device)
@@ -509,6 +519,33 @@ def load_sam(spec: SamSpec, device: str | torch.device = "cpu") -> Sam:
     if still_meta:  # a segment-anything change added state we do not restore: a bug here, not the user's
         raise RuntimeError(f"tensors left unmaterialised after loading SAM: {still_meta[:5]}")
     return _to_device(sam, device)
+
+
+def is_sam_folder(model: str) -> bool:
+    """True when ``model`` names a folder rather than a registry arch (registry names win)."""
+    return model not in SAM_ARCHS and Path(os.path.expanduser(model)).is_dir()
+
+
+def unknown_sam_message(model: str) -> str:
+    valid = ", ".join(sorted(SAM_ARCHS))
+    if Path(os.path.expanduser(model)).exists():
+        return f"SAM model {model!r} is a file, not a SAM model name ({valid}) or a SAM model folder"
+    return (f"unknown SAM model {model!r}: not a SAM model name ({valid}) and no such folder "
+            "(a SAM model folder holds config.json and model.safetensors)")
+
+
+def check_sam_spec(spec: SamSpec) -> None:
+    """Validate ``spec`` where the user gave it, without reading weights: a registry name, or a
+    SAM model folder whose sizes and weight shapes agree (``ModelLoadError`` otherwise)."""
+    if spec.model in SAM_ARCHS:
+        return
+    if not is_sam_folder(spec.model):
+        raise ModelLoadError(unknown_sam_message(spec.model))
+    if spec.checkpoint not in (None, _RANDOM):
+        raise ModelLoadError(f"SAM model folder {spec.model} carries its own weights: drop --sam-checkpoint")
+    from batchseg.models.sam_folder import inspect_sam_folder
+
+    inspect_sam_folder(Path(spec.model))
 
 
 def _to_device(sam: Sam, device: str | torch.device) -> Sam:
@@ -547,6 +584,34 @@ def _cpu_stat(value: Tensor, default: tuple[float, float, float]) -> Tensor:
     return value.detach().to("cpu", torch.float32).reshape(-1, 1, 1).clone()
 
 
+def sam_preprocess(image: np.ndarray, image_size: int, pixel_mean: Tensor, pixel_std: Tensor) -> Tensor:
+    """SAM's preprocessing of one image (see ``SamEncoder.preprocess``), for any canvas and statistics.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB array.
+        image_size: canvas side ``S``.
+        pixel_mean, pixel_std: ``(3, 1, 1)`` float32 CPU tensors (0..255 scale).
+
+    Returns:
+        ``(3, S, S)`` float32 CPU tensor, the image at the top left, zero padding elsewhere.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    h, w = image.shape[:2]
+    box = letterbox(h, w, image_size)
+    # ascontiguousarray: PIL needs a contiguous buffer (e.g. after a BGR flip view).
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    resized = np.asarray(pil.resize((box.valid_w, box.valid_h), Image.Resampling.BILINEAR))
+    x = torch.from_numpy(resized.copy()).permute(2, 0, 1)  # (3, h', w') uint8
+    # uint8 - float32 promotes to float32, the same arithmetic as Sam.preprocess.
+    x = (x - pixel_mean) / pixel_std
+    x = nn.functional.pad(x, (0, image_size - box.valid_w, 0, image_size - box.valid_h))
+    return x.contiguous()
+
+
 class SamEncoder(nn.Module):
     """SAM's own preprocessing plus its image encoder.
 
@@ -570,7 +635,9 @@ class SamEncoder(nn.Module):
         super().__init__()
         self.image_encoder = sam.image_encoder
         self.image_size = int(sam.image_encoder.img_size)
-        self.embed_shape = _encoder_embed_shape(sam.image_encoder)
+        # A distilled CNN encoder states its own shape; SAM's ViT is read from its layers.
+        own = getattr(sam.image_encoder, "embed_shape", None)
+        self.embed_shape = tuple(own) if own is not None else _encoder_embed_shape(sam.image_encoder)
         # Plain CPU float32 copies (not buffers): preprocess runs on the CPU in
         # loader processes however the module itself is placed.
         self._pixel_mean = _cpu_stat(sam.pixel_mean, PIXEL_MEAN)
@@ -593,21 +660,7 @@ class SamEncoder(nn.Module):
             ``(3, S, S)`` float32 CPU tensor; the image occupies rows
             ``[0, valid_h)`` and columns ``[0, valid_w)`` of ``letterbox(H, W, S)``.
         """
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            shape = getattr(image, "shape", None)
-            raise ValueError(f"expected an (H, W, 3) RGB array, got shape {shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
-        h, w = image.shape[:2]
-        box = letterbox(h, w, self.image_size)
-        # ascontiguousarray: PIL needs a contiguous buffer (e.g. after a BGR flip view).
-        pil = Image.fromarray(np.ascontiguousarray(image))
-        resized = np.asarray(pil.resize((box.valid_w, box.valid_h), Image.Resampling.BILINEAR))
-        x = torch.from_numpy(resized.copy()).permute(2, 0, 1)  # (3, h', w') uint8
-        # uint8 - float32 promotes to float32, the same arithmetic as Sam.preprocess.
-        x = (x - self._pixel_mean) / self._pixel_std
-        x = nn.functional.pad(x, (0, self.image_size - box.valid_w, 0, self.image_size - box.valid_h))
-        return x.contiguous()
+        return sam_preprocess(image, self.image_size, self._pixel_mean, self._pixel_std)
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Encode a batch of preprocessed images.

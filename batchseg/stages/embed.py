@@ -123,6 +123,13 @@ def _check_build(config: EmbedConfig, build: dict | None) -> ModelGeometry | Non
     stored = build["embed"]
     geometry = ModelGeometry.from_json(stored["geometry"])
     diffs = config.models.differences(stored["models"], geometry.clip_canvas)
+    if diffs and config.models.sam is not None and stored["models"].get("sam") is not None:
+        mine = config.models.resolved()
+        other_sam = mine.to_json()["sam"] != stored["models"]["sam"]
+        if "weights_sha256" in stored["models"]:
+            other_sam |= mine.weights_sha256()["sam"] != (stored["models"]["weights_sha256"] or {}).get("sam")
+        if other_sam:
+            raise UsageError(_mixing_message(config, stored["models"]) + "\n  " + "\n  ".join(diffs))
     if diffs:
         raise UsageError(
             f"{config.out} was built with different embedding settings:\n  "
@@ -130,6 +137,23 @@ def _check_build(config: EmbedConfig, build: dict | None) -> ModelGeometry | Non
             + "\nrerun with --overwrite to start over, or choose a new output folder"
         )
     return geometry
+
+
+def _sam_name(sam: dict | None, sha: str | None) -> str:
+    if sam is None:
+        return "no SAM"
+    where = sam["model"] + (f" with {sam['checkpoint']}" if sam.get("checkpoint") else "")
+    return f"{where} (weights {sha[:19] if sha else 'random'})"
+
+
+def _mixing_message(config: EmbedConfig, stored: dict) -> str:
+    """Why another SAM's embeddings cannot join a store (e.g. a distilled student's and its teacher's)."""
+    mine = config.models.resolved()
+    requested = _sam_name(mine.to_json()["sam"], mine.weights_sha256()["sam"])
+    held = _sam_name(stored.get("sam"), (stored.get("weights_sha256") or {}).get("sam"))
+    return (f"{config.out}/{STORE_NAME} holds SAM embeddings made by {held}; this run asks for {requested}. "
+            "Embeddings of two SAM models (say a teacher and its distilled student) cannot be mixed in one "
+            "store: embed into a new output folder, or rerun with --overwrite to start over")
 
 
 def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, preprocessing: dict | None, run_id: str) -> None:

@@ -30,11 +30,13 @@ from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUD
 from batchseg.io.runs import new_run_id
 from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, pick_source, read_round, train_images
+from batchseg.students.edgesam import SamStudentArch
+from batchseg.students.sam_distill import PromptSettings
 from batchseg.students.semantic import BACKGROUND, SemanticArch
 from batchseg.students.train import TrainSettings
 from batchseg.students.yolact import NMS_KINDS, YolactArch
 
-KINDS = ("semantic", "instance")
+KINDS = ("semantic", "instance", "sam-encoder")
 SETTINGS_FILE = "_settings.json"
 
 
@@ -53,7 +55,7 @@ class TrainStudentConfig:
     # dropped and the student learnt background (bench/RESULTS.md, students).
     conf_thresh: float = 0.3
     class_balance: float = 0.5  # semantic: loss weight per class = (pixel frequency)^-this
-    arch: SemanticArch | YolactArch = field(default_factory=SemanticArch)
+    arch: SemanticArch | YolactArch | SamStudentArch = field(default_factory=SemanticArch)
     nms: str = "fast"  # instance students: the NMS predict uses (fast, or noh for NOH-NMS)
     nms_thresh: float = 0.5
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -62,6 +64,15 @@ class TrainStudentConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     overwrite: bool = False
     include_flagged: bool = False  # learn from images `batchseg qc` flagged too
+    # sam-encoder: the last N epochs are prompt-in-the-loop (phase 2); None: a quarter of them (at least 1)
+    prompt_epochs: int | None = None
+    prompts: PromptSettings = field(default_factory=PromptSettings)
+
+    @property
+    def phase2_epochs(self) -> int:
+        if self.prompt_epochs is not None:
+            return self.prompt_epochs
+        return max(1, self.train.epochs // 4) if self.train.epochs > 1 else 0
 
     def validate(self) -> None:
         if not self.out.is_dir():
@@ -78,8 +89,14 @@ class TrainStudentConfig:
             raise UsageError(f"--class-balance must be in [0, 1], got {self.class_balance}")
         if not 0.0 <= self.conf_thresh <= 1.0:
             raise UsageError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
-        if (self.kind == "instance") != isinstance(self.arch, YolactArch):
-            raise UsageError(f"a {self.kind} student needs a {'YolactArch' if self.kind == 'instance' else 'SemanticArch'}")
+        wanted = {"semantic": SemanticArch, "instance": YolactArch, "sam-encoder": SamStudentArch}[self.kind]
+        if type(self.arch) is not wanted:
+            raise UsageError(f"a {self.kind} student needs a {wanted.__name__}")
+        if self.kind != "sam-encoder" and self.prompt_epochs is not None:
+            raise UsageError("--prompt-epochs applies to --kind sam-encoder only")
+        if self.prompt_epochs is not None and not 0 <= self.prompt_epochs <= self.train.epochs:
+            raise UsageError(f"--prompt-epochs must be between 0 and --epochs ({self.train.epochs}), "
+                             f"got {self.prompt_epochs}")
         if self.nms not in NMS_KINDS:
             raise UsageError(f"--nms must be one of {', '.join(NMS_KINDS)}, got {self.nms!r}")
         if not 0.0 <= self.nms_thresh <= 1.0:
@@ -92,10 +109,15 @@ class TrainStudentConfig:
             raise UsageError(str(exc)) from None
         self.train.validate()
         self.augment.validate()
+        self.prompts.validate()
         self.cluster.validate()
 
     def identity(self) -> dict:
         """What decides the trained weights; a rerun with other values is another training."""
+        if self.kind == "sam-encoder":
+            return {"kind": self.kind, "round": self.round, "source": self.source,
+                    "architecture": self.arch.to_json(), "train": self.train.to_json(),
+                    "prompt_epochs": self.phase2_epochs, "prompts": self.prompts.to_json()}
         return {"kind": self.kind, "round": self.round, "source": self.source,
                 "classes": list(self.classes) if self.classes else None, "conf_thresh": self.conf_thresh,
                 "class_balance": self.class_balance, "architecture": self.arch.to_json(),
@@ -238,6 +260,10 @@ def run_train_student(config: TrainStudentConfig, progress: bool = True) -> Trai
 
 
 def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, started: float) -> TrainStudentSummary:
+    if config.kind == "sam-encoder":
+        from batchseg.stages.train_sam_student import train_sam_student
+
+        return train_sam_student(config, run_id, progress, started)
     plan = plan_training(config)
     folder = student_folder(config.out, config.name)
     if config.overwrite and folder.exists():

@@ -50,6 +50,9 @@ def build_student(config: dict, weights: dict[str, torch.Tensor]) -> torch.nn.Mo
         from batchseg.students.yolact import load_yolact
 
         return load_yolact(config, weights)
+    if kind == "sam-encoder":
+        raise UsageError("this student is a distilled SAM encoder, not a labeller: it is a SAM model folder, used "
+                         "as `batchseg embed SRC NEW_OUT --sam-model STUDENT_FOLDER`")
     raise UsageError(f"unknown student kind {kind!r} in its config.json")
 
 
