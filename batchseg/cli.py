@@ -230,6 +230,9 @@ Examples:
                    "(recorded in _round.json); 1 runs every round.")
 @click.option("--ema-decay", type=float, default=0.99, show_default=True,
               help="The saved head is the exponential moving average of its weights (0: the last step's).")
+@click.option("--anchor/--no-anchor", default=True, show_default=True,
+              help="A round that learns from the round before skips the cells where that round left round 0's "
+                   "label, so a round's own mistakes are not taught to the next (the rounds drifted without it).")
 @click.option("--warm-start/--no-warm-start", default=True, show_default=True,
               help="Each round starts from the previous round's head (else from MaskCLIP).")
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs per round.")
@@ -245,7 +248,7 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
-                class_quantile, teacher_rounds, stop_agreement, ema_decay, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
+                class_quantile, teacher_rounds, stop_agreement, ema_decay, anchor, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
     from batchseg.errors import UsageError
     from batchseg.labels.proposals import ProposalSettings
@@ -286,7 +289,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
                                         class_balance=class_balance,
                                         class_quantile=class_quantile or None, teacher_rounds=teacher_rounds,
                                         stop_agreement=None if stop_agreement >= 1 else stop_agreement,
-                                        ema_decay=ema_decay or None, warm_start=warm_start),
+                                        ema_decay=ema_decay or None, warm_start=warm_start, anchor=anchor),
             rounds=rounds,
             cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
             shard_size=shard_size,

@@ -47,8 +47,7 @@ def test_target_round_follows_maskclip_plus_schedule(teacher_rounds, expected):
     assert [target_round(k, settings) for k in (1, 2, 3)] == expected
 
 
-@pytest.mark.parametrize("keep_conf", [None, 0.8])
-def test_training_targets_anchor_drops_cells_that_left_round_0(tmp_path, keep_conf):
+def test_training_targets_anchor_drops_cells_that_left_round_0(tmp_path):
     previous = np.array([[[0, 1, 2], [1, 1, -1]]])
     conf = np.array([[[0.9, 0.9, 0.6], [0.95, 0.3, 0.9]]])
     first = np.array([[[0, 2, 2], [0, 1, 1]]])
@@ -60,9 +59,7 @@ def test_training_targets_anchor_drops_cells_that_left_round_0(tmp_path, keep_co
     plain = training_targets(targets, [0], limits)
     # Low confidence (0.3) and unlabelled cells never train.
     assert plain.tolist() == [[[0, 1, 2], [1, -1, -1]]]
-    anchored = training_targets(targets, [0], limits, anchor, keep_conf)
-    # (0,1) and (1,0) moved away from round 0's label: dropped, unless confident enough to keep.
-    kept = 1 if keep_conf is not None else -1
-    assert anchored.tolist() == [[[0, kept, 2], [kept, -1, -1]]]
-    counts = target_counts(targets, [0], torch.from_numpy(limits), 3, anchor, keep_conf)
-    assert counts.tolist() == ([1, 2, 1] if keep_conf is not None else [1, 0, 1])
+    # (0,1) and (1,0) moved away from round 0's label: dropped, however confident.
+    assert training_targets(targets, [0], limits, anchor).tolist() == [[[0, -1, 2], [-1, -1, -1]]]
+    assert target_counts(targets, [0], torch.from_numpy(limits), 3, anchor).tolist() == [1, 0, 1]
+    assert target_counts(targets, [0], torch.from_numpy(limits), 3).tolist() == [1, 2, 1]

@@ -65,11 +65,10 @@ class SelfTrainSettings:
     ema_decay: float | None = 0.99  # the saved head is the exponential moving average of the steps
     # Stop when a round agrees with the one before on at least this share of cells (None: never).
     stop_agreement: float | None = 0.95
-    # EXPERIMENT: rounds learning from round k-1 (> 0) ignore cells where it disagrees with round 0.
-    anchor: bool = False
-    anchor_keep_conf: float | None = None  # EXPERIMENT: disagreeing cells at least this confident still train
-    # EXPERIMENT: class balance only in rounds that learn from round 0.
-    balance_teacher_only: bool = False
+    # A round that learns from round k-1 (> 0) ignores the cells where round k-1 left round 0's
+    # label: teaching a round's own guesses to the next is how the rounds drifted
+    # (bench/RESULTS.md, "self-training rounds": round 2 fell 2.2 points without it).
+    anchor: bool = True
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
@@ -89,8 +88,9 @@ class SelfTrainSettings:
         ]
         if not isinstance(self.teacher_rounds, int) or isinstance(self.teacher_rounds, bool) or self.teacher_rounds < 1:
             raise UsageError(f"self-training teacher_rounds must be an integer >= 1, got {self.teacher_rounds!r}")
-        if not isinstance(self.warm_start, bool):
-            raise UsageError(f"self-training warm_start must be true or false, got {self.warm_start!r}")
+        for name in ("warm_start", "anchor"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"self-training {name} must be true or false, got {getattr(self, name)!r}")
         optional = [
             ("class_quantile", lambda v: 0 <= v < 1, "a number in [0, 1) or None"),
             ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) or None"),

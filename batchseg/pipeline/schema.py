@@ -47,11 +47,11 @@ QC = {
 }
 PSEUDOLABEL = {
     "classes": STRS, "vocab": PATH, "templates": PATH, "background": BOOL, "bg-floor": FLOAT,
-    "dense-head": choice(*DENSE_HEADS), "proxy-grid": INT, "region-vote": choice(*REGION_VOTES),
+    "dense-head": choice(*DENSE_HEADS), "proxy-grid": INT, "region-vote": choice(*REGION_VOTES), "bg-mask-vote": BOOL,
     "pd-thresh": FLOAT, "no-prompt-denoising": BOOL, "no-key-smoothing": BOOL, "sam": BOOL,
     "points-per-side": INT, "pred-iou-thresh": FLOAT, "stability-thresh": FLOAT, "nms-thresh": FLOAT,
     "rounds": INT, "conf-thresh": FLOAT, "class-balance": FLOAT, "class-quantile": FLOAT, "teacher-rounds": INT,
-    "stop-agreement": FLOAT, "ema-decay": FLOAT, "warm-start": BOOL, "epochs": INT, "seed": INT,
+    "stop-agreement": FLOAT, "ema-decay": FLOAT, "warm-start": BOOL, "anchor": BOOL, "epochs": INT, "seed": INT,
     "shard-size": INT, "include-flagged": BOOL,
 }
 EVALUATE = {"gt": Key("path", required=True), "ignore-index": INT, "gt-offset": INT}

@@ -81,13 +81,14 @@ def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSe
         key_smoothing=not g("no_key_smoothing", False), prompt_denoising=not g("no_prompt_denoising", False),
         pd_thresh=g("pd_thresh", 0.5), sam="auto" if sam is None else ("on" if sam else "off"), proposals=proposals,
         dense_head=DenseHeadSettings(g("dense_head", "maskclip"), proxy_grid=g("proxy_grid", 32)),
-        region_vote=g("region_vote", "pool"))
+        region_vote=g("region_vote", "pool"), bg_mask_vote=g("bg_mask_vote", False))
     stop = g("stop_agreement", 0.95)
     selftrain = SelfTrainSettings(
         epochs=g("epochs", 8), seed=g("seed", 0), conf_thresh=g("conf_thresh", 0.5),
         class_balance=g("class_balance", 0.5), class_quantile=g("class_quantile", 0.5) or None,
         teacher_rounds=g("teacher_rounds", 1), stop_agreement=None if stop >= 1 else stop,
-        ema_decay=g("ema_decay", 0.99) or None, warm_start=g("warm_start", True))
+        ema_decay=g("ema_decay", 0.99) or None, warm_start=g("warm_start", True),
+        anchor=g("anchor", True))
     config = PseudolabelConfig(out=out, labels=labels, selftrain=selftrain, rounds=g("rounds", 3), cluster=cluster,
                                shard_size=g("shard_size", 64), include_flagged=g("include_flagged", False),
                                retrain=retrain, retrain_fraction=retrain_fraction)

@@ -74,14 +74,14 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
         order = np.random.default_rng([settings.seed, epoch]).permutation(rows)
         for start in range(0, len(order), settings.batch_size):
             chunk = [int(r) for r in order[start : start + settings.batch_size]]
-            label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor, settings.anchor_keep_conf))
+            label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor))
             clip = clip_features(chunk)
             sam = stored_rows(ctx, features, "sam", chunk).float() if ctx.use_sam else None
             yield sam, clip, label
 
     weights = None
-    if settings.class_balance > 0 and not (settings.balance_teacher_only and source > 0):
-        counts = target_counts(targets, rows, thresholds, len(ctx.names), anchor, settings.anchor_keep_conf)
+    if settings.class_balance > 0:
+        counts = target_counts(targets, rows, thresholds, len(ctx.names), anchor)
         weights = balanced_class_weights(counts, settings.class_balance)
     report: TrainReport = train_head(head, batches, settings, class_weights=weights)
     save_head(head.cpu(), ctx.head_path)
@@ -109,7 +109,7 @@ class _HeadFeatures:
 
 
 def training_targets(targets: zarr.Group, rows: list[int], thresholds: np.ndarray,
-                     anchor: zarr.Array | None = None, keep_conf: float | None = None) -> np.ndarray:
+                     anchor: zarr.Array | None = None) -> np.ndarray:
     """The cells a round learns from: int64 ``(len(rows), G, G)``, class id or -1 (ignored).
 
     A cell is kept when it is labelled and its confidence reaches its class's threshold
@@ -123,20 +123,17 @@ def training_targets(targets: zarr.Group, rows: list[int], thresholds: np.ndarra
     confidence = _read_rows(targets["conf"], rows).astype(np.float32)
     label[confidence < thresholds[np.maximum(label, 0)]] = -1
     if anchor is not None:
-        drop = label != _read_rows(anchor, rows).astype(np.int64)
-        if keep_conf is not None:
-            drop &= confidence < keep_conf
-        label[drop] = -1
+        label[label != _read_rows(anchor, rows).astype(np.int64)] = -1
     return label
 
 
 def target_counts(targets: zarr.Group, rows: list[int], thresholds: torch.Tensor, num_classes: int,
-                  anchor: zarr.Array | None = None, keep_conf: float | None = None) -> np.ndarray:
+                  anchor: zarr.Array | None = None) -> np.ndarray:
     """Cells per class that training will use (see :func:`training_targets`)."""
     counts = np.zeros(num_classes, dtype=np.int64)
     limits = thresholds.numpy()
     for start in range(0, len(rows), STATS_BLOCK):
-        label = training_targets(targets, rows[start : start + STATS_BLOCK], limits, anchor, keep_conf)
+        label = training_targets(targets, rows[start : start + STATS_BLOCK], limits, anchor)
         counts += np.bincount(label[label >= 0], minlength=num_classes)
     return counts
 
