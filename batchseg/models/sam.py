@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
 from batchseg.io.geometry import letterbox
+from batchseg.models.specs import SamSpec  # noqa: F401  (torch-free home; re-exported)
 
 __all__ = [
     "PIXEL_MEAN",
@@ -64,21 +65,6 @@ PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 # Spellings of SamSpec.checkpoint that ask for random weights.
 _RANDOM = "random"
-
-
-@dataclass(frozen=True)
-class SamSpec:
-    """Which SAM to load.
-
-    Attributes:
-        model: a key of ``SAM_ARCHS``: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"tiny"``.
-        checkpoint: path to a ``.pth``/``.pt`` file (a plain ``state_dict`` as SAM
-            ships it) or a ``.safetensors`` file; ``None`` or ``"random"`` gives a
-            randomly initialised model (speed benchmarks, tests).
-    """
-
-    model: str
-    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
