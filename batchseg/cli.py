@@ -107,8 +107,7 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
     from batchseg.config import ClusterSettings, EmbedConfig, ModelSettings
     from batchseg.errors import UsageError
     from batchseg.io.images import DEFAULT_MAX_PIXELS
-    from batchseg.models.clip import ClipSpec
-    from batchseg.models.sam import SamSpec
+    from batchseg.models.specs import ClipSpec, SamSpec
     from batchseg.stages.embed import run_embed
 
     try:
@@ -251,10 +250,9 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
                 class_quantile, teacher_rounds, stop_agreement, ema_decay, anchor, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
     from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
     from batchseg.errors import UsageError
-    from batchseg.labels.proposals import ProposalSettings
-    from batchseg.labels.selftrain import SelfTrainSettings
-    from batchseg.models.dense_heads import DenseHeadSettings
-    from batchseg.models.text import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
+    from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
+    from batchseg.models.specs import DenseHeadSettings
+    from batchseg.models.vocabulary import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
     from batchseg.stages.pseudolabel import run_pseudolabel
 
     try:

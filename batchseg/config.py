@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,17 +10,12 @@ from typing import TYPE_CHECKING, Any
 from batchseg.choices import BACKGROUND, REGION_VOTES
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
-from batchseg.io.hashing import file_sha256
-from batchseg.models.clip import LOCAL_DIR, ClipSpec
-from batchseg.models.dense_heads import DenseHeadSettings
-from batchseg.models.sam import SamSpec, check_sam_spec, is_sam_folder
+from batchseg.models.specs import PRECISIONS, ClipSpec, DenseHeadSettings, ModelSettings, SamSpec  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
-    from batchseg.labels.proposals import ProposalSettings
-    from batchseg.labels.selftrain import SelfTrainSettings
-    from batchseg.models.text import Vocabulary
+    from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
+    from batchseg.models.vocabulary import Vocabulary
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Upper bounds on counts: far past any real use, low enough that a typo cannot exhaust the machine.
 MAX_ROUNDS = 50
 MAX_SHARD_SIZE = 100_000
@@ -30,85 +24,6 @@ MAX_LOCAL_PROCESSES = 1024
 BUILD_FILE = "batchseg.json"
 # 2: embed stores last-block tokens (clip_tokens, clip_cls) instead of one head's output.
 BUILD_SCHEMA_VERSION = 2
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """Everything that changes the stored embeddings; a rerun must match it exactly."""
-
-    clip: ClipSpec | None
-    sam: SamSpec | None
-    clip_canvas: int | None = None  # None: the CLIP model's own image size
-    precision: str = "bf16"
-
-    def validate(self) -> None:
-        if self.clip is None and self.sam is None:
-            raise UsageError("nothing to compute: both CLIP and SAM are switched off")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.clip_canvas is not None and self.clip_canvas < 16:
-            raise UsageError(f"--canvas must be at least 16 pixels, got {self.clip_canvas}")
-        if self.sam is not None:
-            check_sam_spec(self.sam)
-
-    def resolved(self) -> "ModelSettings":
-        """The same settings with every model path made absolute (how a path was spelt,
-        relative or through a symlink, must not make the same model look different)."""
-        clip, sam = self.clip, self.sam
-        if clip is not None:
-            model = clip.model
-            if model.startswith(LOCAL_DIR):
-                model = LOCAL_DIR + str(Path(model[len(LOCAL_DIR):]).expanduser().resolve())
-            pretrained = clip.pretrained
-            if pretrained and Path(pretrained).expanduser().exists():
-                pretrained = str(Path(pretrained).expanduser().resolve())
-            clip = ClipSpec(model, pretrained)
-        if sam is not None and sam.checkpoint and Path(sam.checkpoint).expanduser().exists():
-            sam = SamSpec(sam.model, str(Path(sam.checkpoint).expanduser().resolve()))
-        if sam is not None and is_sam_folder(sam.model):
-            sam = SamSpec(str(Path(sam.model).expanduser().resolve()), sam.checkpoint)
-        return dataclasses.replace(self, clip=clip, sam=sam)
-
-    def weights_sha256(self) -> dict[str, str | None]:
-        """SHA-256 of the CLIP and SAM weight files (None for named or random weights): a
-        model retrained in place at the same path is a different model."""
-        from batchseg.labels.text_cache import model_identity
-
-        sam = self.sam.checkpoint if self.sam and self.sam.checkpoint else None
-        if self.sam is not None and is_sam_folder(self.sam.model):
-            from batchseg.models.sam_folder import sam_folder_identity
-
-            sam_identity: str | None = sam_folder_identity(Path(self.sam.model))
-        else:
-            sam_identity = file_sha256(sam) if sam and Path(sam).is_file() else None
-        return {
-            "clip": model_identity(self.clip) if self.clip else None,
-            "sam": sam_identity,
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "clip": asdict(self.clip) if self.clip else None,
-            "sam": asdict(self.sam) if self.sam else None,
-            "clip_canvas": self.clip_canvas,
-            "precision": self.precision,
-            "weights_sha256": self.weights_sha256(),
-        }
-
-    def differences(self, stored: dict[str, Any], stored_canvas: int | None) -> list[str]:
-        """Human-readable differences between these settings and a build's stored ones.
-
-        Models are compared by resolved path and by the weights' content hash."""
-        mine = self.resolved().to_json()
-        diffs = []
-        for key in ("clip", "sam", "precision", "weights_sha256"):
-            if key == "weights_sha256" and key not in stored:
-                continue  # recorded by builds since the content-hash identity; paths still compared
-            if mine[key] != stored.get(key):
-                diffs.append(f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(mine[key])}")
-        if self.clip_canvas is not None and stored_canvas is not None and self.clip_canvas != stored_canvas:
-            diffs.append(f"canvas: stored {stored_canvas}, requested {self.clip_canvas}")
-        return diffs
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 STORE_NAME = "embeddings.zarr"
 STORE_DTYPE = "float16"
 ROW_ID_ARRAY = "image_id"  # (N, 32) uint8: the SHA-256 digest of the image each row holds
 ROW_ID_BYTES = 32
+
+if TYPE_CHECKING:  # zarr takes seconds to import under load; imported where the store is used
+    import zarr
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ def store_path(out: Path) -> Path:
 
 def ensure_store(out: Path, geometry: ModelGeometry, rows: int) -> None:
     """Create the arrays if missing and grow them to at least ``rows`` rows (driver only)."""
+    import zarr  # imported where used: a no-op rerun never opens the store
+    from zarr.codecs import Crc32cCodec, ZstdCodec
     group = zarr.open_group(str(store_path(out)), mode="a", zarr_format=3)
     shapes = {**geometry.array_shapes(), ROW_ID_ARRAY: (ROW_ID_BYTES,)}
     for name, shape in shapes.items():
@@ -102,6 +106,7 @@ def store_rows(out: Path) -> int:
     path = store_path(out)
     if not path.exists():
         return 0
+    import zarr
     group = zarr.open_group(str(path), mode="r")
     return max((group[name].shape[0] for name in group.array_keys()), default=0)
 
@@ -110,6 +115,7 @@ class RowWriter:
     """A worker's handle for writing whole rows into existing arrays."""
 
     def __init__(self, out: Path) -> None:
+        import zarr
         self._group = zarr.open_group(str(store_path(out)), mode="r+")
         # Every row gets its chunk, even an all-zero one: a missing chunk means damage.
         self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
@@ -132,6 +138,7 @@ def row_owners(out: Path, rows: Iterable[int]) -> dict[int, str]:
     path = store_path(out)
     if not path.exists():
         return {}
+    import zarr
     group = zarr.open_group(str(path), mode="r")
     if ROW_ID_ARRAY not in group:
         return {}
@@ -150,11 +157,13 @@ def row_owners(out: Path, rows: Iterable[int]) -> dict[int, str]:
 
 
 def read_row(out: Path, name: str, row: int) -> np.ndarray:
+    import zarr
     group = zarr.open_group(str(store_path(out)), mode="r")
     return np.asarray(group[name][row])
 
 
 def open_array(out: Path, name: str) -> zarr.Array:
+    import zarr
     return zarr.open_group(str(store_path(out)), mode="r")[name]
 
 
@@ -174,6 +183,7 @@ def iter_rows(out: Path, name: str, rows: Sequence[int], chunk_rows: int = 1024)
         try:
             values = np.asarray(array.oindex[wanted[order]])
         except (ValueError, RuntimeError, OSError):  # name the damaged row
+            import zarr
             group = zarr.open_group(str(store_path(out)), mode="r")
             values = np.stack([read_row_checked(out, group, name, int(row)) for row in wanted[order]])
         result = np.empty_like(values)

@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
 from batchseg.errors import BatchsegError
 from batchseg.io.store import ROW_ID_ARRAY, store_path
+
+if TYPE_CHECKING:  # zarr takes seconds to import under load; imported where the store is used
+    import zarr
 
 CHECKSUM_CODEC = "crc32c"
 # What a damaged chunk raises inside zarr/numcodecs: a checksum mismatch is a ValueError,
@@ -99,6 +102,7 @@ def verify_rows(out: Path, rows: Iterable[int], names: Iterable[str] | None = No
     Chunks are decoded in threads (zstd and the checksum release the GIL); memory is a
     few rows at a time.
     """
+    import zarr
     group = zarr.open_group(str(store_path(out)), mode="r")
     names = names or sorted(name for name in group.array_keys() if name != ROW_ID_ARRAY)
     arrays = [group[name] for name in names]
@@ -116,5 +120,6 @@ def arrays_without_checksums(out: Path) -> list[str]:
     path = store_path(out)
     if not path.exists():
         return []
+    import zarr
     group = zarr.open_group(str(path), mode="r")
     return sorted(name for name in group.array_keys() if not has_checksums(group[name]))

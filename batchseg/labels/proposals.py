@@ -48,7 +48,6 @@ not depend on it). ``ProposalSettings`` rejects a non-zero ``min_mask_region_are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -58,83 +57,13 @@ from torchvision.ops import batched_nms
 
 from batchseg.io.geometry import letterbox
 from batchseg.labels.nms import fast_nms_boxes, fast_nms_masks
+from batchseg.labels.settings import MAX_POINTS_PER_SIDE, NmsKind, ProposalSettings  # noqa: F401  (torch-free home; re-exported)
 
 __all__ = ["ProposalSettings", "Proposals", "generate_proposals", "point_grid"]
-
-NmsKind = Literal["fast", "torchvision"]
 
 # Upscaling chunk budget in float32 elements (128 MiB). Each mask being upscaled
 # needs S*S (input canvas) + H*W (original) floats at once.
 _DEFAULT_CHUNK_ELEMS = 2**25
-
-
-MAX_POINTS_PER_SIDE = 256  # 65,536 prompts per image: far past any useful density
-
-
-@dataclass(frozen=True)
-class ProposalSettings:
-    """Everything-mode settings; names and defaults are SAM's (``SamAutomaticMaskGenerator``).
-
-    Attributes:
-        points_per_side: the prompt grid has ``points_per_side**2`` points.
-        points_per_batch: points decoded together (each gives 3 masks); a memory /
-            speed knob. Batched matmuls round differently for different batch
-            sizes (seen: predicted IoUs differing by 1 ulp), so use the same value
-            as SAM's generator to reproduce its output bit for bit.
-        pred_iou_thresh: keep masks whose predicted IoU is ``>`` this; ``<= 0``
-            disables the filter (SAM's rule).
-        stability_score_thresh: keep masks whose stability score is ``>=`` this;
-            ``<= 0`` disables the filter (SAM's rule).
-        stability_score_offset: logit offset of the stability score: IoU of the masks
-            ``logits > t + offset`` and ``logits > t - offset`` (``t`` = ``sam.mask_threshold``).
-        box_nms_thresh: boxes overlapping a higher-scored one with IoU ``>`` this are
-            removed.
-        min_mask_region_area: must be 0. Kept so settings mirror SAM's names; SAM's
-            hole/island removal needs OpenCV, which batchseg does not depend on.
-            There are no crop layers either (SAM's ``crop_n_layers=0``).
-        nms: ``"fast"`` (our Fast NMS on boxes, the pipeline default) or
-            ``"torchvision"`` (SAM's ``batched_nms``: results equal SAM's).
-        mask_nms_thresh: after box NMS, drop a mask whose mask IoU (on the decoder's
-            low-resolution grid) with a higher-scored kept mask is ``>`` this; ``None``
-            skips it (SAM's behaviour). Box NMS alone misses duplicates whose boxes
-            disagree: a mask with a few stray pixels far from the object has a box
-            much larger than its twin's (seen with the toy SAM: 273 pairs of kept
-            masks with mask IoU > 0.7 in 200 images, 45% of all kept masks).
-    """
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    min_mask_region_area: int = 0
-    nms: NmsKind = "fast"
-    mask_nms_thresh: float | None = 0.7
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.points_per_side > MAX_POINTS_PER_SIDE:
-            raise ValueError(f"points_per_side must be at most {MAX_POINTS_PER_SIDE}, got {self.points_per_side}")
-        if self.points_per_side < 1:
-            problems.append(f"points_per_side must be >= 1, got {self.points_per_side}")
-        if self.points_per_batch < 1:
-            problems.append(f"points_per_batch must be >= 1, got {self.points_per_batch}")
-        if not self.stability_score_offset >= 0:  # also rejects NaN
-            problems.append(f"stability_score_offset must be >= 0, got {self.stability_score_offset}")
-        if not self.box_nms_thresh >= 0:
-            problems.append(f"box_nms_thresh must be >= 0, got {self.box_nms_thresh}")
-        if self.min_mask_region_area != 0:
-            problems.append(
-                "min_mask_region_area must be 0: SAM's small-region removal needs OpenCV, "
-                "which batchseg does not use"
-            )
-        if self.mask_nms_thresh is not None and not self.mask_nms_thresh >= 0:
-            problems.append(f"mask_nms_thresh must be >= 0 or None, got {self.mask_nms_thresh}")
-        if self.nms not in ("fast", "torchvision"):
-            problems.append(f"nms must be 'fast' or 'torchvision', got {self.nms!r}")
-        if problems:
-            raise ValueError("invalid ProposalSettings: " + "; ".join(problems))
 
 
 @dataclass

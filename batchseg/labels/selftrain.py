@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,79 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batchseg.errors import ModelLoadError, UsageError
+from batchseg.errors import ModelLoadError
+from batchseg.labels.settings import SelfTrainSettings, settings_record  # noqa: F401  (torch-free home; re-exported)
 
 HEAD_FORMAT = "batchseg.selftrain.SegHead"
 HEAD_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SelfTrainSettings:
-    """Hyper-parameters of one self-training round (recorded with the round)."""
-
-    epochs: int = 8
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    hidden: int = 128
-    temperature: float = 50.0  # logits = temperature * cos(head embedding, text classifier)
-    seed: int = 0
-    conf_thresh: float = 0.5  # used by callers to build targets; stored so it is recorded with the round
-    # Class weights (pixel frequency)^-class_balance in the loss; 0 = plain cross-entropy.
-    # Without it the head drops rare classes: pseudo labels are mostly background.
-    class_balance: float = 0.5
-    # Per-class thresholds: a class keeps at least its most confident (1 - class_quantile)
-    # share of pixels even when they fall below conf_thresh, so classes the teacher is
-    # never sure about still have targets (None: conf_thresh alone).
-    class_quantile: float | None = 0.5
-    # MaskCLIP+'s schedule: rounds 1..teacher_rounds learn from round 0 (the labeller),
-    # later rounds from the round before.
-    teacher_rounds: int = 1
-    warm_start: bool = True  # a round starts from the previous round's head, not from MaskCLIP
-    ema_decay: float | None = 0.99  # the saved head is the exponential moving average of the steps
-    # Stop when a round agrees with the one before on at least this share of cells (None: never).
-    stop_agreement: float | None = 0.95
-    # A round that learns from round k-1 (> 0) ignores the cells where round k-1 left round 0's
-    # label: teaching a round's own guesses to the next is how the rounds drifted
-    # (bench/RESULTS.md, "self-training rounds": round 2 fell 2.2 points without it).
-    anchor: bool = True
-
-    def validate(self) -> None:
-        """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
-        for name, most in (("epochs", 10_000), ("batch_size", 4096), ("hidden", 8192)):
-            value = getattr(self, name)
-            # bool is an int subclass; True as "1 epoch" is a mistake, not a value.
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-                raise UsageError(f"self-training {name} must be an integer in [1, {most}], got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise UsageError(f"self-training seed must be an integer in [0, 2**63), got {self.seed!r}")
-        checks: list[tuple[str, Callable[[float], bool], str]] = [
-            ("lr", lambda v: v > 0, "a finite number > 0"),
-            ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
-            ("temperature", lambda v: v > 0, "a finite number > 0"),
-            ("conf_thresh", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-            ("class_balance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        ]
-        if not isinstance(self.teacher_rounds, int) or isinstance(self.teacher_rounds, bool) or self.teacher_rounds < 1:
-            raise UsageError(f"self-training teacher_rounds must be an integer >= 1, got {self.teacher_rounds!r}")
-        for name in ("warm_start", "anchor"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"self-training {name} must be true or false, got {getattr(self, name)!r}")
-        optional = [
-            ("class_quantile", lambda v: 0 <= v < 1, "a number in [0, 1) or None"),
-            ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) or None"),
-            ("stop_agreement", lambda v: 0 < v <= 1, "a number in (0, 1] or None"),
-        ]
-        checks += [c for c in optional if getattr(self, c[0]) is not None]
-        for name, ok, allowed in checks:
-            value = getattr(self, name)
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not math.isfinite(value)
-                or not ok(value)
-            ):
-                raise UsageError(f"self-training {name} must be {allowed}, got {value!r}")
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -467,8 +399,3 @@ def load_head(path: str | os.PathLike[str], classifier: Tensor) -> SegHead:
     except RuntimeError as exc:
         raise ModelLoadError(f"weights {path} do not match config {config_path}: {exc}") from exc
     return head
-
-
-def settings_record(settings: SelfTrainSettings) -> dict[str, Any]:
-    """Settings as a plain JSON-ready dict, for the round's run record."""
-    return asdict(settings)

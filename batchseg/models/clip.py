@@ -24,7 +24,7 @@ import copy
 import difflib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -47,39 +47,16 @@ from batchseg.models.clip_resnet import (
 from batchseg.models.clip_timm import check_timm, check_timm_config, is_timm_tower, timm_dims, timm_features
 from batchseg.models.clip_timm import timm_native_grid, timm_stride
 from batchseg.models.clip_preprocess import ClipPreprocess, model_preprocess, preprocess_clip  # noqa: F401  (re-exported)
+from batchseg.models.specs import LOCAL_DIR, ClipSpec  # noqa: F401  (torch-free home; re-exported)
 
 DENSE_FORMS = ("official", "clear")
 RANDOM = "random"
-LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # first in open_clip 3.3's local-dir preference order
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip's local-dir loader looks for
 # Custom attention-block options that change the value path (or make "keys" ambiguous).
 _CUSTOM_BLOCK_OPTIONS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn")
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """Which CLIP to load.
-
-    Attributes:
-        model: open_clip model name (``"ViT-B-16"``, ``"RN50"``) or ``"local-dir:PATH"``
-            (a folder with ``open_clip_config.json`` and a weights file, open_clip's format).
-        pretrained: open_clip pretrained tag or a checkpoint file path. ``None`` or
-            ``"random"`` = random init; for ``local-dir:`` the folder's weights are
-            loaded unless this is ``"random"``.
-
-    The dense head is not part of the spec: ``embed`` stores tokens every head can
-    use, and ``pseudolabel --dense-head`` picks one at label time.
-    """
-
-    model: str
-    pretrained: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ModelLoadError("CLIP model name is empty")
 
 
 class DenseClipOutput(NamedTuple):

@@ -42,23 +42,21 @@ for cell, and the head's output lives there (finer than CLIP's 14 x 14).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from batchseg.choices import DENSE_HEADS
-from batchseg.errors import UsageError
+from batchseg.models.specs import (  # noqa: F401  (torch-free home; re-exported)
+    SAM_HEADS,
+    VIT_ONLY_HEADS,
+    DenseHeadSettings,
+    check_head_supported,
+)
 
 if TYPE_CHECKING:
     from batchseg.models.clip import DenseClip
-
-VIT_ONLY_HEADS = ("clearclip", "sclip", "naclip")
-SAM_HEADS = ("proxy-sam",)
-
 
 class ClipTokens(NamedTuple):
     """What ``embed`` stores per image for the dense heads (any float dtype).
@@ -81,51 +79,6 @@ class HeadOutput(NamedTuple):
 
     dense: Tensor
     keys: Tensor
-
-
-@dataclass(frozen=True)
-class DenseHeadSettings:
-    """Which head, and its published hyper-parameters."""
-
-    name: str = "maskclip"
-    naclip_std: float = 5.0  # NACLIP's Gaussian window, in patches
-    proxy_beta: float = 1.2  # ProxyCLIP: S <- gamma * (S - beta * mean(S))
-    proxy_gamma: float = 3.0
-    # SAM's grid is average-pooled to at most this side before the proxy attention: the
-    # attention is (side^2)^2, and at SAM ViT's 64 x 64 it costs about one whole CLIP
-    # ViT-B/16 forward pass (bench/dense_heads.py); 32 x 32 costs a sixteenth of that.
-    proxy_grid: int = 32
-
-    def validate(self) -> None:
-        if self.name not in DENSE_HEADS:
-            raise UsageError(f"unknown dense head {self.name!r}; choose one of {', '.join(DENSE_HEADS)}")
-        for field_name in ("naclip_std", "proxy_gamma"):
-            value = getattr(self, field_name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise UsageError(f"{field_name} must be a finite number > 0, got {value!r}")
-        if isinstance(self.proxy_grid, bool) or not isinstance(self.proxy_grid, int) or not 1 <= self.proxy_grid <= 256:
-            raise UsageError(f"proxy_grid must be an integer in [1, 256], got {self.proxy_grid!r}")
-        if not (isinstance(self.proxy_beta, (int, float)) and math.isfinite(self.proxy_beta)):
-            raise UsageError(f"proxy_beta must be a finite number, got {self.proxy_beta!r}")
-
-    @property
-    def needs_sam(self) -> bool:
-        return self.name in SAM_HEADS
-
-
-def check_head_supported(settings: DenseHeadSettings, kind: str, has_sam: bool) -> None:
-    """Raise ``UsageError`` when the head cannot run on this tower kind or build."""
-    settings.validate()
-    if settings.name in VIT_ONLY_HEADS and kind != "vit":
-        raise UsageError(
-            f"dense head {settings.name!r} needs a ViT CLIP (this build's CLIP is a {kind} tower); "
-            "use maskclip or proxy-sam"
-        )
-    if settings.needs_sam and not has_sam:
-        raise UsageError(
-            f"dense head {settings.name!r} uses the stored SAM embeddings, and this build has none "
-            "(embed ran with --no-sam, or --no-sam was given); pick another head"
-        )
 
 
 def compute_head(

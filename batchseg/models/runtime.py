@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from batchseg.config import ModelSettings
 from batchseg.io.store import ModelGeometry
 from batchseg.models.clip import ClipSpec, DenseClip, load_dense_clip
 from batchseg.models.sam import SamEncoder, SamSpec, load_sam
+from batchseg.models.specs import ModelSettings
 
 
 def build_clip(spec: ClipSpec, canvas: int | None, device: str) -> DenseClip:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
 from batchseg.io.geometry import letterbox
+from batchseg.models.specs import SamSpec, check_sam_spec, is_sam_folder, unknown_sam_message  # noqa: F401  (torch-free home; re-exported)
 
 __all__ = [
     "PIXEL_MEAN",
@@ -66,24 +67,6 @@ PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 # Spellings of SamSpec.checkpoint that ask for random weights.
 _RANDOM = "random"
-
-
-@dataclass(frozen=True)
-class SamSpec:
-    """Which SAM to load.
-
-    Attributes:
-        model: a key of ``SAM_ARCHS``: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"tiny"``;
-            or the path of a SAM model folder (``batchseg.models.sam_folder``: config
-            JSON + safetensors, e.g. a distilled ``sam-encoder`` student), then
-            ``checkpoint`` stays ``None``.
-        checkpoint: path to a ``.pth``/``.pt`` file (a plain ``state_dict`` as SAM
-            ships it) or a ``.safetensors`` file; ``None`` or ``"random"`` gives a
-            randomly initialised model (speed benchmarks, tests).
-    """
-
-    model: str
-    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -519,33 +502,6 @@ def load_sam(spec: SamSpec, device: str | torch.device = "cpu") -> Sam:
     if still_meta:  # a segment-anything change added state we do not restore: a bug here, not the user's
         raise RuntimeError(f"tensors left unmaterialised after loading SAM: {still_meta[:5]}")
     return _to_device(sam, device)
-
-
-def is_sam_folder(model: str) -> bool:
-    """True when ``model`` names a folder rather than a registry arch (registry names win)."""
-    return model not in SAM_ARCHS and Path(os.path.expanduser(model)).is_dir()
-
-
-def unknown_sam_message(model: str) -> str:
-    valid = ", ".join(sorted(SAM_ARCHS))
-    if Path(os.path.expanduser(model)).exists():
-        return f"SAM model {model!r} is a file, not a SAM model name ({valid}) or a SAM model folder"
-    return (f"unknown SAM model {model!r}: not a SAM model name ({valid}) and no such folder "
-            "(a SAM model folder holds config.json and model.safetensors)")
-
-
-def check_sam_spec(spec: SamSpec) -> None:
-    """Validate ``spec`` where the user gave it, without reading weights: a registry name, or a
-    SAM model folder whose sizes and weight shapes agree (``ModelLoadError`` otherwise)."""
-    if spec.model in SAM_ARCHS:
-        return
-    if not is_sam_folder(spec.model):
-        raise ModelLoadError(unknown_sam_message(spec.model))
-    if spec.checkpoint not in (None, _RANDOM):
-        raise ModelLoadError(f"SAM model folder {spec.model} carries its own weights: drop --sam-checkpoint")
-    from batchseg.models.sam_folder import inspect_sam_folder
-
-    inspect_sam_folder(Path(spec.model))
 
 
 def _to_device(sam: Sam, device: str | torch.device) -> Sam:

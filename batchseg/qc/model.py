@@ -17,14 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batchseg.qc.mogaal import MoGaalModel, MoGaalSettings, fit_mogaal
 from batchseg.qc.reduction import Moments, Reduction, fit_reduction
 from batchseg.qc.rglasso import RGLassoSettings, fit_rglasso, mahalanobis
 from batchseg.qc.settings import QcSettings
+
+if TYPE_CHECKING:  # torch: imported only when a model uses mogaal
+    from batchseg.qc.mogaal import MoGaalModel
 
 MODEL_FORMAT = 1
 
@@ -87,6 +89,8 @@ class QcModel:
                      for name in ("rglasso", "mcd") if f"{name}.location" in arrays}
         mogaal = None
         if meta.get("mogaal_hidden") is not None:
+            from batchseg.qc.mogaal import MoGaalModel
+
             sub = {k[len("mogaal."):]: v for k, v in arrays.items() if k.startswith("mogaal.")}
             mogaal = MoGaalModel.from_arrays(sub, reduction.dim, int(meta["mogaal_hidden"]))
         return cls(settings, reduction, gaussians, mogaal, {k: float(v) for k, v in meta["thresholds"].items()},
@@ -129,6 +133,8 @@ def fit_qc_model(moments: Moments, fit_rows: np.ndarray, settings: QcSettings) -
             gaussians["mcd"] = (mcd.location_, mcd.precision_)
             info["mcd"] = {"support_size": int(mcd.support_.sum())}
         elif method == "mogaal":
+            from batchseg.qc.mogaal import MoGaalSettings, fit_mogaal
+
             mogaal = fit_mogaal(z, MoGaalSettings(seed=settings.seed))
             info["mogaal"] = {"epochs": mogaal.epochs, "generator_epochs": mogaal.generator_epochs,
                               "final_d_loss": mogaal.history["d_loss"][-1]}

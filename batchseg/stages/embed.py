@@ -2,6 +2,10 @@
 
 The driver plans (what is new), grows the arrays, hands shards to workers and
 records the run; workers compute and commit shards (``embed_shard``).
+
+The driver imports torch and the models only when there is work: planning, the
+settings check and a rerun with nothing new stay torch-free (issue 8: a no-op rerun
+or a refused settings mismatch costs well under a second).
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import batchseg
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, EmbedConfig, ModelSettings, read_build_file, write_json_atomic
+from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, EmbedConfig, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.images import discover_images
 from batchseg.io.lock import build_lock
@@ -25,11 +30,13 @@ from batchseg.io.store_integrity import arrays_without_checksums, verify_rows
 from batchseg.io.tables import (
     QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, remove_temporaries, write_part_atomic,
 )
-from batchseg.models.clip_preprocess import legacy_record
-from batchseg.models.runtime import ModelBuilders, get_models
-from batchseg.stages.embed_plan import adopt_intact_rows, assign_rows, plan_embed, shard_items
-from batchseg.stages.embed_shard import CURRENT_RUN_FILE, ShardResult, ShardTask, part_path, run_shard
+from batchseg.models.specs import ModelSettings
+from batchseg.stages.embed_plan import CURRENT_RUN_FILE, adopt_intact_rows, assign_rows, part_path, plan_embed, shard_items
 from batchseg.io.runs import new_run_id  # noqa: F401  (one home for run ids; re-exported)
+
+if TYPE_CHECKING:  # torch-heavy: imported where the work is done
+    from batchseg.models.runtime import ModelBuilders
+    from batchseg.stages.embed_shard import ShardResult
 
 # Outputs that depend on the embeddings; --overwrite removes them, nothing else.
 BUILD_OUTPUTS = (STORE_NAME, "manifest", "labels", "qc", "students", BUILD_FILE, CURRENT_RUN_FILE)
@@ -81,11 +88,15 @@ class EmbedSummary:
 
 def probe_geometry(models: ModelSettings, builders: ModelBuilders) -> ModelGeometry:
     """Load the models on a worker (where they stay cached) and report their shapes."""
+    from batchseg.models.runtime import get_models
+
     return get_models(models, builders).geometry
 
 
 def probe_models(models: ModelSettings, builders: ModelBuilders) -> tuple[ModelGeometry, dict | None]:
     """Load the models on a worker and report their shapes and the CLIP preprocessing they use."""
+    from batchseg.models.runtime import get_models
+
     loaded = get_models(models, builders)
     clip = loaded.clip
     return loaded.geometry, (clip.preprocess.to_json() if clip is not None else None)
@@ -97,6 +108,8 @@ def _check_preprocessing(config: EmbedConfig, build: dict | None, probed: dict |
         return
     stored = build["embed"].get("preprocessing")
     if stored is None:  # made before it was recorded: bicubic, padded with the mean colour
+        from batchseg.models.clip_preprocess import legacy_record
+
         stored = legacy_record(probed["mean"], probed["std"])
     diffs = [f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(value)}"
              for key, value in probed.items() if stored.get(key) != value]
@@ -164,9 +177,20 @@ def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, preprocessin
     write_json_atomic(config.out / BUILD_FILE, data)
 
 
-def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSummary | None, error: str | None) -> None:
-    import torch
+def _torch_version() -> str | None:
+    """torch's version, without importing torch when this run did not need it."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.__version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSummary | None, error: str | None) -> None:
     record = {
         "run_id": run_id,
         "command": "embed",
@@ -174,7 +198,7 @@ def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSum
         "status": status,
         "error": error,
         "config": config.to_json(),
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": torch.__version__},
+        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": _torch_version()},
         "host": platform.node(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "counts": {k: v for k, v in asdict(summary).items() if k not in ("out", "run_id")} if summary else None,
@@ -202,7 +226,6 @@ def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progre
     holds the folder, other ``BatchsegError``/exceptions when the run fails.
     """
     config.validate()
-    builders = builders or ModelBuilders()
     run_id = new_run_id()
     with build_lock(config.out):
         started = time.perf_counter()
@@ -221,7 +244,7 @@ def _stored_images(manifest) -> dict[int, str]:
     return {r["zarr_row"]: r["image_id"] for r in rows if r["status"] == "ok" and r["zarr_row"] is not None}
 
 
-def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, progress: bool, started: float) -> EmbedSummary:
+def _embed_locked(config: EmbedConfig, builders: ModelBuilders | None, run_id: str, progress: bool, started: float) -> EmbedSummary:
     out = config.out
     if config.overwrite:
         _start_over(out)
@@ -243,6 +266,10 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
     results: list[ShardResult] = []
     shard_seconds = 0.0
     if plan.pending:
+        if builders is None:
+            from batchseg.models.runtime import ModelBuilders
+
+            builders = ModelBuilders()
         with dask_client(config.cluster, out) as client:
             resources = gpu_resources(config.cluster)
             probed, preprocessing = client.submit(probe_models, config.models, builders, resources=resources,
@@ -288,6 +315,8 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders, run_id: str, pro
 def _run_shards(client, config: EmbedConfig, builders: ModelBuilders, run_id: str, items, resources, progress: bool) -> list[ShardResult]:
     # An explicit --threads always applies; otherwise a local cluster splits the cores
     # and an external cluster's workers keep their own setting.
+    from batchseg.stages.embed_shard import ShardTask, run_shard
+
     threads = config.cluster.torch_threads
     if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
         threads = config.cluster.threads_per_worker()

@@ -18,7 +18,26 @@ import pyarrow as pa
 from batchseg.io.images import STATUS_DUPLICATE, FoundFile, ImageError, content_id, read_image_bytes
 from batchseg.io.store import row_owners, store_rows
 from batchseg.io.store_integrity import verify_rows
-from batchseg.stages.embed_shard import ShardItem
+
+
+CURRENT_RUN_FILE = ".current_run"  # the run id shards check before committing (a stale run stops)
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """One unique image to compute; ``zarr_row`` was assigned by the driver."""
+
+    image_id: str
+    path: str | bytes
+    rel_path: str
+    size: int | None
+    mtime: float | None
+    zarr_row: int
+    reuse: bool = False  # the row already holds this image intact (embed --repair): decode for the row only
+
+
+def part_path(out: Path, shard_id: str) -> Path:
+    return out / "manifest" / f"part-{shard_id}.parquet"
 
 
 @dataclass(frozen=True)

@@ -19,28 +19,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from batchseg.config import ModelSettings
+from batchseg.models.specs import ModelSettings
 from batchseg.io.geometry import letterbox
 from batchseg.io.images import STATUS_CHANGED, ImageError, content_id, decode_image, read_image_bytes
 from batchseg.io.store import RowWriter
 from batchseg.io.tables import manifest_table, write_part_atomic
 from batchseg.models.clip import preprocess_clip
 from batchseg.models.runtime import LoadedModels, ModelBuilders, get_models, set_torch_threads
-
-CURRENT_RUN_FILE = ".current_run"
-
-
-@dataclass(frozen=True)
-class ShardItem:
-    """One unique image to compute; ``zarr_row`` was assigned by the driver."""
-
-    image_id: str
-    path: str | bytes
-    rel_path: str
-    size: int | None
-    mtime: float | None
-    zarr_row: int
-    reuse: bool = False  # the row already holds this image intact (embed --repair): decode for the row only
+from batchseg.stages.embed_plan import CURRENT_RUN_FILE, ShardItem, part_path  # noqa: F401  (planning types; re-exported)
 
 
 @dataclass(frozen=True)
@@ -74,10 +60,6 @@ class _Prepared:
     row: dict
     clip_pixels: torch.Tensor | None = None
     sam_pixels: torch.Tensor | None = None
-
-
-def part_path(out: Path, shard_id: str) -> Path:
-    return out / "manifest" / f"part-{shard_id}.parquet"
 
 
 class StaleRunError(RuntimeError):

@@ -30,7 +30,7 @@ from batchseg.io.student_files import read_student
 from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, round_folder, write_part_atomic
 from batchseg.io.runs import new_run_id
 from batchseg.stages.embed_plan import plan_embed
-from batchseg.stages.embed_shard import part_path
+from batchseg.stages.embed_plan import part_path
 from batchseg.stages.predict_shard import LABEL_ROUND, PredictItem, PredictShard, PredictShardResult, run_predict_shard
 from batchseg.students.load import model_digest
 

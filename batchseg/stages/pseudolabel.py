@@ -6,6 +6,12 @@ confident labels and predicts every image again. Each round lives in
 ``OUT/labels/round=K/`` (Parquet parts only, so the folder reads as a hive-partitioned
 dataset) and ``OUT/selftrain/round=K/`` (its target grid, head weights and ``_round.json``:
 settings key, statistics); a round whose key and inputs are unchanged is skipped.
+
+Round keys hash the text classifier's *inputs* (the CLIP's identity, the classes, the
+templates), not the classifier, so deciding that a round is complete needs no model:
+a rerun with nothing to do, or a refused setting, never imports torch (issue 8). The
+classifier, the cluster and the worker modules are brought up for the first round
+that has work.
 """
 from __future__ import annotations
 
@@ -13,10 +19,11 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import zarr
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
@@ -24,17 +31,18 @@ from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.build_info import check_label_part
 from batchseg.io.tables import read_manifest, read_part, remove_temporaries, round_folder, selftrain_folder, visible_parts
-from batchseg.labels.selftrain import settings_record
-from batchseg.labels.text_cache import text_classifier, with_background
-from batchseg.models.clip import ClipSpec
-from batchseg.models.dense_heads import check_head_supported
+from batchseg.labels.settings import settings_record
+from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model_identity
+from batchseg.models.vocabulary import classifier_key, with_background
 from batchseg.qc.flags import flagged_image_ids
-from batchseg.models.sam import SamSpec
 from batchseg.io.runs import new_run_id
-from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, LabelShard, RoundContext, run_label_shard
-from batchseg.stages.pseudolabel_train import round_stats, train_result_json, train_round
+from batchseg.stages.pseudolabel_plan import GRID_STORE, LabelImage
+
+if TYPE_CHECKING:  # torch-heavy: imported for the first round that has work
+    from batchseg.stages.pseudolabel_shard import LabelShard, RoundContext
 
 ROUND_FILE = "_round.json"
+HEAD_FILE = "head.safetensors"  # the self-training head of a round, in selftrain/round=K/
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,8 @@ def _committed_ids(folder: Path) -> set[str]:
 
 
 def _ensure_grid(folder: Path, rows: int, grid: int) -> None:
+    import zarr
+
     group = zarr.open_group(str(folder / GRID_STORE), mode="a", zarr_format=3)
     for name, dtype, fill in (("label", "int16", -1), ("conf", "float16", 0)):
         if name in group:
@@ -179,19 +189,36 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
         vocab = with_background(vocab) if config.labels.background else vocab
         clip_spec = ClipSpec(**build["embed"]["models"]["clip"])
         sam_spec = SamSpec(**build["embed"]["models"]["sam"]) if use_sam else None
-        classifier, text_key = text_classifier(config.out, clip_spec, vocab, config.labels.templates)
+        # The key text_classifier stores the classifier under: a hash of its inputs, known without torch.
+        text_key = classifier_key(model_identity(clip_spec), vocab, config.labels.templates)
+        if not (config.out / "text" / f"{text_key}.safetensors").exists():
+            # Later stages read it (train-student): made again when missing, even if every round is complete.
+            from batchseg.labels.text_cache import text_classifier
+
+            text_classifier(config.out, clip_spec, vocab, config.labels.templates)
         key = _sha({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
         summaries = []
         damaged: set[str] = set()
-        with dask_client(config.cluster, config.out) as client:
+        client = None
+        with ExitStack() as stack:
             for round_index in range(config.rounds + 1):
                 if round_index > 0:
                     key = _sha({"previous": key, "selftrain": settings_record(config.selftrain), "round": round_index})
-                ctx = RoundContext(config.out, round_index, vocab.names, classifier, config.labels, geometry,
-                                   use_sam, sam_spec, clip_spec,
-                                   selftrain_folder(config.out, round_index) / "head.safetensors")
                 kept = tuple(image for image in images if image.image_id not in damaged)
-                summary = _run_round(client, config, ctx, kept, key, run_id, progress)
+                plan = _plan_round(config, round_index, kept, key, run_id)
+                if plan.skipped is not None:
+                    summary = plan.skipped
+                else:
+                    if client is None:  # the first round with work: the models' modules, the classifier, the cluster
+                        from batchseg.labels.text_cache import text_classifier
+                        from batchseg.stages.pseudolabel_shard import RoundContext
+
+                        classifier, _ = text_classifier(config.out, clip_spec, vocab, config.labels.templates)
+                        client = stack.enter_context(dask_client(config.cluster, config.out))
+                    ctx = RoundContext(config.out, round_index, vocab.names, classifier, config.labels, geometry,
+                                       use_sam, sam_spec, clip_spec,
+                                       selftrain_folder(config.out, round_index) / HEAD_FILE)
+                    summary = _run_round(client, config, ctx, kept, key, run_id, progress, plan)
                 summaries.append(summary)
                 damaged.update(image_id for image_id, _ in summary.damaged)
                 if summary.stopped:
@@ -201,35 +228,60 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
     return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started, left_out)
 
 
-def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tuple[LabelImage, ...], key: str,
-               run_id: str, progress: bool) -> RoundSummary:
-    start = time.perf_counter()
-    folder = round_folder(config.out, ctx.round_index)
-    artefacts = selftrain_folder(config.out, ctx.round_index)
-    info = _read_round_info(artefacts)
+@dataclass(frozen=True)
+class _RoundPlan:
+    """What a round needs, decided from its ``_round.json`` and parts alone (no model, no torch)."""
+
+    info: dict | None  # the round's record when it is kept or resumed (see _round_state), else None
+    pending: list[LabelImage]  # images still to label (all of them when the round is recomputed)
+    images_key: str
+    skipped: RoundSummary | None = None  # set when the round is already complete: nothing to do
+    kept: bool = False  # the head is kept for a changed image set: ``info`` is updated, to be written
+
+
+def _plan_round(config: PseudolabelConfig, round_index: int, images: tuple[LabelImage, ...], key: str,
+                run_id: str) -> _RoundPlan:
+    folder = round_folder(config.out, round_index)
+    info = _read_round_info(selftrain_folder(config.out, round_index))
     images_key = _sha([image.image_id for image in images])
-    resources = gpu_resources(config.cluster)
-    state = _round_state(config, ctx, info, key, images_key, len(images))
-    same = state != "recompute"
-    if state == "keep":
+    state = _round_state(config, round_index, info, key, images_key, len(images))
+    if state == "recompute":
+        return _RoundPlan(None, list(images), images_key)
+    kept = state == "keep"
+    if kept:
         # Images were added (or removed) since this round's head was trained and the
         # retrain policy keeps it: the kept head labels the images that have no rows.
         info = {**info, "images_key": images_key, "complete": False, "run_id": run_id}
-        write_json_atomic(artefacts / ROUND_FILE, info)
-    if same:
-        # An incomplete round (its run was killed) keeps every shard it committed.
-        for part in visible_parts(folder):  # a damaged part (its footer) or a newer schema's is refused
-            check_label_part(part)
-        # A part moved aside (damaged, quarantined) makes the round incomplete: its images are labelled again.
-        complete = info.get("complete", True) and all((folder / name).is_file() for name in info.get("parts", ()))
-        done = {image.image_id for image in images} if ctx.round_index > 0 and complete else _committed_ids(folder)
-        pending = [image for image in images if image.image_id not in done]
-        if not pending and complete:
-            decision = info.get("decision") or {}
-            present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
-            return RoundSummary(ctx.round_index, 0, 0, present, 0.0, skipped=True,
-                                stopped=bool(decision.get("stop")), decision=decision.get("why", ""))
-    else:
+    # An incomplete round (its run was killed) keeps every shard it committed.
+    for part in visible_parts(folder):  # a damaged part (its footer) or a newer schema's is refused
+        check_label_part(part)
+    # A part moved aside (damaged, quarantined) makes the round incomplete: its images are labelled again.
+    complete = info.get("complete", True) and all((folder / name).is_file() for name in info.get("parts", ()))
+    done = {image.image_id for image in images} if round_index > 0 and complete else _committed_ids(folder)
+    pending = [image for image in images if image.image_id not in done]
+    if not pending and complete:
+        decision = info.get("decision") or {}
+        present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
+        return _RoundPlan(info, pending, images_key, RoundSummary(
+            round_index, 0, 0, present, 0.0, skipped=True, stopped=bool(decision.get("stop")),
+            decision=decision.get("why", "")))
+    return _RoundPlan(info, pending, images_key, kept=kept)
+
+
+def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tuple[LabelImage, ...], key: str,
+               run_id: str, progress: bool, plan: _RoundPlan) -> RoundSummary:
+    from batchseg.stages.pseudolabel_shard import LabelShard
+    from batchseg.stages.pseudolabel_train import round_stats, train_result_json, train_round
+
+    start = time.perf_counter()
+    folder = round_folder(config.out, ctx.round_index)
+    artefacts = selftrain_folder(config.out, ctx.round_index)
+    info, pending, images_key = plan.info, plan.pending, plan.images_key
+    resources = gpu_resources(config.cluster)
+    same = info is not None
+    if plan.kept:
+        write_json_atomic(artefacts / ROUND_FILE, info)  # the kept head now also labels the new images
+    if not same:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(artefacts, ignore_errors=True)
         pending = list(images)
@@ -286,7 +338,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
                         skipped=False, stopped=decision["stop"], decision=decision["why"], damaged=damaged)
 
 
-def _round_state(config: PseudolabelConfig, ctx: RoundContext, info: dict | None, key: str, images_key: str,
+def _round_state(config: PseudolabelConfig, round_index: int, info: dict | None, key: str, images_key: str,
                  images: int) -> str:
     """What a round does with what it stored: "same" (complete, or resume what a killed run
     left), "keep" (its head is kept and labels the images that have no rows yet: a round
@@ -295,10 +347,10 @@ def _round_state(config: PseudolabelConfig, ctx: RoundContext, info: dict | None
     it retrained, or the retrain policy says so)."""
     if not info or info.get("key") != key:
         return "recompute"
-    if ctx.round_index == 0:
+    if round_index == 0:
         return "same"
-    trained = bool(info.get("trained")) and ctx.head_path.exists()
-    if trained and info.get("previous_trained_run") != _previous_trained_run(config.out, ctx.round_index):
+    trained = bool(info.get("trained")) and (selftrain_folder(config.out, round_index) / HEAD_FILE).exists()
+    if trained and info.get("previous_trained_run") != _previous_trained_run(config.out, round_index):
         return "recompute"  # the round before retrained since: this head learnt from labels that are gone
     trained_on = info.get("trained_images") or info.get("images") or 0
     if info.get("images_key") == images_key:
@@ -355,6 +407,8 @@ def _remove_rounds_after(out: Path, round_index: int) -> None:
 def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resources, progress: bool
                       ) -> tuple[int, tuple[tuple[str, str], ...]]:
     """Label rows written, and the (image id, why) of images left out for damaged stored rows."""
+    from batchseg.stages.pseudolabel_shard import run_label_shard
+
     futures = [client.submit(run_label_shard, ctx, shard, resources=resources, pure=False) for shard in shards]
     total = sum(len(shard.images) for shard in shards)
     results = gather_with_progress(futures, total, f"round {ctx.round_index}", progress, lambda r: r.images)

@@ -17,7 +17,8 @@ import pyarrow.dataset as ds
 import torch
 import zarr
 
-from batchseg.config import LabelSettings, ModelSettings
+from batchseg.config import LabelSettings
+from batchseg.models.specs import ModelSettings
 from batchseg.io.store import ModelGeometry, store_path
 from batchseg.io.store_integrity import DamagedRowError, read_row_checked
 from batchseg.io.tables import labels_table, round_folder, selftrain_folder, write_part_atomic
@@ -39,22 +40,7 @@ from batchseg.models.clip import ClipSpec, DenseClip
 from batchseg.models.dense_heads import compute_head
 from batchseg.models.runtime import ModelBuilders, get_models, pick_device
 from batchseg.models.sam import SamSpec, load_sam
-
-GRID_STORE = "grid.zarr"
-
-
-@dataclass(frozen=True)
-class LabelImage:
-    """One stored image as the label stage needs it (from its manifest row)."""
-
-    image_id: str
-    zarr_row: int
-    height: int
-    width: int
-    clip_valid_h: int
-    clip_valid_w: int
-    sam_valid_h: int | None
-    sam_valid_w: int | None
+from batchseg.stages.pseudolabel_plan import GRID_STORE, LabelImage  # noqa: F401  (planning types; re-exported)
 
 
 @dataclass(frozen=True)
