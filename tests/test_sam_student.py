@@ -179,8 +179,10 @@ def test_bad_input_exits_2(build, dask_scheduler, args, fragment):
     assert fragment in result.output and "Traceback" not in result.output
 
 
-def test_a_build_without_sam_embeddings_is_refused(labelled_build, dask_scheduler):
-    result = _train(labelled_build, dask_scheduler, "--name", "x", "--epochs", "1")
+def test_a_build_without_sam_embeddings_is_refused(labelled_build, tmp_path, dask_scheduler):
+    out = tmp_path / "nosam"
+    shutil.copytree(labelled_build, out)  # the shared build stays as it was (the refusal writes a run record)
+    result = _train(out, dask_scheduler, "--name", "x", "--epochs", "1")
     assert result.exit_code == 2 and "no SAM embeddings" in result.output
 
 
