@@ -98,7 +98,8 @@ def summary_lines(eval_json: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="batchseg's offline demo on the synthetic world")
     parser.add_argument("--images", type=int, default=16, help="synthetic images to generate (default 16)")
-    parser.add_argument("--rounds", type=int, default=2, help="self-training rounds (default 2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="self-training rounds (default 1: on 16 images a second round over-fits, bench/RESULTS.md)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"working folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     if args.images < 1 or args.rounds < 0:

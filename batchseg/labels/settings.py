@@ -115,11 +115,6 @@ class SelfTrainSettings:
     # label: teaching a round's own guesses to the next is how the rounds drifted
     # (bench/RESULTS.md, "self-training rounds": round 2 fell 2.2 points without it).
     anchor: bool = True
-    # EXPERIMENT: rounds learning from round k-1 (> 0) ignore cells where it disagrees with round 0.
-    anchor: bool = False
-    anchor_keep_conf: float | None = None  # EXPERIMENT: disagreeing cells at least this confident still train
-    # EXPERIMENT: class balance only in rounds that learn from round 0.
-    balance_teacher_only: bool = False
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
