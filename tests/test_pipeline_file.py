@@ -48,7 +48,7 @@ def test_demo_pipeline_is_valid_and_names_the_demo_models(world):
     assert pipeline.embed.models.clip.model.endswith("batchseg/assets/toy-clip-cnn")
     assert Path(pipeline.embed.models.sam.checkpoint).name == "toy-sam.safetensors"
     assert Path(pipeline.embed.models.sam.checkpoint).is_file()  # the shipped model, relative to the file
-    assert pipeline.pseudolabel.rounds == 2 and pipeline.pseudolabel.labels.background
+    assert pipeline.pseudolabel.rounds == 1 and pipeline.pseudolabel.labels.background
     assert pipeline.pseudolabel.retrain == "fraction" and pipeline.embed.shard_size == 8
 
 
