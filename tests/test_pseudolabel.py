@@ -235,3 +235,30 @@ def test_images_flagged_by_qc_are_left_out_unless_asked(build, dask_scheduler, m
     kept = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "0", "--no-sam", "--include-flagged", *FAST)
     assert kept.exit_code == 0 and "left out" not in kept.output
     assert victim in set(read_labels(build, 0).column("image_id").to_pylist())
+
+
+@pytest.mark.parametrize("background, bg_mask_vote, painted", [
+    (True, False, [0, -1, 1]),  # a mask recognised as background paints nothing
+    (True, True, [0, 2, 1]),
+    (False, False, [0, 2, 1]),  # without a background class every class paints
+])
+def test_masks_recognised_as_background_do_not_repaint(background, bg_mask_vote, painted):
+    from types import SimpleNamespace
+
+    import torch
+
+    from batchseg.labels.recognise import refine_semantic
+    from batchseg.stages.pseudolabel_shard import _painting_classes
+
+    ctx = SimpleNamespace(settings=SimpleNamespace(background=background, bg_mask_vote=bg_mask_vote),
+                          names=("cat", "dog", "background"))
+    classes = _painting_classes(ctx, np.array([0, 2, 1]))
+    assert classes.tolist() == painted
+    # MaskCLIP says dog on the right half; mask 1 (recognised as background) covers it.
+    probs = torch.zeros(3, 2, 4)
+    probs[0, :, :2] = 1
+    probs[1, :, 2:] = 1
+    masks = np.zeros((3, 2, 4), dtype=bool)
+    masks[1, :, 2:] = True
+    refined = refine_semantic(probs, torch.from_numpy(masks), torch.ones(3), class_ids=torch.from_numpy(classes))
+    assert refined[:, 2:].unique().tolist() == ([1] if painted[1] == -1 else [2])
