@@ -118,7 +118,7 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
             )
         sam_folder = not no_sam and sam_model not in SAM_MODELS
         if sam_folder and not Path(sam_model).expanduser().is_dir():
-            from batchseg.models.sam import unknown_sam_message
+            from batchseg.models.specs import unknown_sam_message
 
             raise UsageError(unknown_sam_message(sam_model))
         if sam_folder and sam_checkpoint is not None:

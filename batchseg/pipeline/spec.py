@@ -196,8 +196,7 @@ def _cluster(doc: YamlDocument, where: KeyPath, given: dict[str, Any], scheduler
 
 
 def _models(check: Checker, where: KeyPath, given: dict[str, Any]) -> ModelSettings:
-    from batchseg.models.clip import LOCAL_DIR, ClipSpec
-    from batchseg.models.sam import SamSpec
+    from batchseg.models.specs import LOCAL_DIR, ClipSpec, SamSpec
 
     clip_model = given.get("clip_model", "ViT-B-16")
     if clip_model.startswith(LOCAL_DIR):

@@ -50,10 +50,9 @@ def qc(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
 
 def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettings, given: dict[str, Any],
                 retrain: str, retrain_fraction: float) -> PseudolabelConfig:
-    from batchseg.labels.proposals import ProposalSettings
-    from batchseg.labels.selftrain import SelfTrainSettings
-    from batchseg.models.dense_heads import DenseHeadSettings
-    from batchseg.models.text import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
+    from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
+    from batchseg.models.specs import DenseHeadSettings
+    from batchseg.models.vocabulary import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
 
     g = given.get
     if ("classes" in given) == ("vocab" in given):

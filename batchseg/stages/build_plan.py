@@ -68,7 +68,7 @@ def stage_fingerprint(pipeline: Pipeline, key: str, config: Any) -> str | None:
         settings = {k: v for k, v in config.to_json().items() if k != "out"}
         files = {"manifest": listing(out / "manifest"), "qc": listing(out / "qc")}
     elif key == "pseudolabel":
-        from batchseg.labels.selftrain import settings_record
+        from batchseg.labels.settings import settings_record
 
         settings = {"labels": config.labels.to_json(), "selftrain": settings_record(config.selftrain),
                     "rounds": config.rounds, "include_flagged": config.include_flagged,
@@ -164,7 +164,7 @@ def describe_pseudolabel(pipeline: Pipeline, new_images: int) -> str:
     import pyarrow.parquet as pq
 
     from batchseg.io.tables import round_folder, visible_parts
-    from batchseg.labels.selftrain import settings_record
+    from batchseg.labels.settings import settings_record
 
     config = pipeline.pseudolabel
     out = pipeline.out
