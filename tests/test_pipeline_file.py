@@ -139,3 +139,32 @@ def test_several_sources_embed_only_their_files(world):
     assert pipeline.embed.source == (world / "cams").resolve()
     found = included(discover_images(pipeline.embed.source), pipeline.embed)
     assert {f.rel_path.split("/")[0] for f in found} == {"north", "south"} and len(found) == 4
+
+
+def test_pseudolabel_defaults_agree_between_cli_pipeline_and_settings(world):
+    """The CLI, the pipeline file and the settings dataclasses each spell the defaults; they must agree."""
+    import dataclasses
+
+    from batchseg.cli import cli
+    from batchseg.config import LabelSettings
+    from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
+
+    config = load_pipeline(write(world, GOOD), ()).pseudolabel
+    assert config.selftrain == SelfTrainSettings()
+    assert config.labels.proposals == ProposalSettings()
+    label_defaults = {f.name: f.default for f in dataclasses.fields(LabelSettings)
+                      if f.default is not dataclasses.MISSING}
+    for name, default in label_defaults.items():
+        if name not in ("sam", "proposals"):  # "auto" spelt as None on the command line; compared above
+            assert getattr(config.labels, name) == default, name
+    selftrain_defaults = dataclasses.asdict(SelfTrainSettings())
+    compared = 0
+    for param in cli.commands["pseudolabel"].params:
+        for defaults in (selftrain_defaults, label_defaults):
+            if param.name in defaults and defaults[param.name] is not None and param.name != "sam":
+                given = param.default
+                if getattr(param, "is_flag", False) and not isinstance(given, bool):
+                    given = False  # a bare flag (click leaves its default unset)
+                assert given == defaults[param.name], f"--{param.name}: {given} vs {defaults[param.name]}"
+                compared += 1
+    assert compared >= 10
