@@ -284,7 +284,6 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     if not same:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(artefacts, ignore_errors=True)
-        pending = list(images)
         info = {"key": key, "images_key": images_key, "round": ctx.round_index, "complete": False,
                 "trained": False, "run_id": run_id}
     folder.mkdir(parents=True, exist_ok=True)
