@@ -88,3 +88,19 @@ def test_noop_reruns_and_a_refusal_import_no_torch(tmp_path, labelled_build, tin
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("already complete, skipped") == 2, done.stdout
     assert _heavy(done) == [], done.stdout
+
+
+def test_stages_leave_zarr_to_io() -> None:
+    """Every Zarr array is opened in io/ (store, grid_store): no stage imports zarr itself."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "batchseg" / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "zarr"]
+    assert offenders == []

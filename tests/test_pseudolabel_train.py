@@ -6,15 +6,35 @@ import pytest
 import torch
 import zarr
 
+from batchseg.io.grid_store import TargetGrid, TargetGridWriter, ensure_grid_store, grid_store_path
 from batchseg.labels.selftrain import SelfTrainSettings
 from batchseg.stages.pseudolabel_train import class_thresholds, target_counts, target_round, training_targets
 
 
-def _grid(tmp_path, labels: np.ndarray, conf: np.ndarray) -> zarr.Group:
+def _grid(tmp_path, labels: np.ndarray, conf: np.ndarray) -> TargetGrid:
     group = zarr.open_group(str(tmp_path / "grid.zarr"), mode="w", zarr_format=3)
     group.create_array("label", data=labels.astype(np.int16), chunks=(1, *labels.shape[1:]))
     group.create_array("conf", data=conf.astype(np.float16), chunks=(1, *labels.shape[1:]))
-    return group
+    return TargetGrid(tmp_path / "grid.zarr")
+
+
+def test_grid_store_is_created_grown_and_written_row_by_row(tmp_path):
+    ensure_grid_store(tmp_path, 1, rows=2, grid=3)
+    grid = TargetGrid.of_round(tmp_path, 1)
+    # Unwritten rows read as unlabelled, with no confidence.
+    assert grid.labels([0, 1]).tolist() == [[[-1] * 3] * 3] * 2
+    assert grid.labels([0]).dtype == np.int16 and grid.confidences([0]).dtype == np.float16
+    assert not grid.confidences([1]).any()
+
+    ensure_grid_store(tmp_path, 1, rows=4, grid=3)  # the driver grows it for new images
+    label = np.arange(9, dtype=np.int16).reshape(3, 3)
+    TargetGridWriter(tmp_path, 1).write(3, label, np.full((3, 3), 0.5))
+    grid = TargetGrid.of_round(tmp_path, 1)
+    assert grid.labels([3, 0]).tolist() == [label.tolist(), [[-1] * 3] * 3]
+    assert grid.confidences([3]).tolist() == [[[0.5] * 3] * 3]
+    stored = zarr.open_group(str(grid_store_path(tmp_path, 1)), mode="r")
+    assert {name: (stored[name].shape, stored[name].chunks) for name in ("label", "conf")} == {
+        "label": ((4, 3, 3), (1, 3, 3)), "conf": ((4, 3, 3), (1, 3, 3))}
 
 
 def test_class_thresholds_follow_each_class_quantile(tmp_path):
@@ -25,7 +45,7 @@ def test_class_thresholds_follow_each_class_quantile(tmp_path):
     group = _grid(tmp_path, labels, conf)
     settings = SelfTrainSettings(conf_thresh=0.5, class_quantile=0.5)
     limits = class_thresholds(group, list(range(6)), settings, 4).numpy()
-    stored = np.asarray(group["conf"][:]).astype(np.float32)
+    stored = group.confidences(range(6)).astype(np.float32)
     for k in range(3):
         values = np.sort(stored[labels == k])
         # The cell of rank floor(q n) (0-based), rounded down to its 1/1000 histogram bin.
@@ -54,7 +74,7 @@ def test_training_targets_anchor_drops_cells_that_left_round_0(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     targets = _grid(tmp_path / "a", previous, conf)
-    anchor = _grid(tmp_path / "b", first, np.ones_like(conf))["label"]
+    anchor = _grid(tmp_path / "b", first, np.ones_like(conf))
     limits = np.full(3, 0.5, dtype=np.float32)
     plain = training_targets(targets, [0], limits)
     # Low confidence (0.3) and unlabelled cells never train.

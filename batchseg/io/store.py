@@ -156,6 +156,25 @@ def row_owners(out: Path, rows: Iterable[int]) -> dict[int, str]:
     return owners
 
 
+class CheckedRowReader:
+    """The store opened read-only for a worker that reads a few rows at a time, each checked.
+
+    A missing or damaged chunk raises ``DamagedRowError`` (never read back as zeros).
+    """
+
+    def __init__(self, out: Path) -> None:
+        import zarr
+        self.out = out
+        self._group = zarr.open_group(str(store_path(out)), mode="r")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._group
+
+    def read(self, name: str, row: int) -> np.ndarray:
+        from batchseg.io.store_integrity import read_row_checked
+        return read_row_checked(self.out, self._group, name, row)
+
+
 def read_row(out: Path, name: str, row: int) -> np.ndarray:
     import zarr
     group = zarr.open_group(str(store_path(out)), mode="r")

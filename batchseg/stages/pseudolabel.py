@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file, write_json_atomic
 from batchseg.errors import UsageError
+from batchseg.io.grid_store import ensure_grid_store
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.build_info import check_label_part
@@ -36,7 +37,7 @@ from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model
 from batchseg.models.vocabulary import classifier_key, with_background
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.runs import new_run_id
-from batchseg.stages.pseudolabel_plan import GRID_STORE, LabelImage
+from batchseg.stages.pseudolabel_plan import LabelImage
 
 if TYPE_CHECKING:  # torch-heavy: imported for the first round that has work
     from batchseg.stages.pseudolabel_shard import LabelShard, RoundContext
@@ -147,18 +148,6 @@ def _committed_ids(folder: Path) -> set[str]:
         check_label_part(part)  # a newer schema's part does not make a round complete
         ids.update(read_part(part, columns=["image_id"]).column("image_id").to_pylist())
     return ids
-
-
-def _ensure_grid(folder: Path, rows: int, grid: int) -> None:
-    import zarr
-
-    group = zarr.open_group(str(folder / GRID_STORE), mode="a", zarr_format=3)
-    for name, dtype, fill in (("label", "int16", -1), ("conf", "float16", 0)):
-        if name in group:
-            if group[name].shape[0] < rows:
-                group[name].resize((rows, grid, grid))
-        else:
-            group.create_array(name, shape=(rows, grid, grid), chunks=(1, grid, grid), dtype=dtype, fill_value=fill)
 
 
 def _mask_parts(out: Path, images: list[LabelImage]) -> dict[str, str]:
@@ -290,7 +279,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     artefacts.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder)
     grid, _ = ctx.head_grid
-    _ensure_grid(artefacts, store_rows(config.out), grid)
+    ensure_grid_store(config.out, ctx.round_index, store_rows(config.out), grid)
     if not same:
         write_json_atomic(artefacts / ROUND_FILE, info)  # "started": a rerun with this key resumes
 

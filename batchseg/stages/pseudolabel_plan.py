@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GRID_STORE = "grid.zarr"
-
 
 @dataclass(frozen=True)
 class LabelImage:

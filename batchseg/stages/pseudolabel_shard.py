@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
-import zarr
 
 from batchseg.config import LabelSettings
 from batchseg.models.specs import ModelSettings
-from batchseg.io.store import ModelGeometry, store_path
-from batchseg.io.store_integrity import DamagedRowError, read_row_checked
-from batchseg.io.tables import labels_table, round_folder, selftrain_folder, write_part_atomic
+from batchseg.io.grid_store import TargetGridWriter
+from batchseg.io.store import CheckedRowReader, ModelGeometry
+from batchseg.io.store_integrity import DamagedRowError
+from batchseg.io.tables import labels_table, round_folder, write_part_atomic
 from batchseg.labels.image_labels import (
     ImageFrame,
     grid_probs_to_work,
@@ -40,7 +40,7 @@ from batchseg.models.clip import ClipSpec, DenseClip
 from batchseg.models.dense_heads import compute_head
 from batchseg.models.runtime import ModelBuilders, get_models, pick_device
 from batchseg.models.sam import SamSpec, load_sam
-from batchseg.stages.pseudolabel_plan import GRID_STORE, LabelImage  # noqa: F401  (planning types; re-exported)
+from batchseg.stages.pseudolabel_plan import LabelImage  # noqa: F401  (planning types; re-exported)
 
 
 @dataclass(frozen=True)
@@ -104,17 +104,17 @@ def _clip(ctx: RoundContext) -> DenseClip:
     return get_models(settings, ModelBuilders(), device=pick_device()).clip
 
 
-def stored_rows(ctx: RoundContext, group: zarr.Group, name: str, rows: list[int]) -> torch.Tensor:
+def stored_rows(store: CheckedRowReader, name: str, rows: list[int]) -> torch.Tensor:
     """Stored rows of one array, each checked (``DamagedRowError`` for a missing or damaged chunk)."""
-    return torch.from_numpy(np.stack([read_row_checked(ctx.out, group, name, int(r)) for r in rows]))
+    return torch.from_numpy(np.stack([store.read(name, int(r)) for r in rows]))
 
 
-def head_features(ctx: RoundContext, group: zarr.Group, rows: list[int], with_keys: bool = False
+def head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], with_keys: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chosen dense head on stored tokens of ``rows``: float32 (B, D, h, w) and keys (B, K, h, w)."""
-    tokens = stored_rows(ctx, group, "clip_tokens", rows)
-    cls = stored_rows(ctx, group, "clip_cls", rows) if "clip_cls" in group else None
-    sam = stored_rows(ctx, group, "sam", rows) if ctx.dense_on_sam_grid else None
+    tokens = stored_rows(store, "clip_tokens", rows)
+    cls = stored_rows(store, "clip_cls", rows) if "clip_cls" in store else None
+    sam = stored_rows(store, "sam", rows) if ctx.dense_on_sam_grid else None
     clip = _clip(ctx)
     device = next(clip.parameters()).device
     tokens, cls, sam = (None if t is None else t.to(device) for t in (tokens, cls, sam))
@@ -188,9 +188,9 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
     return rows, refined, refined_conf
 
 
-def _round0_image(ctx: RoundContext, group: zarr.Group, image: LabelImage) -> tuple[list[dict], np.ndarray, np.ndarray]:
+def _round0_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
-    dense, keys = head_features(ctx, group, [image.zarr_row], with_keys=True)
+    dense, keys = head_features(ctx, store, [image.zarr_row], with_keys=True)
     settings = ctx.settings
     grid_probs = maskclip_probs(dense[0], keys[0], ctx.classifier, key_smoothing=settings.key_smoothing,
                                 prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh)
@@ -200,7 +200,7 @@ def _round0_image(ctx: RoundContext, group: zarr.Group, image: LabelImage) -> tu
     rows = semantic_rows(frame, label, confidence, ctx.names, "maskclip", 0)
     if not ctx.use_sam:
         return rows, label, confidence
-    embedding = stored_rows(ctx, group, "sam", [image.zarr_row])[0]
+    embedding = stored_rows(store, "sam", [image.zarr_row])[0]
     # The valid region as embed stored it: recomputed from the work frame it can be a pixel off.
     proposals = generate_proposals(_sam(ctx.sam_spec), embedding, (frame.work_h, frame.work_w), settings.proposals,
                                    input_size=(image.sam_valid_h, image.sam_valid_w))
@@ -235,12 +235,12 @@ def _work_masks(rles: list[dict], frame: ImageFrame) -> np.ndarray:
     return small[:, 0].numpy() > 0.5
 
 
-def _student_image(ctx: RoundContext, group: zarr.Group, image: LabelImage,
+def _student_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage,
                    sam_masks: dict[str, list[dict]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
     head = _head(ctx.head_path, ctx.classifier)
-    clip, _ = head_features(ctx, group, [image.zarr_row])
-    sam = stored_rows(ctx, group, "sam", [image.zarr_row]) if ctx.use_sam else None
+    clip, _ = head_features(ctx, store, [image.zarr_row])
+    sam = stored_rows(store, "sam", [image.zarr_row]) if ctx.use_sam else None
     grid_probs = predict_probs(head, sam, clip)[0].cpu()
     grid, canvas = ctx.head_grid
     valid_h, valid_w = _valid(ctx, image)
@@ -260,8 +260,8 @@ def run_label_shard(ctx: RoundContext, shard: LabelShard) -> LabelShardResult:
     part = label_part_path(ctx.out, ctx.round_index, shard.shard_id)
     if part.exists():  # committed by an earlier attempt of this task
         return LabelShardResult(shard.shard_id, len(shard.images), 0, 0.0, already_committed=True)
-    group = zarr.open_group(str(store_path(ctx.out)), mode="r")
-    grid_store = zarr.open_group(str(selftrain_folder(ctx.out, ctx.round_index) / GRID_STORE), mode="r+")
+    store = CheckedRowReader(ctx.out)
+    grid_store = TargetGridWriter(ctx.out, ctx.round_index)
     grid, canvas = ctx.head_grid
     sam_masks = _stored_sam_masks(shard) if ctx.round_index > 0 else {}
     rows: list[dict] = []
@@ -270,17 +270,16 @@ def run_label_shard(ctx: RoundContext, shard: LabelShard) -> LabelShardResult:
         for image in shard.images:
             try:
                 if ctx.round_index == 0:
-                    image_rows, label, confidence = _round0_image(ctx, group, image)
+                    image_rows, label, confidence = _round0_image(ctx, store, image)
                 else:
-                    image_rows, label, confidence = _student_image(ctx, group, image, sam_masks)
+                    image_rows, label, confidence = _student_image(ctx, store, image, sam_masks)
             except DamagedRowError as exc:  # never label an image from zeros or garbage
                 damaged.append((image.image_id, str(exc)))
                 continue
             rows.extend(image_rows)
             valid_h, valid_w = _valid(ctx, image)
             target, target_conf = grid_targets(label, confidence, grid, canvas, valid_h, valid_w)
-            grid_store["label"][image.zarr_row] = target
-            grid_store["conf"][image.zarr_row] = target_conf
+            grid_store.write(image.zarr_row, target, target_conf)
     write_part_atomic(labels_table(rows), part)
     return LabelShardResult(shard.shard_id, len(shard.images), len(rows),
                             time.perf_counter() - start, damaged=tuple(damaged))

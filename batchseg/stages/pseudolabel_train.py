@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
-from batchseg.io.store import store_path
+from batchseg.io.grid_store import TargetGrid
+from batchseg.io.store import CheckedRowReader
 from batchseg.io.tables import selftrain_folder
 from batchseg.labels.selftrain import (
     SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, load_head, save_head, train_head,
 )
 from batchseg.models.runtime import pick_device
-from batchseg.stages.pseudolabel_shard import GRID_STORE, LabelImage, RoundContext, head_features, stored_rows
+from batchseg.stages.pseudolabel_shard import LabelImage, RoundContext, head_features, stored_rows
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
 # Dense head features are computed once per training task and kept in memory up to this
@@ -35,10 +35,6 @@ class TrainResult:
     pixels_used: int
 
 
-def _read_rows(array: zarr.Array, rows: list[int]) -> np.ndarray:
-    return np.stack([np.asarray(array[row]) for row in rows])
-
-
 def target_round(round_index: int, settings: SelfTrainSettings) -> int:
     """Which round's labels round ``round_index`` learns from (MaskCLIP+'s schedule)."""
     return 0 if round_index <= settings.teacher_rounds else round_index - 1
@@ -51,9 +47,9 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
     starts from MaskCLIP itself: the zero-initialised correction).
     """
     torch.manual_seed(settings.seed)
-    features = zarr.open_group(str(store_path(ctx.out)), mode="r")
+    features = CheckedRowReader(ctx.out)
     source = target_round(ctx.round_index, settings)
-    targets = zarr.open_group(str(selftrain_folder(ctx.out, source) / GRID_STORE), mode="r")
+    targets = TargetGrid.of_round(ctx.out, source)
     rows = sorted(image.zarr_row for image in images)
     sam_channels = ctx.geometry.sam_embed_shape[0] if ctx.use_sam else None
     previous = selftrain_folder(ctx.out, ctx.round_index - 1) / ctx.head_path.name
@@ -66,7 +62,7 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
     thresholds = class_thresholds(targets, rows, settings, len(ctx.names))
     anchor = None
     if settings.anchor and source > 0:
-        anchor = zarr.open_group(str(selftrain_folder(ctx.out, 0) / GRID_STORE), mode="r")["label"]
+        anchor = TargetGrid.of_round(ctx.out, 0)
 
     clip_features = _HeadFeatures(ctx, features, rows)
 
@@ -76,7 +72,7 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
             chunk = [int(r) for r in order[start : start + settings.batch_size]]
             label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor))
             clip = clip_features(chunk)
-            sam = stored_rows(ctx, features, "sam", chunk).float() if ctx.use_sam else None
+            sam = stored_rows(features, "sam", chunk).float() if ctx.use_sam else None
             yield sam, clip, label
 
     weights = None
@@ -91,44 +87,44 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
 class _HeadFeatures:
     """The dense head's features per zarr row, cached in memory when they fit."""
 
-    def __init__(self, ctx: RoundContext, group: zarr.Group, rows: list[int]) -> None:
-        self.ctx, self.group = ctx, group
-        first, _ = head_features(ctx, group, rows[:1])
+    def __init__(self, ctx: RoundContext, store: CheckedRowReader, rows: list[int]) -> None:
+        self.ctx, self.store = ctx, store
+        first, _ = head_features(ctx, store, rows[:1])
         self.cache: dict[int, torch.Tensor] | None = None
         if first.numel() * 2 * len(rows) <= FEATURE_CACHE_BYTES:
             self.cache = {}
             for start in range(0, len(rows), 16):
                 chunk = rows[start : start + 16]
-                dense, _ = head_features(ctx, group, chunk)
+                dense, _ = head_features(ctx, store, chunk)
                 self.cache.update(zip(chunk, dense.half()))
 
     def __call__(self, chunk: list[int]) -> torch.Tensor:
         if self.cache is not None:
             return torch.stack([self.cache[row] for row in chunk]).float()
-        return head_features(self.ctx, self.group, chunk)[0]
+        return head_features(self.ctx, self.store, chunk)[0]
 
 
-def training_targets(targets: zarr.Group, rows: list[int], thresholds: np.ndarray,
-                     anchor: zarr.Array | None = None) -> np.ndarray:
+def training_targets(targets: TargetGrid, rows: list[int], thresholds: np.ndarray,
+                     anchor: TargetGrid | None = None) -> np.ndarray:
     """The cells a round learns from: int64 ``(len(rows), G, G)``, class id or -1 (ignored).
 
     A cell is kept when it is labelled and its confidence reaches its class's threshold
-    (``thresholds``, float ``(C,)``). With ``anchor`` (round 0's label grid), a cell is
+    (``thresholds``, float ``(C,)``). With ``anchor`` (round 0's target grid), a cell is
     kept only where the target round agrees with round 0 too: a cell a later round
     changed away from the labeller is the round's own guess, and teaching it to the
     next round is how self-training drifts (confirmation bias); the warm-started head
     keeps what it learnt there without being pushed further.
     """
-    label = _read_rows(targets["label"], rows).astype(np.int64)
-    confidence = _read_rows(targets["conf"], rows).astype(np.float32)
+    label = targets.labels(rows).astype(np.int64)
+    confidence = targets.confidences(rows).astype(np.float32)
     label[confidence < thresholds[np.maximum(label, 0)]] = -1
     if anchor is not None:
-        label[label != _read_rows(anchor, rows).astype(np.int64)] = -1
+        label[label != anchor.labels(rows).astype(np.int64)] = -1
     return label
 
 
-def target_counts(targets: zarr.Group, rows: list[int], thresholds: torch.Tensor, num_classes: int,
-                  anchor: zarr.Array | None = None) -> np.ndarray:
+def target_counts(targets: TargetGrid, rows: list[int], thresholds: torch.Tensor, num_classes: int,
+                  anchor: TargetGrid | None = None) -> np.ndarray:
     """Cells per class that training will use (see :func:`training_targets`)."""
     counts = np.zeros(num_classes, dtype=np.int64)
     limits = thresholds.numpy()
@@ -141,7 +137,7 @@ def target_counts(targets: zarr.Group, rows: list[int], thresholds: torch.Tensor
 CONF_BINS = 1000  # confidence histogram resolution for the per-class quantiles
 
 
-def class_thresholds(targets: zarr.Group, rows: list[int], settings: SelfTrainSettings, num_classes: int
+def class_thresholds(targets: TargetGrid, rows: list[int], settings: SelfTrainSettings, num_classes: int
                      ) -> torch.Tensor:
     """Confidence threshold per class, float32 (C,).
 
@@ -155,8 +151,8 @@ def class_thresholds(targets: zarr.Group, rows: list[int], settings: SelfTrainSe
     histogram = np.zeros((num_classes, CONF_BINS), dtype=np.int64)
     for start in range(0, len(rows), STATS_BLOCK):
         chunk = rows[start : start + STATS_BLOCK]
-        label = _read_rows(targets["label"], chunk).astype(np.int64).ravel()
-        confidence = _read_rows(targets["conf"], chunk).astype(np.float32).ravel()
+        label = targets.labels(chunk).astype(np.int64).ravel()
+        confidence = targets.confidences(chunk).astype(np.float32).ravel()
         keep = label >= 0
         bins = np.clip((confidence[keep] * CONF_BINS).astype(np.int64), 0, CONF_BINS - 1)
         np.add.at(histogram, (label[keep], bins), 1)
@@ -172,23 +168,21 @@ def class_thresholds(targets: zarr.Group, rows: list[int], settings: SelfTrainSe
 
 def round_stats(out: Path, round_index: int, images: tuple[LabelImage, ...], names: tuple[str, ...]) -> dict:
     """Class histogram, mean confidence and agreement with the previous round, on target grids."""
-    grid = zarr.open_group(str(selftrain_folder(out, round_index) / GRID_STORE), mode="r")
-    previous = None
-    if round_index > 0:
-        previous = zarr.open_group(str(selftrain_folder(out, round_index - 1) / GRID_STORE), mode="r")
+    grid = TargetGrid.of_round(out, round_index)
+    previous = TargetGrid.of_round(out, round_index - 1) if round_index > 0 else None
     rows = sorted(image.zarr_row for image in images)
     histogram = np.zeros(len(names), dtype=np.int64)
     conf_sum, labelled, agree, both = 0.0, 0, 0, 0
     for start in range(0, len(rows), STATS_BLOCK):
         chunk = rows[start : start + STATS_BLOCK]
-        label = _read_rows(grid["label"], chunk).astype(np.int64)
-        confidence = _read_rows(grid["conf"], chunk).astype(np.float64)
+        label = grid.labels(chunk).astype(np.int64)
+        confidence = grid.confidences(chunk).astype(np.float64)
         mask = label >= 0
         histogram += np.bincount(label[mask], minlength=len(names))
         conf_sum += float(confidence[mask].sum())
         labelled += int(mask.sum())
         if previous is not None:
-            before = _read_rows(previous["label"], chunk).astype(np.int64)
+            before = previous.labels(chunk).astype(np.int64)
             common = mask & (before >= 0)
             both += int(common.sum())
             agree += int((label[common] == before[common]).sum())
