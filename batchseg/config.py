@@ -238,6 +238,20 @@ class PseudolabelConfig:
         self.selftrain.validate()
         self.cluster.validate()
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "labels": self.labels.to_json(),
+            "selftrain": asdict(self.selftrain),  # as labels.settings.settings_record
+            "rounds": self.rounds,
+            "cluster": asdict(self.cluster),
+            "shard_size": self.shard_size,
+            "overwrite": self.overwrite,
+            "include_flagged": self.include_flagged,
+            "retrain": self.retrain,
+            "retrain_fraction": self.retrain_fraction,
+        }
+
 
 def must_retrain(policy: str, fraction: float, trained_on: int, now: int) -> bool:
     """Whether a head (or student) trained on ``trained_on`` images retrains now that its

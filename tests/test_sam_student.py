@@ -89,7 +89,7 @@ def test_distils_a_sam_model_folder_that_embed_uses(build, sam_build, tmp_path, 
     records = [json.loads(p.read_text()) for p in (build / "runs").glob("*.json")]
     record = next(r for r in records if r["command"] == "train-student")
     assert record["status"] == "finished" and record["config"]["kind"] == "sam-encoder"
-    assert record["config"]["prompt_epochs"] == 1 and record["summary"]["images"] == 6
+    assert record["config"]["prompt_epochs"] == 1 and record["counts"]["images"] == 6
 
     # Rerun: nothing to do. Other settings: refused.
     again = _train(build, dask_scheduler, "--name", "fast", "--epochs", "3", "--prompt-epochs", "1")

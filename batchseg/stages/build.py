@@ -27,7 +27,7 @@ import batchseg
 from batchseg.config import ClusterSettings
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.lock import build_lock
-from batchseg.io.runs import new_run_id, write_json_file, write_run_record
+from batchseg.io.runs import RunRecorder, RunStatus, new_run_id, recorded_run, write_json_file
 from batchseg.pipeline.schema import STAGES
 from batchseg.pipeline.spec import Pipeline
 from batchseg.stages.build_plan import StagePlan, plan_unit, stage_fingerprint, stage_keys
@@ -193,19 +193,21 @@ def run_build(pipeline: Pipeline, options: BuildOptions, echo: Callable[[str], N
     with build_lock(out, allow_nested=True):
         log = RunLog(out / "runs" / f"{run_id}.log", echo)
         results: list[UnitResult] = []
-        status, error = "failed", None
+        config = {"pipeline": str(pipeline.path.resolve()), "options": dataclasses.asdict(options)}
+        run: RunRecorder | None = None
         try:
-            log.detail(f"batchseg build {pipeline.path} (run {run_id}, batchseg {batchseg.__version__}, "
-                       f"host {platform.node()}); argv: {' '.join(sys.argv)}")
-            with ExitStack() as stack:
-                shared = SharedCluster(pipeline.cluster, out, stack, log)
-                _run_units(pipeline, options, shared, log, results, run_id, builders)
-            status = "finished"
-        except KeyboardInterrupt:
-            status, error = "interrupted", "KeyboardInterrupt"
-            raise
+            # The record gets the stage's own exception; it becomes a BatchsegError only below.
+            with recorded_run(out, "build", config, run_id=run_id) as run:
+                run.set(log=f"runs/{run_id}.log")
+                try:
+                    log.detail(f"batchseg build {pipeline.path} (run {run_id}, batchseg {batchseg.__version__}, "
+                               f"host {platform.node()}); argv: {' '.join(sys.argv)}")
+                    with ExitStack() as stack:
+                        shared = SharedCluster(pipeline.cluster, out, stack, log)
+                        _run_units(pipeline, options, shared, log, results, run_id, builders)
+                finally:
+                    run.set(stages=[dataclasses.asdict(u) for u in results])
         except BatchsegError as exc:
-            error = f"{type(exc).__name__}: {exc}"
             log.detail(f"error: {exc}")
             raise
         except Exception as exc:
@@ -213,8 +215,10 @@ def run_build(pipeline: Pipeline, options: BuildOptions, echo: Callable[[str], N
             log.detail(traceback.format_exc())  # the log and the record; stdout/stderr get one line
             raise BatchsegError(f"build failed in a stage: {error} (details in {log.path})") from exc
         finally:
+            status = run.record["status"] if run is not None else RunStatus.FAILED.value
             summary = BuildSummary(run_id, out, tuple(results), time.perf_counter() - started, status)
-            _record(pipeline, options, summary, error)
+            if run is not None:
+                write_json_file(out / LAST_BUILD, run.record)
             log.detail(summary.text())
             log.close()
     return summary
@@ -244,22 +248,3 @@ def _run_units(pipeline: Pipeline, options: BuildOptions, shared: SharedCluster,
                                                 "fingerprint": stage_fingerprint(pipeline, key, config)})
         results.append(result)
         log.line(f"{result.summary} ({result.seconds:.1f} s)")
-
-
-def _record(pipeline: Pipeline, options: BuildOptions, summary: BuildSummary, error: str | None) -> None:
-    record = {
-        "command": "build",
-        "pipeline": str(pipeline.path.resolve()),
-        "argv": sys.argv,
-        "status": summary.status,
-        "error": error,
-        "options": dataclasses.asdict(options),
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version()},
-        "host": platform.node(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "seconds": summary.seconds,
-        "log": f"runs/{summary.run_id}.log",
-        "stages": [dataclasses.asdict(u) for u in summary.units],
-    }
-    write_run_record(pipeline.out, summary.run_id, record)
-    write_json_file(pipeline.out / LAST_BUILD, {"run_id": summary.run_id, **record})

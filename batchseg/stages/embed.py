@@ -9,11 +9,8 @@ or a refused settings mismatch costs well under a second).
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
-import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +29,7 @@ from batchseg.io.tables import (
 )
 from batchseg.models.specs import ModelSettings
 from batchseg.stages.embed_plan import CURRENT_RUN_FILE, adopt_intact_rows, assign_rows, part_path, plan_embed, shard_items
-from batchseg.io.runs import new_run_id  # noqa: F401  (one home for run ids; re-exported)
+from batchseg.io.runs import recorded_run
 
 if TYPE_CHECKING:  # torch-heavy: imported where the work is done
     from batchseg.models.runtime import ModelBuilders
@@ -177,37 +174,6 @@ def _write_build_file(config: EmbedConfig, geometry: ModelGeometry, preprocessin
     write_json_atomic(config.out / BUILD_FILE, data)
 
 
-def _torch_version() -> str | None:
-    """torch's version, without importing torch when this run did not need it."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        return torch.__version__
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("torch")
-    except PackageNotFoundError:
-        return None
-
-
-def _record_run(config: EmbedConfig, run_id: str, status: str, summary: EmbedSummary | None, error: str | None) -> None:
-    record = {
-        "run_id": run_id,
-        "command": "embed",
-        "argv": sys.argv,
-        "status": status,
-        "error": error,
-        "config": config.to_json(),
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": _torch_version()},
-        "host": platform.node(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "counts": {k: v for k, v in asdict(summary).items() if k not in ("out", "run_id")} if summary else None,
-    }
-    runs = config.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(runs / f"{run_id}.json", record)
-
-
 def included(files: list, config: EmbedConfig) -> list:
     """The discovered files under ``config.include`` (all of them when it is empty)."""
     if not config.include:
@@ -226,15 +192,10 @@ def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progre
     holds the folder, other ``BatchsegError``/exceptions when the run fails.
     """
     config.validate()
-    run_id = new_run_id()
-    with build_lock(config.out):
+    with build_lock(config.out), recorded_run(config.out, "embed", config.to_json()) as run:
         started = time.perf_counter()
-        try:
-            summary = _embed_locked(config, builders, run_id, progress, started)
-        except BaseException as exc:
-            _record_run(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
-            raise
-        _record_run(config, run_id, "finished", summary, None)
+        summary = _embed_locked(config, builders, run.run_id, progress, started)
+        run.add_counts({k: v for k, v in asdict(summary).items() if k not in ("out", "run_id")})
         return summary
 
 

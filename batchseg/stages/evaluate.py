@@ -20,14 +20,15 @@ truth), mIoU over the classes present in the ground truth, pixel accuracy.
 Results are printed as a table and written to ``OUT/eval/_<EVAL_ID>.json`` (the underscore keeps it out of the Parquet dataset) and
 ``OUT/eval/<EVAL_ID>.parquet`` (one row per round, source and class), where EVAL_ID is
 a UTC timestamp plus a short random suffix, e.g. ``20250101T120000Z-1a2b3c``.
-Evaluation only reads the build (it takes no lock); run it after pseudolabel finishes.
+Evaluation reads the build under its lock; like every command it leaves a run record in
+``OUT/runs/RUN_ID.json``.
 """
 from __future__ import annotations
 
 import datetime as dt
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from batchseg.errors import UsageError
 from batchseg.io.build_info import label_rounds
 from batchseg.io.ground_truth import IGNORE, GroundTruthSource, GtItem, read_ground_truth
 from batchseg.io.lock import build_lock
+from batchseg.io.runs import recorded_run
 from batchseg.io.tables import EVAL_FOLDER, EVAL_SCHEMA, EVAL_VERSION, read_labels, write_part_atomic
 from batchseg.labels.metrics import Scores, confusion, scores_from_confusion
 from batchseg.labels.rle import decode_mask
@@ -235,8 +237,11 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateReport:
     ``embed --overwrite``) is never scored; a second run exits at once (75).
     """
     config.validate()
-    with build_lock(config.out):
-        return _evaluate(config)
+    with build_lock(config.out), recorded_run(config.out, "evaluate", asdict(config)) as run:
+        report = _evaluate(config)
+        run.add_counts(eval_id=report.eval_id, images_matched=report.images_matched, results=len(report.results),
+                       notes=len(report.notes))
+        return report
 
 
 def _evaluate(config: EvaluateConfig) -> EvaluateReport:

@@ -18,11 +18,8 @@ removed. Other settings than DEST's need --overwrite.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
-import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,6 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-import batchseg
 from batchseg.errors import UsageError
 from batchseg.export import Category, ExportItem, FormatWriter
 from batchseg.export.coco import CocoWriter
@@ -41,7 +37,7 @@ from batchseg.io.build_info import (
 )
 from batchseg.io.files import place_image, remove_temporaries_under
 from batchseg.io.label_stream import LabelFilter, LabelUnit, choose_source, image_groups, plan_units, sources_and_kinds
-from batchseg.io.runs import new_run_id, write_json_file, write_run_record
+from batchseg.io.runs import recorded_run, write_json_file
 from batchseg.io.lock import LOCK_NAME, build_lock
 from batchseg.stages.export_plan import ExportConfig, assign_split, export_names, split_names
 
@@ -88,15 +84,14 @@ def run_export(config: ExportConfig, progress: bool = True) -> ExportSummary:
     writes DEST.
     """
     config.validate()
-    run_id = new_run_id()
     started = time.perf_counter()
-    with build_lock(config.dest):
-        try:
-            summary = _export_locked(config, run_id, progress, started)
-        except BaseException as exc:
-            _record_run(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
-            raise
-    _record_run(config, run_id, "finished", summary, None)
+    # The record goes to OUT, with the build's other runs; the lock is DEST's (OUT is only read).
+    with build_lock(config.dest), recorded_run(config.out, "export", config.to_json()) as run:
+        summary = _export_locked(config, run.run_id, progress, started)
+        run.add_counts(round=summary.round, source=summary.source, images=summary.images,
+                       annotations=summary.annotations, splits=summary.split_counts,
+                       parts_written=summary.parts_written, parts_skipped=summary.parts_skipped,
+                       seconds=summary.seconds)
     return summary
 
 
@@ -259,26 +254,3 @@ def _write_unit(config: ExportConfig, writer: FormatWriter, unit: LabelUnit, flt
     }
     write_json_file(_marker(config.dest, unit.name), record)
     return record
-
-
-def _record_run(config: ExportConfig, run_id: str, status: str, summary: ExportSummary | None,
-                error: str | None) -> None:
-    record = {
-        "command": "export",
-        "argv": sys.argv,
-        "status": status,
-        "error": error,
-        "config": {**config.settings(), "out": str(config.out), "dest": str(config.dest),
-                   "src": str(config.src) if config.src else None, "overwrite": config.overwrite},
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version()},
-        "host": platform.node(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "counts": None if summary is None else {
-            "round": summary.round, "source": summary.source, "images": summary.images,
-            "annotations": summary.annotations, "splits": summary.split_counts,
-            "parts_written": summary.parts_written, "parts_skipped": summary.parts_skipped,
-            "seconds": summary.seconds,
-        },
-    }
-    if config.out.is_dir():
-        write_run_record(config.out, run_id, record)

@@ -71,6 +71,10 @@ class ExportConfig:
         data["split"] = [list(pair) for pair in self.split]
         return data
 
+    def to_json(self) -> dict:
+        return {**self.settings(), "out": str(self.out), "dest": str(self.dest),
+                "src": str(self.src) if self.src else None, "overwrite": self.overwrite}
+
 
 def parse_split(text: str | None) -> tuple[tuple[str, float], ...]:
     """``"val=0.1,test=0.05"`` -> (("val", 0.1), ("test", 0.05)); the rest of the images is train."""

@@ -10,10 +10,7 @@ labels only new or changed files.
 """
 from __future__ import annotations
 
-import datetime as dt
-import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +25,7 @@ from batchseg.io.images import DEFAULT_MAX_PIXELS, discover_images
 from batchseg.io.lock import build_lock
 from batchseg.io.student_files import read_student
 from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, round_folder, write_part_atomic
-from batchseg.io.runs import new_run_id
+from batchseg.io.runs import recorded_run
 from batchseg.stages.embed_plan import plan_embed
 from batchseg.stages.embed_plan import part_path
 from batchseg.stages.predict_shard import LABEL_ROUND, PredictItem, PredictShard, PredictShardResult, run_predict_shard
@@ -51,6 +48,11 @@ class PredictConfig:
     def validate(self) -> None:
         validate_image_job(self.source, self.dest, "destination", self.batch_size, self.shard_size)
         self.cluster.validate()
+
+    def to_json(self) -> dict:
+        return {"student": str(self.student), "source": str(self.source), "dest": str(self.dest),
+                "cluster": asdict(self.cluster), "batch_size": self.batch_size, "shard_size": self.shard_size,
+                "max_pixels": self.max_pixels, "overwrite": self.overwrite}
 
 
 @dataclass(frozen=True)
@@ -104,15 +106,10 @@ def run_predict(config: PredictConfig, progress: bool = True) -> PredictSummary:
     config.validate()
     student_config, _ = read_student(config.student)
     identity = _identity(config, student_config)
-    run_id = new_run_id()
     started = time.perf_counter()
-    with build_lock(config.dest):
-        try:
-            summary = _predict_locked(config, identity, run_id, progress, started)
-        except BaseException as exc:
-            _record(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
-            raise
-        _record(config, run_id, "finished", summary, None)
+    with build_lock(config.dest), recorded_run(config.dest, "predict", config.to_json()) as run:
+        summary = _predict_locked(config, identity, run.run_id, progress, started)
+        run.add_counts({k: v for k, v in asdict(summary).items() if k not in ("dest", "run_id")})
         return summary
 
 
@@ -162,23 +159,3 @@ def _predict_locked(config: PredictConfig, identity: dict, run_id: str, progress
     failed = sum(r.images - r.ok for r in results) + sum(r["status"] != "duplicate" for r in plan.recorded_rows)
     return PredictSummary(run_id, dest, plan.found, len(plan.pending), ok, failed, plan.known, plan.duplicates,
                           sum(r.rows for r in results), time.perf_counter() - started)
-
-
-def _record(config: PredictConfig, run_id: str, status: str, summary: PredictSummary | None, error: str | None) -> None:
-    record = {
-        "run_id": run_id,
-        "command": "predict",
-        "argv": sys.argv,
-        "status": status,
-        "error": error,
-        "config": {"student": str(config.student), "source": str(config.source), "dest": str(config.dest),
-                   "cluster": asdict(config.cluster), "batch_size": config.batch_size, "shard_size": config.shard_size,
-                   "max_pixels": config.max_pixels, "overwrite": config.overwrite},
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version()},
-        "host": platform.node(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "counts": {k: v for k, v in asdict(summary).items() if k not in ("dest", "run_id")} if summary else None,
-    }
-    runs = config.dest / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(runs / f"{run_id}.json", record)

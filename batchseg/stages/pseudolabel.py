@@ -36,7 +36,7 @@ from batchseg.labels.settings import settings_record
 from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model_identity
 from batchseg.models.vocabulary import classifier_key, with_background
 from batchseg.qc.flags import flagged_image_ids
-from batchseg.io.runs import new_run_id
+from batchseg.io.runs import recorded_run
 from batchseg.stages.pseudolabel_plan import LabelImage
 
 if TYPE_CHECKING:  # torch-heavy: imported for the first round that has work
@@ -164,9 +164,9 @@ def _mask_parts(out: Path, images: list[LabelImage]) -> dict[str, str]:
 def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> PseudolabelSummary:
     """Make labels for every embedded image of ``config.out``, round 0 then N self-training rounds."""
     config.validate()
-    run_id = new_run_id()
     started = time.perf_counter()
-    with build_lock(config.out):
+    with build_lock(config.out), recorded_run(config.out, "pseudolabel", config.to_json()) as run:
+        run_id = run.run_id
         build, geometry = _stored_build(config)
         use_sam = _use_sam(config, geometry)
         check_head_supported(config.labels.dense_head, geometry.clip_kind, use_sam)
@@ -209,11 +209,12 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                                        selftrain_folder(config.out, round_index) / HEAD_FILE)
                     summary = _run_round(client, config, ctx, kept, key, run_id, progress, plan)
                 summaries.append(summary)
+                run.add_counts(rounds=[asdict(s) for s in summaries], left_out=left_out)
                 damaged.update(image_id for image_id, _ in summary.damaged)
                 if summary.stopped:
                     _remove_rounds_after(config.out, round_index)
                     break
-        _record(config, run_id, text_key, summaries)
+        _record_settings(config, text_key)
     return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started, left_out)
 
 
@@ -403,7 +404,8 @@ def _run_label_shards(client, ctx: RoundContext, shards: list[LabelShard], resou
     return sum(result.rows for result in results), tuple(d for result in results for d in result.damaged)
 
 
-def _record(config: PseudolabelConfig, run_id: str, text_key: str, summaries: list[RoundSummary]) -> None:
+def _record_settings(config: PseudolabelConfig, text_key: str) -> None:
+    """What later stages read of this run: the vocabulary and settings, in ``batchseg.json``."""
     data = read_build_file(config.out) or {}
     data["pseudolabel"] = {
         "labels": config.labels.to_json(),
@@ -412,11 +414,3 @@ def _record(config: PseudolabelConfig, run_id: str, text_key: str, summaries: li
         "text_classifier": f"text/{text_key}.safetensors",
     }
     write_json_atomic(config.out / BUILD_FILE, data)
-    runs = config.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(runs / f"{run_id}.json", {
-        "run_id": run_id,
-        "command": "pseudolabel",
-        "status": "finished",
-        "rounds": [asdict(s) for s in summaries],
-    })

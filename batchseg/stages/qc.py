@@ -26,9 +26,6 @@ rows (ids and paths; measured in bench/qc.py); the embeddings stay on disk
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import batchseg
-from batchseg.config import BUILD_FILE, read_build_file, write_json_atomic
+from batchseg.config import BUILD_FILE, read_build_file
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.qc_table import (
@@ -61,7 +57,7 @@ from batchseg.qc.model import QcModel, fit_qc_model
 from batchseg.qc.reduction import Moments
 from batchseg.qc.settings import METHODS, QcSettings
 from batchseg.stages.qc_plan import QcPlan, plan_qc
-from batchseg.io.runs import new_run_id
+from batchseg.io.runs import recorded_run
 
 MIN_IMAGES = 5
 
@@ -150,30 +146,6 @@ def _load_model(out: Path) -> QcModel | None:
         raise UsageError(f"cannot read the qc model in {qc_folder(out)} ({exc}); rerun with --refit") from None
 
 
-def _record_run(config: QcConfig, run_id: str, status: str, summary: QcSummary | None, error: str | None) -> None:
-    import torch
-
-    counts = None
-    if summary is not None:
-        counts = {k: v for k, v in dataclasses.asdict(summary).items() if k not in ("out", "run_id", "model_info")}
-    record = {
-        "run_id": run_id,
-        "command": "qc",
-        "argv": sys.argv,
-        "status": status,
-        "error": error,
-        "config": config.to_json(),
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": torch.__version__},
-        "host": platform.node(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "counts": counts,
-        "model": summary.model_info if summary is not None else None,
-    }
-    runs = config.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(runs / f"{run_id}.json", record)
-
-
 def run_qc(config: QcConfig, progress: bool = True) -> QcSummary:
     """Run `batchseg qc` on ``config.out``; returns the summary.
 
@@ -181,14 +153,10 @@ def run_qc(config: QcConfig, progress: bool = True) -> QcSummary:
     holds the folder.
     """
     config.validate()
-    run_id = new_run_id()
-    with build_lock(config.out):
-        try:
-            summary = _qc_locked(config, run_id, progress)
-        except BaseException as exc:
-            _record_run(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
-            raise
-        _record_run(config, run_id, "finished", summary, None)
+    with build_lock(config.out), recorded_run(config.out, "qc", config.to_json()) as run:
+        summary = _qc_locked(config, run.run_id, progress)
+        run.add_counts({k: v for k, v in dataclasses.asdict(summary).items() if k not in ("out", "run_id", "model_info")})
+        run.set(model=summary.model_info)
         return summary
 
 

@@ -6,24 +6,20 @@ build lock: it reads what the other stages write and must not see their work hal
 """
 from __future__ import annotations
 
-import datetime as dt
 import os
-import platform
 import shutil
-import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-import batchseg
 from batchseg.errors import UsageError
 from batchseg.io.build_info import embed_source, label_parts
 from batchseg.io.files import write_text_atomic
 from batchseg.io.label_stream import choose_source, sources_and_kinds
-from batchseg.io.runs import new_run_id, write_run_record
+from batchseg.io.runs import recorded_run
 from batchseg.io.lock import build_lock
 from batchseg.report.collect import ReportData, collect
 from batchseg.report.gallery import GalleryImage, draw_overlay, draw_thumbnail, pick_gallery, semantic_rows
@@ -74,15 +70,11 @@ class ReportSummary:
 
 def run_report(config: ReportConfig, progress: bool = True) -> ReportSummary:
     config.validate()
-    run_id = new_run_id()
     started = time.perf_counter()
-    with build_lock(config.out):
-        try:
-            summary = _report_locked(config, run_id, progress, started)
-        except BaseException as exc:
-            _record_run(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
-            raise
-        _record_run(config, run_id, "finished", summary, None)
+    with build_lock(config.out), recorded_run(config.out, "report", asdict(config)) as run:
+        summary = _report_locked(config, run.run_id, progress, started)
+        run.add_counts(page_bytes=summary.page_bytes, total_bytes=summary.total_bytes, images=summary.images,
+                       seconds=summary.seconds)
     return summary
 
 
@@ -123,6 +115,8 @@ def _draw_gallery(config: ReportConfig, data: ReportData, src: Path, round_index
 
 def _report_locked(config: ReportConfig, run_id: str, progress: bool, started: float) -> ReportSummary:
     data = collect(config.out)
+    # This run's own record still says "running": the page lists the runs before it.
+    data = replace(data, runs=[r for r in data.runs if r.run_id != run_id])
     if not data.build.files:
         raise UsageError(f"{config.out} has no manifest rows; run `batchseg embed SRC {config.out}` first")
     notes: list[str] = []
@@ -165,22 +159,3 @@ def _swap_in(new: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _record_run(config: ReportConfig, run_id: str, status: str, summary: ReportSummary | None,
-                error: str | None) -> None:
-    write_run_record(config.out, run_id, {
-        "command": "report",
-        "argv": sys.argv,
-        "status": status,
-        "error": error,
-        "config": {"out": str(config.out), "src": str(config.src) if config.src else None, "round": config.round,
-                   "source": config.source, "per_class": config.per_class},
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version()},
-        "host": platform.node(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "counts": None if summary is None else {
-            "page_bytes": summary.page_bytes, "total_bytes": summary.total_bytes, "images": summary.images,
-            "seconds": summary.seconds,
-        },
-    })

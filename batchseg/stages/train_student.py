@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from batchseg.io.build_info import label_rounds
 from batchseg.io.lock import build_lock
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
-from batchseg.io.runs import new_run_id
+from batchseg.io.runs import recorded_run
 from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, pick_source, read_round, train_images
 from batchseg.students.edgesam import SamStudentArch
@@ -122,6 +121,11 @@ class TrainStudentConfig:
                 "classes": list(self.classes) if self.classes else None, "conf_thresh": self.conf_thresh,
                 "class_balance": self.class_balance, "architecture": self.arch.to_json(),
                 "train": self.train.to_json(), "augment": asdict(self.augment)}
+
+    def to_json(self) -> dict:
+        """The run's settings as its run record keeps them."""
+        return {**self.identity(), "out": str(self.out), "name": self.name,
+                "images": str(self.images) if self.images else None, "cluster": asdict(self.cluster)}
 
 
 @dataclass(frozen=True)
@@ -247,15 +251,10 @@ def _check_settings(folder: Path, config: TrainStudentConfig, plan: _Plan) -> bo
 def run_train_student(config: TrainStudentConfig, progress: bool = True) -> TrainStudentSummary:
     """Train (or resume, or skip) the student ``config.name`` of build ``config.out``."""
     config.validate()
-    run_id = new_run_id()
     started = time.perf_counter()
-    with build_lock(config.out):
-        try:
-            summary = _train_locked(config, run_id, progress, started)
-        except BaseException as exc:
-            _record(config, run_id, "failed", None, f"{type(exc).__name__}: {exc}")
-            raise
-        _record(config, run_id, "finished", summary, None)
+    with build_lock(config.out), recorded_run(config.out, "train-student", config.to_json()) as run:
+        summary = _train_locked(config, run.run_id, progress, started)
+        run.add_counts({k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items() if k != "run_id"})
         return summary
 
 
@@ -341,27 +340,3 @@ def _student_config(config: TrainStudentConfig, plan: _Plan, result: TrainTaskRe
         "run_id": run_id,
         "batchseg_version": batchseg.__version__,
     }
-
-
-def _record(config: TrainStudentConfig, run_id: str, status: str, summary: TrainStudentSummary | None,
-            error: str | None) -> None:
-    import platform
-
-    import torch
-
-    record = {
-        "run_id": run_id,
-        "command": "train-student",
-        "argv": sys.argv,
-        "status": status,
-        "error": error,
-        "config": {**config.identity(), "out": str(config.out), "name": config.name,
-                   "images": str(config.images) if config.images else None, "cluster": asdict(config.cluster)},
-        "versions": {"batchseg": batchseg.__version__, "python": platform.python_version(), "torch": torch.__version__},
-        "host": platform.node(),
-        "summary": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items()} if summary else None,
-    }
-    runs = config.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(runs / f"{run_id}.json", record)
-
