@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from batchseg.cli import cli
 from batchseg.io.tables import read_manifest
 from batchseg.testing import TinyModels
+from batchseg.world import write_world
 
 VOLATILE = ("mtime", "shard", "run_id", "zarr_row")
 
@@ -75,3 +76,64 @@ def example_module(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+# A pipeline of every stage on a small world (tiny random-init models): tests/test_build.py.
+BUILD_PIPELINE = """\
+sources: world/images
+out: build
+models:
+  clip-model: local-dir:{clip}
+  canvas: 64
+  sam-model: tiny
+  sam-checkpoint: {sam}
+  precision: fp32
+cluster:
+  workers: 1
+  threads: 1
+retrain: fraction
+retrain-fraction: 0.5
+embed:
+  batch-size: 2
+  shard-size: 3
+qc:
+  threshold: 1000000000.0   # random models: flag nothing, so every image is labelled
+  dup-threshold: 1.0
+pseudolabel:
+  vocab: world/classes.txt
+  background: true
+  rounds: 1
+  epochs: 1
+  points-per-side: 4
+  pred-iou-thresh: 0
+  stability-thresh: 0
+  stop-agreement: 1
+  shard-size: 3
+evaluate:
+  gt: world/gt
+train-student:
+  - name: s
+    epochs: {epochs}
+    width: 16
+    depth: 1
+    input-size: 32
+    batch-size: 2
+    conf-thresh: 0
+export:
+  - dest: coco
+    format: coco
+    images: none
+report:
+  per-class: 1
+"""
+
+
+def write_build_root(root: Path, tiny_models, images: int = 6, epochs: int = 2) -> Path:
+    write_world(root / "world", images, seed=11, max_side=80)
+    (root / "p.yaml").write_text(BUILD_PIPELINE.format(clip=tiny_models.clip_dir, sam=tiny_models.sam_checkpoint,
+                                                       epochs=epochs))
+    return root / "p.yaml"
+
+
+def run_build(pipeline: Path, scheduler: str | None, *extra: str) -> Result:
+    return run_cli(["build", str(pipeline), *(["--scheduler", scheduler] if scheduler else []), *extra])
