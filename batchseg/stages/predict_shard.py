@@ -62,7 +62,8 @@ def run_predict_shard(task: PredictShard) -> PredictShardResult:
     # Here, not at the top: the driver imports this module to plan, and torch takes seconds.
     import torch
 
-    from batchseg.models.runtime import pick_device, set_torch_threads
+    from batchseg.models import runtime
+    from batchseg.models.runtime import set_torch_threads
     from batchseg.students.load import cached_student
     from batchseg.students.predict import (
         instance_label_rows, instance_outputs, prepare, semantic_label_rows, semantic_probs,
@@ -72,7 +73,7 @@ def run_predict_shard(task: PredictShard) -> PredictShardResult:
     if part_path(task.dest, task.shard_id).exists():
         return PredictShardResult(task.shard_id, len(task.items), 0, 0, 0.0, already_committed=True)
     set_torch_threads(task.torch_threads)
-    student = cached_student(task.student, pick_device())
+    student = cached_student(task.student, runtime.worker_device())
     manifest_rows, label_rows = [], []
     batch: list[tuple[dict, torch.Tensor, tuple[int, int]]] = []
 
