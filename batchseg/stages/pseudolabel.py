@@ -10,8 +10,9 @@ settings key, statistics); a round whose key and inputs are unchanged is skipped
 Round keys hash the text classifier's *inputs* (the CLIP's identity, the classes, the
 templates), not the classifier, so deciding that a round is complete needs no model:
 a rerun with nothing to do, or a refused setting, never imports torch (issue 8). The
-classifier, the cluster and the worker modules are brought up for the first round
-that has work.
+cluster and the worker modules are brought up for the first round that has work; a
+worker computes the classifier (``OUT/text/``) when it is missing, and every worker
+loads it once, on its own device.
 """
 from __future__ import annotations
 
