@@ -621,11 +621,7 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, cl
     from batchseg.config import ClusterSettings
     from batchseg.errors import UsageError
     from batchseg.stages.train_student import TrainStudentConfig, run_train_student
-    from batchseg.students.data import Augment
-    from batchseg.students.edgesam import SamStudentArch
-    from batchseg.students.semantic import SemanticArch
-    from batchseg.students.train import TrainSettings
-    from batchseg.students.yolact import YolactArch
+    from batchseg.students.settings import Augment, SamStudentArch, SemanticArch, TrainSettings, YolactArch
 
     try:
         chosen = None

@@ -77,3 +77,16 @@ def trained_student(tmp_path_factory, labelled_build, dask_scheduler) -> Path:
                       "--conf-thresh", "0", "--threads", "1", "-q"])
     assert result.exit_code == 0, result.output
     return out / "students" / "s"
+
+
+@pytest.fixture(scope="session")
+def clean_root(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
+    """A finished build of the 6-image pipeline (read only; copy it to change it)."""
+    from helpers import run_build, write_build_root
+
+    root = tmp_path_factory.mktemp("clean-build")
+    pipeline = write_build_root(root, tiny_models)
+    result = run_build(pipeline, dask_scheduler)
+    assert result.exit_code == 0, result.output
+    (root / "stdout.txt").write_text(result.output)
+    return root

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +14,10 @@ import zarr
 from click.testing import CliRunner, Result
 
 from batchseg.cli import cli
-from batchseg.io.tables import read_manifest
+from batchseg.io.tables import labels_table, read_manifest, round_folder, write_part_atomic
+from batchseg.labels.rle import encode_mask, rle_area, rle_bbox_xywh
 from batchseg.testing import TinyModels
+from batchseg.world import CLASS_NAMES, render_sample, write_world
 
 VOLATILE = ("mtime", "shard", "run_id", "zarr_row")
 
@@ -75,3 +78,125 @@ def example_module(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+# A pipeline of every stage on a small world (tiny random-init models): tests/test_build.py.
+BUILD_PIPELINE = """\
+sources: world/images
+out: build
+models:
+  clip-model: local-dir:{clip}
+  canvas: 64
+  sam-model: tiny
+  sam-checkpoint: {sam}
+  precision: fp32
+cluster:
+  workers: 1
+  threads: 1
+retrain: fraction
+retrain-fraction: 0.5
+embed:
+  batch-size: 2
+  shard-size: 3
+qc:
+  threshold: 1000000000.0   # random models: flag nothing, so every image is labelled
+  dup-threshold: 1.0
+pseudolabel:
+  vocab: world/classes.txt
+  background: true
+  rounds: 1
+  epochs: 1
+  points-per-side: 4
+  pred-iou-thresh: 0
+  stability-thresh: 0
+  stop-agreement: 1
+  shard-size: 3
+evaluate:
+  gt: world/gt
+train-student:
+  - name: s
+    epochs: {epochs}
+    width: 16
+    depth: 1
+    input-size: 32
+    batch-size: 2
+    conf-thresh: 0
+export:
+  - dest: coco
+    format: coco
+    images: none
+report:
+  per-class: 1
+"""
+
+
+def write_build_root(root: Path, tiny_models, images: int = 6, epochs: int = 2) -> Path:
+    write_world(root / "world", images, seed=11, max_side=80)
+    (root / "p.yaml").write_text(BUILD_PIPELINE.format(clip=tiny_models.clip_dir, sam=tiny_models.sam_checkpoint,
+                                                       epochs=epochs))
+    return root / "p.yaml"
+
+
+def run_build(pipeline: Path, scheduler: str | None, *extra: str) -> Result:
+    return run_cli(["build", str(pipeline), *(["--scheduler", scheduler] if scheduler else []), *extra])
+
+
+class InlineFuture:
+    """A task :class:`InlineClient` ran to the end when it was submitted."""
+
+    def __init__(self, key: str | None, call) -> None:
+        self.key = key
+        try:
+            self._result, self._error = call(), None
+        except Exception as exc:  # noqa: BLE001 - handed back by result(), as Dask does
+            self._result, self._error = None, exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> None:
+        pass
+
+
+class InlineClient:
+    """Runs each submitted task at once, in the test's own thread: what a worker would see
+    (its device, a torch function mode) is then the test's to set."""
+
+    def submit(self, fn, *args, key: str | None = None, resources=None, pure=None, **kwargs) -> InlineFuture:
+        return InlineFuture(key, lambda: fn(*args, **kwargs))
+
+
+def run_tasks_inline(monkeypatch, *stage_modules: ModuleType) -> None:
+    """Make the stages of ``stage_modules`` run their Dask tasks in this thread (:class:`InlineClient`)."""
+    import distributed
+
+    @contextmanager
+    def inline_client(settings, build):
+        yield InlineClient()
+
+    for module in stage_modules:
+        monkeypatch.setattr(module, "dask_client", inline_client)
+    monkeypatch.setattr(distributed, "as_completed", iter)  # gather_with_progress: the futures are all done
+
+
+def ground_truth_instance_rows(out: Path, world: Path) -> None:
+    """Replace round 0's labels of ``labelled_build`` (a copy) with instance rows made from the world's
+    exact objects (its labels have none: it was embedded without SAM)."""
+    rows = []
+    for row in read_manifest(out).to_pylist():
+        index = int(Path(row["path"]).stem.split("_")[1])
+        sample = render_sample(11, index, max_side=80)
+        for segment, obj in enumerate(sample.objects):
+            rle = encode_mask(obj.mask)
+            rows.append({"image_id": row["image_id"], "kind": "instance", "segment_id": segment,
+                         "class_id": obj.class_id, "class_name": CLASS_NAMES[obj.class_id], "score": 0.9,
+                         "source": "sam", "round": 0, "bbox": list(rle_bbox_xywh(rle)), "area": rle_area(rle),
+                         "mask": rle})
+    folder = round_folder(out, 0)
+    shutil.rmtree(folder)
+    write_part_atomic(labels_table(rows), folder / "part-00000.parquet")

@@ -21,84 +21,15 @@ from batchseg.io.lock import build_lock
 from batchseg.io.qc_table import read_qc
 from batchseg.io.tables import read_labels, read_manifest, round_folder, visible_parts
 from batchseg.world import write_world
-from helpers import manifest_rows, run_cli
+from helpers import manifest_rows, run_build as build, write_build_root as write_root
 
-PIPELINE = """\
-sources: world/images
-out: build
-models:
-  clip-model: local-dir:{clip}
-  canvas: 64
-  sam-model: tiny
-  sam-checkpoint: {sam}
-  precision: fp32
-cluster:
-  workers: 1
-  threads: 1
-retrain: fraction
-retrain-fraction: 0.5
-embed:
-  batch-size: 2
-  shard-size: 3
-qc:
-  threshold: 1000000000.0   # random models: flag nothing, so every image is labelled
-  dup-threshold: 1.0
-pseudolabel:
-  vocab: world/classes.txt
-  background: true
-  rounds: 1
-  epochs: 1
-  points-per-side: 4
-  pred-iou-thresh: 0
-  stability-thresh: 0
-  stop-agreement: 1
-  shard-size: 3
-evaluate:
-  gt: world/gt
-train-student:
-  - name: s
-    epochs: {epochs}
-    width: 16
-    depth: 1
-    input-size: 32
-    batch-size: 2
-    conf-thresh: 0
-export:
-  - dest: coco
-    format: coco
-    images: none
-report:
-  per-class: 1
-"""
 UNITS = ("embed", "qc", "pseudolabel", "evaluate", "train-student:s", "export:", "report")
-
-
-def write_root(root: Path, tiny_models, images: int = 6, epochs: int = 2) -> Path:
-    write_world(root / "world", images, seed=11, max_side=80)
-    (root / "p.yaml").write_text(PIPELINE.format(clip=tiny_models.clip_dir, sam=tiny_models.sam_checkpoint,
-                                                 epochs=epochs))
-    return root / "p.yaml"
-
-
-def build(pipeline: Path, scheduler: str | None, *extra: str):
-    return run_cli(["build", str(pipeline), *(["--scheduler", scheduler] if scheduler else []), *extra])
 
 
 def last_record(out: Path) -> dict:
     record = json.loads((out / "last-build.json").read_text())
     assert record == json.loads((out / "runs" / f"{record['run_id']}.json").read_text())
     return record
-
-
-@pytest.fixture(scope="session")
-def clean_root(tmp_path_factory, tiny_models, dask_scheduler) -> Path:
-    """A finished build of the 6-image pipeline (read only; copy it to change it)."""
-    root = tmp_path_factory.mktemp("clean-build")
-    pipeline = write_root(root, tiny_models)
-    result = build(pipeline, dask_scheduler)
-    assert result.exit_code == 0, result.output
-    (root / "stdout.txt").write_text(result.output)
-    return root
 
 
 def _rows(out: Path, k: int) -> list[dict]:

@@ -12,10 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import embed_args
+from batchseg.world import write_world
+from helpers import embed_args, run_build, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "open_clip", "segment_anything", "distributed")
+MODEL_LIBRARIES = ("torch", "open_clip", "segment_anything", "timm")
+HEAVY = (*MODEL_LIBRARIES, "distributed")
 
 # Runs the CLI like `batchseg ARGS`, then prints which heavy modules the process imported.
 RUN_CLI = f"""
@@ -45,9 +47,11 @@ def test_cli_and_drivers_import_no_torch() -> None:
         "import batchseg.cli, batchseg.stages.embed, batchseg.stages.pseudolabel, batchseg.stages.evaluate\n"
         "import batchseg.stages.export, batchseg.stages.report, batchseg.stages.qc\n"
         "import batchseg.config, batchseg.models.specs, batchseg.models.vocabulary, batchseg.labels.settings\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'open_clip' not in sys.modules, 'open_clip imported'\n"
-        "assert 'segment_anything' not in sys.modules, 'segment_anything imported'\n"
+        "import batchseg.stages.build, batchseg.pipeline.stage_configs, batchseg.stages.train_student\n"
+        "import batchseg.stages.train_sam_student, batchseg.stages.predict, batchseg.stages.predict_shard\n"
+        "import batchseg.students.settings, batchseg.students.training_set, batchseg.io.student_files\n"
+        f"heavy = [m for m in {MODEL_LIBRARIES!r} if m in sys.modules]\n"
+        "assert heavy == [], heavy\n"
         "print('ok')\n"
     )
     done = _python("-c", code)
@@ -104,3 +108,46 @@ def test_stages_leave_zarr_to_io() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "zarr"]
     assert offenders == []
+
+
+def test_a_noop_build_and_its_plan_import_no_torch(clean_root, tmp_path, dask_scheduler) -> None:
+    """Every stage of tests/test_build.py's pipeline (a student among them) is found up to date, and a
+    dry run plans new images, from files alone."""
+    root = tmp_path / "root"
+    shutil.copytree(clean_root, root, symlinks=True)
+    pipeline = root / "p.yaml"
+    settle = run_build(pipeline, dask_scheduler)  # the copy's paths differ: evaluate and export look again
+    assert settle.exit_code == 0, settle.output
+
+    done = _python("-c", RUN_CLI, "build", str(pipeline), "--scheduler", dask_scheduler)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "train-student:s: up to date" in done.stdout and "7 up to date" in done.stdout, done.stdout
+    assert _heavy(done) == [], done.stdout
+
+    write_world(root / "world", 2, seed=11, start=6, max_side=80)
+    planned = _python("-c", RUN_CLI, "build", str(pipeline), "--scheduler", dask_scheduler, "--dry-run")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "embed: 2 new images to embed" in planned.stdout, planned.stdout
+    assert _heavy(planned) == [], planned.stdout
+
+
+def test_noop_train_student_and_predict_import_no_torch(trained_student, labelled_build, tmp_path,
+                                                       dask_scheduler) -> None:
+    out = tmp_path / "build"
+    shutil.copytree(trained_student.parent.parent, out)
+    train = ["train-student", str(out), "--name", "s", "--epochs", "2", "--scheduler", dask_scheduler,
+             "--width", "16", "--depth", "1", "--input-size", "32", "--batch-size", "4",
+             "--conf-thresh", "0", "--threads", "1", "-q"]  # the fixture's own settings
+    done = _python("-c", RUN_CLI, *train)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "already trained with these settings; nothing to do" in done.stdout, done.stdout
+    assert _heavy(done) == [], done.stdout
+
+    predict = ["predict", str(out / "students" / "s"), str(labelled_build.parent / "world" / "images"),
+               str(tmp_path / "labelled"), "--scheduler", dask_scheduler, "--threads", "1", "-q"]
+    first = run_cli(predict)
+    assert first.exit_code == 0 and "8 labelled" in first.output, first.output
+    done = _python("-c", RUN_CLI, *predict)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 labelled, 0 failed, 8 skipped" in done.stdout, done.stdout
+    assert _heavy(done) == [], done.stdout

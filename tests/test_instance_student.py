@@ -6,15 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchseg.io.tables import labels_table, read_labels, read_manifest, round_folder, write_part_atomic
-from batchseg.labels.rle import decode_mask, encode_mask, rle_area, rle_bbox_xywh
+from batchseg.io.tables import read_labels, read_manifest
+from batchseg.labels.rle import decode_mask
 from batchseg.students.load import LoadedStudent
 from batchseg.students.predict import instance_label_rows
 from batchseg.students.instance_data import masks_to_boxes
 from batchseg.students.yolact import Yolact, YolactArch, decode, detect, encode, make_anchors
 from batchseg.students.yolact_loss import match, yolact_loss
-from batchseg.world import CLASS_NAMES, render_sample
-from helpers import run_cli
+from helpers import ground_truth_instance_rows, run_cli
 
 
 def test_box_encoding_round_trips_and_boxes_come_from_masks():
@@ -72,23 +71,6 @@ def test_loss_decreases_when_fitting_one_image():
         assert row["kind"] == "instance" and row["source"] == "student" and row["area"] == int(mask.sum()) > 0
 
 
-def _ground_truth_instance_rows(out: Path, world: Path) -> None:
-    """Replace round 0's labels with instance rows made from the world's exact objects."""
-    rows = []
-    for row in read_manifest(out).to_pylist():
-        index = int(Path(row["path"]).stem.split("_")[1])
-        sample = render_sample(11, index, max_side=80)
-        for segment, obj in enumerate(sample.objects):
-            rle = encode_mask(obj.mask)
-            rows.append({"image_id": row["image_id"], "kind": "instance", "segment_id": segment,
-                         "class_id": obj.class_id, "class_name": CLASS_NAMES[obj.class_id], "score": 0.9,
-                         "source": "sam", "round": 0, "bbox": list(rle_bbox_xywh(rle)), "area": rle_area(rle),
-                         "mask": rle})
-    folder = round_folder(out, 0)
-    shutil.rmtree(folder)
-    write_part_atomic(labels_table(rows), folder / "part-00000.parquet")
-
-
 def test_train_instance_student_and_predict_instances(labelled_build, tmp_path, dask_scheduler):
     nms = "noh"
     out = tmp_path / "build"
@@ -96,7 +78,7 @@ def test_train_instance_student_and_predict_instances(labelled_build, tmp_path, 
     no_instances = run_cli(["train-student", str(out), "--kind", "instance", "--name", "y", "--round", "0",
                             "--scheduler", dask_scheduler, "-q"])
     assert no_instances.exit_code == 2 and "empty label set" in no_instances.output
-    _ground_truth_instance_rows(out, labelled_build.parent / "world")
+    ground_truth_instance_rows(out, labelled_build.parent / "world")
     result = run_cli(["train-student", str(out), "--kind", "instance", "--name", "y", "--round", "0", "--epochs", "2",
                       "--width", "16", "--depth", "1", "--input-size", "64", "--batch-size", "4", "--nms", nms,
                       "--threads", "1", "--scheduler", dask_scheduler, "-q"])

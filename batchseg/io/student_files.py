@@ -8,17 +8,19 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import torch
-from safetensors.torch import load_file, save_file
 
 from batchseg.errors import UsageError
 from batchseg.io.tables import SCHEMA_NAME_KEY, SCHEMA_VERSION_KEY, write_part_atomic
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: planning needs only the files
+    import torch
 
 STUDENTS = "students"
 MODEL_FILE = "model.safetensors"
@@ -54,6 +56,8 @@ def write_metrics_row(folder: Path, row: dict[str, Any]) -> Path:
 
 
 def save_weights(folder: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
     path = folder / MODEL_FILE
     tmp = folder / f".{MODEL_FILE}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
@@ -71,8 +75,9 @@ def write_config(folder: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def read_student(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config, weights)`` of a finished student; a clear ``UsageError`` for anything else."""
+def read_student_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a finished student, its weights file checked readable (its header, not the
+    tensors: no torch); a clear ``UsageError`` for anything else."""
     config_path, model_path = folder / CONFIG_FILE, folder / MODEL_FILE
     if not folder.is_dir():
         raise UsageError(f"student folder {folder} does not exist; train one with `batchseg train-student`")
@@ -86,8 +91,33 @@ def read_student(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     if config.get("format") != STUDENT_FORMAT:
         raise UsageError(f"{config_path} has student format {config.get('format')!r}; this batchseg reads "
                          f"{STUDENT_FORMAT}: retrain it with this version")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(model_path), framework="numpy"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - any damage to the file is the same user-facing problem
+        raise UsageError(f"cannot read {model_path}: {exc}") from None
+    return config
+
+
+def read_student(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, weights)`` of a finished student; a clear ``UsageError`` for anything else."""
+    from safetensors.torch import load_file
+
+    config = read_student_config(folder)
+    model_path = folder / MODEL_FILE
     try:
         weights = load_file(str(model_path))
     except Exception as exc:  # noqa: BLE001 - any damage to the file is the same user-facing problem
         raise UsageError(f"cannot read {model_path}: {exc}") from None
     return config, weights
+
+
+def model_digest(folder: Path) -> str:
+    """SHA-256 of the student's weights: its identity in the outputs it labels."""
+    digest = hashlib.sha256()
+    with open(folder / MODEL_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

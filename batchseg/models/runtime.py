@@ -1,4 +1,4 @@
-"""Per-worker model runtime: injectable builders, a per-process cache, device and precision.
+"""Per-worker model runtime: injectable builders, a per-process cache, the worker's device, precision.
 
 Each Dask worker process loads each model once and keeps it (DESIGN "Execution");
 tests inject tiny builders through ``ModelBuilders``.
@@ -69,13 +69,23 @@ _CACHE_LOCK = threading.Lock()
 
 
 def pick_device() -> str:
-    """The worker's device: its (pinned) GPU when there is one, else the CPU."""
+    """The process's (pinned) GPU when it sees one, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def worker_device() -> str:
+    """The device every model and tensor of this worker's tasks goes to.
+
+    Every stage asks here, through this module (``runtime.worker_device()``), and
+    nowhere else, so one function decides where a worker computes and a test can swap
+    it for a fake device that catches a tensor left behind (tests/fake_device.py).
+    """
+    return pick_device()
 
 
 def get_models(settings: ModelSettings, builders: ModelBuilders, device: str | None = None) -> LoadedModels:
     """Load the models of ``settings`` once per process and return the cached set."""
-    device = device or pick_device()
+    device = device or worker_device()
     key = (settings, builders, device)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)

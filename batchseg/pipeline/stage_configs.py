@@ -108,10 +108,7 @@ def evaluate(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]
 
 def student(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettings, given: dict[str, Any]):
     from batchseg.stages.train_student import TrainStudentConfig
-    from batchseg.students.data import Augment
-    from batchseg.students.semantic import SemanticArch
-    from batchseg.students.train import TrainSettings
-    from batchseg.students.yolact import YolactArch
+    from batchseg.students.settings import Augment, SemanticArch, TrainSettings, YolactArch
 
     g = given.get
     kind = g("kind", "semantic")

@@ -23,13 +23,12 @@ from batchseg.config import (
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS, discover_images
 from batchseg.io.lock import build_lock
-from batchseg.io.student_files import read_student
+from batchseg.io.student_files import model_digest, read_student_config
 from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, round_folder, write_part_atomic
 from batchseg.io.runs import recorded_run
 from batchseg.stages.embed_plan import plan_embed
 from batchseg.stages.embed_plan import part_path
 from batchseg.stages.predict_shard import LABEL_ROUND, PredictItem, PredictShard, PredictShardResult, run_predict_shard
-from batchseg.students.load import model_digest
 
 OUTPUTS = ("manifest", "labels", BUILD_FILE)
 
@@ -104,7 +103,7 @@ def _remove_uncommitted(dest: Path) -> None:
 
 def run_predict(config: PredictConfig, progress: bool = True) -> PredictSummary:
     config.validate()
-    student_config, _ = read_student(config.student)
+    student_config = read_student_config(config.student)
     identity = _identity(config, student_config)
     started = time.perf_counter()
     with build_lock(config.dest), recorded_run(config.dest, "predict", config.to_json()) as run:

@@ -10,16 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
+from batchseg.io.images import STATUS_CHANGED, ImageError, content_id, decode_image, read_image_bytes
 from batchseg.io.tables import labels_table, manifest_table, round_folder, write_part_atomic
-from batchseg.models.runtime import pick_device, set_torch_threads
-from batchseg.stages.embed_shard import STATUS_CHANGED, part_path
-from batchseg.students.load import cached_student
-from batchseg.students.predict import (
-    instance_label_rows, instance_outputs, prepare, semantic_label_rows, semantic_probs,
-)
+from batchseg.stages.embed_plan import part_path
 
 LABEL_ROUND = 0  # a student's predictions are one round of labels
 
@@ -66,11 +59,21 @@ def _row(task: PredictShard, item: PredictItem) -> dict:
 
 def run_predict_shard(task: PredictShard) -> PredictShardResult:
     """Label one shard of images with the student and commit it; safe to run again."""
+    # Here, not at the top: the driver imports this module to plan, and torch takes seconds.
+    import torch
+
+    from batchseg.models import runtime
+    from batchseg.models.runtime import set_torch_threads
+    from batchseg.students.load import cached_student
+    from batchseg.students.predict import (
+        instance_label_rows, instance_outputs, prepare, semantic_label_rows, semantic_probs,
+    )
+
     start = time.perf_counter()
     if part_path(task.dest, task.shard_id).exists():
         return PredictShardResult(task.shard_id, len(task.items), 0, 0, 0.0, already_committed=True)
     set_torch_threads(task.torch_threads)
-    student = cached_student(task.student, pick_device())
+    student = cached_student(task.student, runtime.worker_device())
     manifest_rows, label_rows = [], []
     batch: list[tuple[dict, torch.Tensor, tuple[int, int]]] = []
 

@@ -10,8 +10,9 @@ settings key, statistics); a round whose key and inputs are unchanged is skipped
 Round keys hash the text classifier's *inputs* (the CLIP's identity, the classes, the
 templates), not the classifier, so deciding that a round is complete needs no model:
 a rerun with nothing to do, or a refused setting, never imports torch (issue 8). The
-classifier, the cluster and the worker modules are brought up for the first round
-that has work.
+cluster and the worker modules are brought up for the first round that has work; a
+worker computes the classifier (``OUT/text/``) when it is missing, and every worker
+loads it once, on its own device.
 """
 from __future__ import annotations
 
@@ -180,11 +181,7 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
         sam_spec = SamSpec(**build["embed"]["models"]["sam"]) if use_sam else None
         # The key text_classifier stores the classifier under: a hash of its inputs, known without torch.
         text_key = classifier_key(model_identity(clip_spec), vocab, config.labels.templates)
-        if not (config.out / "text" / f"{text_key}.safetensors").exists():
-            # Later stages read it (train-student): made again when missing, even if every round is complete.
-            from batchseg.labels.text_cache import text_classifier
-
-            text_classifier(config.out, clip_spec, vocab, config.labels.templates)
+        classifier_path = config.out / "text" / f"{text_key}.safetensors"
         key = _sha({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
         summaries = []
         damaged: set[str] = set()
@@ -198,13 +195,14 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                 if plan.skipped is not None:
                     summary = plan.skipped
                 else:
-                    if client is None:  # the first round with work: the models' modules, the classifier, the cluster
-                        from batchseg.labels.text_cache import text_classifier
-                        from batchseg.stages.pseudolabel_shard import RoundContext
+                    if client is None:  # the first round with work: the models' modules, the cluster, the classifier
+                        from batchseg.stages.pseudolabel_shard import RoundContext, store_text_classifier
 
-                        classifier, _ = text_classifier(config.out, clip_spec, vocab, config.labels.templates)
                         client = stack.enter_context(dask_client(config.cluster, config.out))
-                    ctx = RoundContext(config.out, round_index, vocab.names, classifier, config.labels, geometry,
+                        if not classifier_path.exists():  # the text tower runs on a worker, on its device
+                            client.submit(store_text_classifier, config.out, clip_spec, vocab, config.labels.templates,
+                                          resources=gpu_resources(config.cluster), pure=False).result()
+                    ctx = RoundContext(config.out, round_index, vocab.names, classifier_path, config.labels, geometry,
                                        use_sam, sam_spec, clip_spec,
                                        selftrain_folder(config.out, round_index) / HEAD_FILE)
                     summary = _run_round(client, config, ctx, kept, key, run_id, progress, plan)
@@ -214,6 +212,11 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                 if summary.stopped:
                     _remove_rounds_after(config.out, round_index)
                     break
+        if not classifier_path.exists():
+            # Later stages read it (train-student): made again when missing, even if every round is complete.
+            from batchseg.labels.text_cache import text_classifier
+
+            text_classifier(config.out, clip_spec, vocab, config.labels.templates)
         _record_settings(config, text_key)
     return PseudolabelSummary(run_id, config.out, tuple(summaries), time.perf_counter() - started, left_out)
 

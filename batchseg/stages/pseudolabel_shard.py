@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
+from safetensors.torch import load_file
 
 from batchseg.config import LabelSettings
 from batchseg.models.specs import ModelSettings
@@ -38,8 +39,10 @@ from batchseg.labels.rle import decode_mask
 from batchseg.labels.selftrain import SegHead, load_head, predict_probs
 from batchseg.models.clip import ClipSpec, DenseClip
 from batchseg.models.dense_heads import compute_head
-from batchseg.models.runtime import ModelBuilders, get_models, pick_device
+from batchseg.models import runtime
+from batchseg.models.runtime import ModelBuilders, get_models
 from batchseg.models.sam import SamSpec, load_sam
+from batchseg.models.vocabulary import Vocabulary
 from batchseg.stages.pseudolabel_plan import LabelImage  # noqa: F401  (planning types; re-exported)
 
 
@@ -50,7 +53,7 @@ class RoundContext:
     out: Path
     round_index: int
     names: tuple[str, ...]
-    classifier: torch.Tensor  # (C, D) float32 unit rows
+    classifier_path: Path  # OUT/text/<key>.safetensors: (C, D) float32 unit rows; each worker loads it once
     settings: LabelSettings
     geometry: ModelGeometry
     use_sam: bool
@@ -92,16 +95,39 @@ def label_part_path(out: Path, round_index: int, shard_id: str) -> Path:
     return round_folder(out, round_index) / f"part-{shard_id}.parquet"
 
 
-_SAM_CACHE: dict[SamSpec, torch.nn.Module] = {}
-_HEAD_CACHE: dict[tuple[str, float], SegHead] = {}
+# Per worker process, keyed by the device too: what one device loaded is never handed to another.
+_SAM_CACHE: dict[tuple[SamSpec, str], torch.nn.Module] = {}
+_HEAD_CACHE: dict[tuple[str, float, str], SegHead] = {}
+_CLASSIFIER_CACHE: dict[tuple[str, float, str], torch.Tensor] = {}
 _LOCK = threading.Lock()
+
+
+def store_text_classifier(out: Path, spec: ClipSpec, vocab: Vocabulary, templates: tuple[str, ...]) -> Path:
+    """Compute the build's text classifier on this worker's device (the text tower runs once
+    per build, vocabulary and templates) and store it; its file."""
+    from batchseg.labels.text_cache import text_classifier
+
+    _, key = text_classifier(out, spec, vocab, templates, device=runtime.worker_device())
+    return out / "text" / f"{key}.safetensors"
+
+
+def worker_classifier(ctx: RoundContext) -> torch.Tensor:
+    """The round's text classifier on the worker's device, loaded once per worker."""
+    device = runtime.worker_device()
+    key = (str(ctx.classifier_path), ctx.classifier_path.stat().st_mtime, device)
+    with _LOCK:
+        if key not in _CLASSIFIER_CACHE:
+            _CLASSIFIER_CACHE.clear()
+            stored = load_file(str(ctx.classifier_path))["classifier"]
+            _CLASSIFIER_CACHE[key] = stored.float().to(device)
+        return _CLASSIFIER_CACHE[key]
 
 
 def _clip(ctx: RoundContext) -> DenseClip:
     """The build's CLIP on the worker's device, loaded once per worker (float32: heads are
     cheap, and exact)."""
     settings = ModelSettings(clip=ctx.clip_spec, sam=None, clip_canvas=ctx.geometry.clip_canvas, precision="fp32")
-    return get_models(settings, ModelBuilders(), device=pick_device()).clip
+    return get_models(settings, ModelBuilders(), device=runtime.worker_device()).clip
 
 
 def stored_rows(store: CheckedRowReader, name: str, rows: list[int]) -> torch.Tensor:
@@ -109,9 +135,10 @@ def stored_rows(store: CheckedRowReader, name: str, rows: list[int]) -> torch.Te
     return torch.from_numpy(np.stack([store.read(name, int(r)) for r in rows]))
 
 
-def head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], with_keys: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The chosen dense head on stored tokens of ``rows``: float32 (B, D, h, w) and keys (B, K, h, w)."""
+def device_head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], with_keys: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chosen dense head on stored tokens of ``rows``, on the worker's device: float32
+    (B, D, h, w) and keys (B, K, h, w)."""
     tokens = stored_rows(store, "clip_tokens", rows)
     cls = stored_rows(store, "clip_cls", rows) if "clip_cls" in store else None
     sam = stored_rows(store, "sam", rows) if ctx.dense_on_sam_grid else None
@@ -119,23 +146,33 @@ def head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], w
     device = next(clip.parameters()).device
     tokens, cls, sam = (None if t is None else t.to(device) for t in (tokens, cls, sam))
     out = compute_head(clip, ctx.settings.dense_head, tokens, cls, sam)
-    return out.dense.cpu(), (out.keys.cpu() if with_keys else None)
+    return out.dense, (out.keys if with_keys else None)
+
+
+def head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], with_keys: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`device_head_features` brought back to the CPU (where training caches them)."""
+    dense, keys = device_head_features(ctx, store, rows, with_keys)
+    return dense.cpu(), (keys.cpu() if keys is not None else None)
 
 
 def _sam(spec: SamSpec) -> torch.nn.Module:
+    key = (spec, runtime.worker_device())
     with _LOCK:
-        if spec not in _SAM_CACHE:
+        if key not in _SAM_CACHE:
             _SAM_CACHE.clear()
-            _SAM_CACHE[spec] = load_sam(spec, device=pick_device()).eval()
-        return _SAM_CACHE[spec]
+            _SAM_CACHE[key] = load_sam(spec, device=key[1]).eval()
+        return _SAM_CACHE[key]
 
 
-def _head(path: Path, classifier: torch.Tensor) -> SegHead:
-    key = (str(path), path.stat().st_mtime)
+def _head(ctx: RoundContext) -> SegHead:
+    path, device = ctx.head_path, runtime.worker_device()
+    key = (str(path), path.stat().st_mtime, device)
+    classifier = worker_classifier(ctx)
     with _LOCK:
         if key not in _HEAD_CACHE:
             _HEAD_CACHE.clear()
-            _HEAD_CACHE[key] = load_head(path, classifier).to(pick_device()).eval()
+            _HEAD_CACHE[key] = load_head(path, classifier).to(device).eval()
         return _HEAD_CACHE[key]
 
 
@@ -190,10 +227,10 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
 
 def _round0_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
-    dense, keys = head_features(ctx, store, [image.zarr_row], with_keys=True)
+    dense, keys = device_head_features(ctx, store, [image.zarr_row], with_keys=True)
     settings = ctx.settings
-    grid_probs = maskclip_probs(dense[0], keys[0], ctx.classifier, key_smoothing=settings.key_smoothing,
-                                prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh)
+    grid_probs = maskclip_probs(dense[0], keys[0], worker_classifier(ctx), key_smoothing=settings.key_smoothing,
+                                prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh).cpu()
     valid_h, valid_w = _valid(ctx, image, sam_canvas=ctx.dense_on_sam_grid)
     probs = grid_probs_to_work(grid_probs, _dense_canvas(ctx), valid_h, valid_w, frame)
     label, confidence = label_and_confidence(probs, settings.bg_floor)
@@ -238,8 +275,8 @@ def _work_masks(rles: list[dict], frame: ImageFrame) -> np.ndarray:
 def _student_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage,
                    sam_masks: dict[str, list[dict]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
-    head = _head(ctx.head_path, ctx.classifier)
-    clip, _ = head_features(ctx, store, [image.zarr_row])
+    head = _head(ctx)
+    clip, _ = device_head_features(ctx, store, [image.zarr_row])
     sam = stored_rows(store, "sam", [image.zarr_row]) if ctx.use_sam else None
     grid_probs = predict_probs(head, sam, clip)[0].cpu()
     grid, canvas = ctx.head_grid

@@ -18,8 +18,8 @@ from batchseg.io.tables import selftrain_folder
 from batchseg.labels.selftrain import (
     SegHead, SelfTrainSettings, TrainReport, balanced_class_weights, load_head, save_head, train_head,
 )
-from batchseg.models.runtime import pick_device
-from batchseg.stages.pseudolabel_shard import LabelImage, RoundContext, head_features, stored_rows
+from batchseg.models import runtime
+from batchseg.stages.pseudolabel_shard import LabelImage, RoundContext, head_features, stored_rows, worker_classifier
 
 STATS_BLOCK = 256  # grid rows read at a time, so statistics stream over any dataset size
 # Dense head features are computed once per training task and kept in memory up to this
@@ -53,12 +53,14 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
     rows = sorted(image.zarr_row for image in images)
     sam_channels = ctx.geometry.sam_embed_shape[0] if ctx.use_sam else None
     previous = selftrain_folder(ctx.out, ctx.round_index - 1) / ctx.head_path.name
+    classifier = worker_classifier(ctx)
     if settings.warm_start and ctx.round_index > 1 and previous.exists():
-        head = load_head(previous, ctx.classifier)
+        head = load_head(previous, classifier)
     else:
-        head = SegHead(ctx.classifier, sam_channels, ctx.geometry.clip_dense_dim, settings.hidden,
+        head = SegHead(classifier, sam_channels, ctx.geometry.clip_dense_dim, settings.hidden,
                        settings.temperature, seed=settings.seed)
-    head = head.to(pick_device())  # train on the worker's GPU when it has one
+    device = runtime.worker_device()
+    head = head.to(device)  # train on the worker's GPU when it has one
     thresholds = class_thresholds(targets, rows, settings, len(ctx.names))
     anchor = None
     if settings.anchor and source > 0:
@@ -71,8 +73,8 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
         for start in range(0, len(order), settings.batch_size):
             chunk = [int(r) for r in order[start : start + settings.batch_size]]
             label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor))
-            clip = clip_features(chunk)
-            sam = stored_rows(features, "sam", chunk).float() if ctx.use_sam else None
+            clip = clip_features(chunk).to(device)
+            sam = stored_rows(features, "sam", chunk).to(device).float() if ctx.use_sam else None
             yield sam, clip, label
 
     weights = None

@@ -23,14 +23,11 @@ from batchseg.io.build_info import label_rounds
 from batchseg.io.store import STORE_NAME, ModelGeometry
 from batchseg.io.student_files import STUDENT_FORMAT, student_folder
 from batchseg.io.tables import read_manifest
-from batchseg.models.sam import SamSpec, check_sam_spec
-from batchseg.models.sam_folder import write_folder_config
+from batchseg.models.specs import SamSpec, check_sam_spec
 from batchseg.qc.flags import flagged_image_ids
-from batchseg.stages.train_sam_student_task import SamStudentTask, run_sam_student_task
-from batchseg.students.data import TrainImage, pick_source, read_round, train_images
-from batchseg.students.sam_distill import DistillImage
+from batchseg.students.training_set import DistillImage, TrainImage, pick_source, read_round, train_images
 
-if TYPE_CHECKING:  # train_student imports this module lazily; the reverse only for types
+if TYPE_CHECKING:  # train_student imports this module lazily; the reverse only for types (the task: torch)
     from batchseg.stages.train_sam_student_task import SamStudentResult
     from batchseg.stages.train_student import TrainStudentConfig
 
@@ -146,6 +143,9 @@ def train_sam_student(config: "TrainStudentConfig", run_id: str, progress: bool,
     if _check_settings(folder, config, plan):
         return SamStudentSummary(run_id, folder, len(plan.distill), 0, 0, 0, None, time.perf_counter() - started,
                                  plan.round, skipped=True, left_out=plan.left_out)
+    from batchseg.models.sam_folder import write_folder_config
+    from batchseg.stages.train_sam_student_task import SamStudentTask, run_sam_student_task
+
     threads = config.cluster.torch_threads
     if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
         threads = config.cluster.threads_per_worker()

@@ -16,7 +16,8 @@ import torch
 
 from batchseg.io.store import open_array
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, write_metrics_row
-from batchseg.models.runtime import pick_device, set_torch_threads
+from batchseg.models import runtime
+from batchseg.models.runtime import set_torch_threads
 from batchseg.models.sam import PIXEL_MEAN, PIXEL_STD, SAM_ARCHS, SamSpec, load_sam
 from batchseg.models.sam_folder import read_section, save_sam_folder, section_for_arch
 from batchseg.stages.train_student_task import _write_progress
@@ -80,7 +81,7 @@ def _label_rows(task: SamStudentTask) -> dict[str, list[dict]]:
 def run_sam_student_task(task: SamStudentTask) -> SamStudentResult:
     """Train the student encoder to ``task.train.epochs`` epochs (resuming) and write the SAM model folder's weights."""
     set_torch_threads(task.torch_threads)
-    device = pick_device()
+    device = runtime.worker_device()
     checkpoints = task.folder / CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
     teacher = load_sam(task.teacher, device="cpu")

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,15 +28,17 @@ from batchseg.io.lock import build_lock
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
 from batchseg.io.runs import recorded_run
-from batchseg.stages.train_student_task import PROGRESS_FILE, TrainTask, TrainTaskResult, run_train_task
-from batchseg.students.data import PIXEL_MEAN, PIXEL_STD, Augment, pick_source, read_round, train_images
-from batchseg.students.edgesam import SamStudentArch
-from batchseg.students.sam_distill import PromptSettings
-from batchseg.students.semantic import BACKGROUND, SemanticArch
-from batchseg.students.train import TrainSettings
-from batchseg.students.yolact import NMS_KINDS, YolactArch
+from batchseg.choices import BACKGROUND
+from batchseg.students.settings import (
+    ARCHS, NMS_KINDS, PIXEL_MEAN, PIXEL_STD, STUDENT_KINDS, Augment, PromptSettings, SamStudentArch, SemanticArch,
+    TrainSettings, YolactArch,
+)
+from batchseg.students.training_set import pick_source, read_round, train_images
 
-KINDS = ("semantic", "instance", "sam-encoder")
+if TYPE_CHECKING:  # the task module (torch) is imported where the training runs
+    from batchseg.stages.train_student_task import TrainTaskResult
+
+KINDS = STUDENT_KINDS
 SETTINGS_FILE = "_settings.json"
 
 
@@ -88,7 +91,7 @@ class TrainStudentConfig:
             raise UsageError(f"--class-balance must be in [0, 1], got {self.class_balance}")
         if not 0.0 <= self.conf_thresh <= 1.0:
             raise UsageError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
-        wanted = {"semantic": SemanticArch, "instance": YolactArch, "sam-encoder": SamStudentArch}[self.kind]
+        wanted = ARCHS[self.kind]
         if type(self.arch) is not wanted:
             raise UsageError(f"a {self.kind} student needs a {wanted.__name__}")
         if self.kind != "sam-encoder" and self.prompt_epochs is not None:
@@ -270,6 +273,8 @@ def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, start
     if _check_settings(folder, config, plan):
         return TrainStudentSummary(run_id, folder, plan.round, plan.source, len(plan.images), 0, 0, None,
                                    time.perf_counter() - started, skipped=True, left_out=plan.left_out)
+    from batchseg.stages.train_student_task import TrainTask, run_train_task
+
     threads = config.cluster.torch_threads
     if threads is None and not (config.cluster.scheduler or config.cluster.gpus):
         threads = config.cluster.threads_per_worker()
@@ -292,6 +297,8 @@ def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, start
 def _follow(future, folder: Path, train: "TrainSettings", progress: bool) -> TrainTaskResult:
     """Wait for the training task, showing its progress (epoch, step, loss, images/s)."""
     from tqdm import tqdm
+
+    from batchseg.stages.train_student_task import PROGRESS_FILE
 
     progress_path = folder / CHECKPOINTS / PROGRESS_FILE
     with tqdm(total=None, unit="step", desc="train-student", disable=not progress, dynamic_ncols=True) as bar:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, save_weights, write_metrics_row
 from batchseg.labels.selftrain import balanced_class_weights
-from batchseg.models.runtime import pick_device, set_torch_threads
+from batchseg.models import runtime
+from batchseg.models.runtime import set_torch_threads
 from batchseg.students.data import IGNORE, Augment, SemanticDataset, TrainImage, read_round
 from batchseg.students.instance_data import InstanceDataset
 from batchseg.students.semantic import SemanticArch, SemanticObjective, SemanticStudent, parameter_count
@@ -104,7 +105,7 @@ def _instance(task: TrainTask, device: str) -> tuple[Yolact, InstanceObjective]:
 def run_train_task(task: TrainTask) -> TrainTaskResult:
     """Train the student to ``task.train.epochs`` epochs (resuming when checkpoints exist) and save it."""
     set_torch_threads(task.torch_threads)
-    device = pick_device()
+    device = runtime.worker_device()
     checkpoints = task.folder / CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
     model, objective = (_semantic if task.kind == "semantic" else _instance)(task, device)

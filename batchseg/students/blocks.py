@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BLOCK_KINDS = ("conv", "attention", "dynamic", "dynamic-dw")
+from batchseg.students.settings import BLOCK_KINDS  # noqa: F401  (torch-free home; re-exported)
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -21,36 +21,13 @@ Sizes: ``width`` is the channel count of the stride-8 stage; the stages have
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
-from batchseg.errors import UsageError
-
-ENCODER_TYPE = "repvit"
-MAX_WIDTH = 2048
-MAX_DEPTH = 64
-
-
-@dataclass(frozen=True)
-class SamStudentArch:
-    """Sizes of the student encoder (the teacher fixes its input canvas and embedding shape)."""
-
-    width: int = 64  # channels of the stride-8 stage
-    depth: int = 4  # blocks of the stride-16 stage
-
-    def validate(self) -> None:
-        if not 8 <= self.width <= MAX_WIDTH or self.width % 8:
-            raise UsageError(f"--width must be a multiple of 8 between 8 and {MAX_WIDTH}, got {self.width}")
-        if not 1 <= self.depth <= MAX_DEPTH:
-            raise UsageError(f"--depth must be between 1 and {MAX_DEPTH}, got {self.depth}")
-
-    def to_json(self) -> dict:
-        return {"type": ENCODER_TYPE, **asdict(self)}
-
+from batchseg.students.settings import ENCODER_TYPE, MAX_DEPTH, MAX_WIDTH, SamStudentArch  # noqa: F401  (torch-free home; re-exported)
 
 def _conv_bn(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),

@@ -1,7 +1,6 @@
 """Load a finished student folder (``config.json`` + ``model.safetensors``) as a model, never unpickling."""
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import torch
 
 from batchseg.errors import UsageError
-from batchseg.io.student_files import MODEL_FILE, read_student
+from batchseg.io.student_files import MODEL_FILE, model_digest, read_student  # noqa: F401  (model_digest: re-exported)
 
 
 @dataclass(frozen=True)
@@ -29,15 +28,6 @@ class LoadedStudent:
     @property
     def input_size(self) -> int:
         return int(self.config["input_size"])
-
-
-def model_digest(folder: Path) -> str:
-    """SHA-256 of the student's weights: its identity in the outputs it labels."""
-    digest = hashlib.sha256()
-    with open(folder / MODEL_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_student(config: dict, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,39 +36,9 @@ from torch import Tensor
 from batchseg.errors import UsageError
 from batchseg.labels.rle import decode_mask
 from batchseg.models.sam import sam_preprocess
-from batchseg.students.data import TrainImage, read_pixels
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    """Phase 2's prompt sampling and loss."""
-
-    objects_per_image: int = 8
-    refine_iterations: int = 2  # decodes after the first, each adding a point from the error region
-    box_share: float = 0.5  # probability that an object is prompted with its box (else a point)
-    bce_weight: float = 5.0
-    dice_weight: float = 5.0
-
-    def validate(self) -> None:
-        if not 1 <= self.objects_per_image <= 256:
-            raise UsageError(f"objects per image must be between 1 and 256, got {self.objects_per_image}")
-        if not 0 <= self.refine_iterations <= 16:
-            raise UsageError(f"refine iterations must be between 0 and 16, got {self.refine_iterations}")
-        if not 0.0 <= self.box_share <= 1.0:
-            raise UsageError(f"box share must be in [0, 1], got {self.box_share}")
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class DistillImage:
-    """One embedded image: where to read it, its stored row, its valid region on SAM's canvas."""
-
-    image: TrainImage
-    zarr_row: int
-    valid_h: int
-    valid_w: int
+from batchseg.students.data import read_pixels
+from batchseg.students.settings import PromptSettings  # noqa: F401  (torch-free home; re-exported)
+from batchseg.students.training_set import DistillImage  # noqa: F401  (torch-free home; re-exported)
 
 
 @dataclass(frozen=True)

@@ -10,41 +10,13 @@ that extra output are written as unlabelled.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchseg.choices import BACKGROUND
-from batchseg.students.blocks import BLOCK_KINDS, Backbone, _norm
-
-
-@dataclass(frozen=True)
-class SemanticArch:
-    """Architecture of a semantic student; stored in its ``config.json``."""
-
-    blocks: str = "conv"
-    width: int = 64
-    depth: int = 4
-    heads: int = 4
-    input_size: int = 128  # square input canvas (letterboxed), pixels; a multiple of 8
-    temperature: float = 0.07  # cosine similarity / temperature = logits
-
-    def validate(self) -> None:
-        if self.blocks not in BLOCK_KINDS:
-            raise ValueError(f"blocks must be one of {', '.join(BLOCK_KINDS)}, got {self.blocks!r}")
-        if self.input_size < 32 or self.input_size % 8:
-            raise ValueError(f"input size must be a multiple of 8 and at least 32, got {self.input_size}")
-        if self.width < 8 or self.width % 4 or self.width % self.heads:
-            raise ValueError(f"width must be a multiple of 4 and of heads ({self.heads}), at least 8; got {self.width}")
-        if self.depth < 1:
-            raise ValueError(f"depth must be at least 1, got {self.depth}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-
-    def to_json(self) -> dict:
-        return asdict(self)
+from batchseg.students.blocks import Backbone, _norm
+from batchseg.students.settings import SemanticArch  # noqa: F401  (torch-free home; re-exported)
 
 
 class SemanticStudent(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -21,38 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from batchseg.errors import UsageError
 from batchseg.students.checkpoint import load_latest, save_checkpoint
+from batchseg.students.settings import TrainSettings  # noqa: F401  (torch-free home; re-exported)
 
 # Test hook: after committing this epoch's checkpoint, write a marker and stall, so a
 # test can SIGKILL the whole command at a known point (see tests/test_train_student.py).
 PAUSE_ENV = "BATCHSEG_TEST_PAUSE_AFTER_EPOCH"
 PAUSE_MARKER = ".paused"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation settings; part of a student's identity (a change means a new training)."""
-
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise UsageError("--weight-decay and warm-up steps must be 0 or more")
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 class Objective(Protocol):

@@ -14,45 +14,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchseg.labels.nms import fast_nms_boxes
-from batchseg.students.blocks import BLOCK_KINDS, Backbone, _norm
+from batchseg.students.blocks import Backbone, _norm
 from batchseg.students.noh_nms import noh_nms
+from batchseg.students.settings import NMS_KINDS, YolactArch  # noqa: F401  (torch-free home; re-exported)
 
 VARIANCES = (0.1, 0.2)
 ASPECTS = (1.0, 0.5, 2.0)
-NMS_KINDS = ("fast", "noh")
-
-
-@dataclass(frozen=True)
-class YolactArch:
-    """Architecture of an instance student; stored in its ``config.json``."""
-
-    blocks: str = "conv"
-    width: int = 64
-    depth: int = 4
-    heads: int = 4
-    input_size: int = 128
-    prototypes: int = 32
-    anchor_scale: float = 3.0  # anchor side = anchor_scale * level stride
-
-    def validate(self) -> None:
-        if self.blocks not in BLOCK_KINDS:
-            raise ValueError(f"blocks must be one of {', '.join(BLOCK_KINDS)}, got {self.blocks!r}")
-        if self.input_size < 64 or self.input_size % 32:
-            raise ValueError(f"an instance student's input size must be a multiple of 32, at least 64; got {self.input_size}")
-        if self.width < 8 or self.width % 4 or self.width % self.heads:
-            raise ValueError(f"width must be a multiple of 4 and of heads ({self.heads}); got {self.width}")
-        if self.prototypes < 1 or self.depth < 1:
-            raise ValueError("prototypes and depth must be at least 1")
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def make_anchors(arch: YolactArch) -> Tensor:
