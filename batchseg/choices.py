@@ -7,6 +7,10 @@ from __future__ import annotations
 
 # Training-free dense CLIP heads computed at label time (batchseg.models.dense_heads).
 DENSE_HEADS = ("maskclip", "value", "clearclip", "sclip", "naclip", "proxy-sam")
+# MaskCLIP's key smoothing: "auto" smooths only when no SAM masks vote the map (SAM's
+# region vote is the finer smoothing; key smoothing on a coarse grid first blurs away the
+# small objects the masks would have kept: bench/RESULTS.md, "key smoothing and SAM").
+KEY_SMOOTHING = ("auto", "on", "off")
 # How a SAM mask picks its class: "majority" of the per-pixel labels inside it (CorrCLIP's
 # region correction), or "pool": argmax of the probabilities pooled inside it (Open-Vocabulary
 # SAM's SAM+CLIP baseline).

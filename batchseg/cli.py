@@ -9,7 +9,7 @@ import click
 from batchseg.errors import BatchsegError
 
 # Choices are the library's own tuples; these modules import neither torch nor Dask.
-from batchseg.choices import DENSE_HEADS, REGION_VOTES, SAM_MODELS
+from batchseg.choices import DENSE_HEADS, KEY_SMOOTHING, REGION_VOTES, SAM_MODELS
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -176,7 +176,7 @@ skip complete rounds; changing the classes or settings recomputes what they affe
 Examples:
   batchseg pseudolabel out/ --classes "cat,dog|puppy,sofa" --rounds 3
   batchseg pseudolabel out/ --vocab classes.txt --background --no-sam --rounds 0
-  batchseg pseudolabel out/ --classes "car,road,tree" --no-key-smoothing   # ablation
+  batchseg pseudolabel out/ --classes "car,road,tree" --key-smoothing on   # MaskCLIP as published
   batchseg pseudolabel out/ --classes "car,road,tree" --dense-head naclip   # another head, same embeddings
 
 {EXIT_CODES_HELP}"""
@@ -208,12 +208,18 @@ Examples:
 @click.option("--pd-thresh", type=float, default=0.5, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
-@click.option("--no-key-smoothing", is_flag=True, help="Switch key smoothing off.")
+@click.option("--key-smoothing", type=click.Choice(KEY_SMOOTHING), default="auto", show_default=True,
+              help="MaskCLIP's key smoothing of round 0's scores: on, off, or auto: only when no "
+                   "SAM masks vote the map, whose region vote is the finer smoothing.")
+@click.option("--no-key-smoothing", is_flag=True, hidden=True, help="Same as --key-smoothing off.")
 @click.option("--sam/--no-sam", "sam", default=None, help="Use the stored SAM embeddings (default: when stored).")
 @click.option("--points-per-side", type=int, default=32, show_default=True, help="SAM everything-mode point grid.")
 @click.option("--pred-iou-thresh", type=float, default=0.88, show_default=True, help="Keep SAM masks above this predicted IoU.")
 @click.option("--stability-thresh", type=float, default=0.95, show_default=True, help="Keep SAM masks this stable.")
 @click.option("--nms-thresh", type=float, default=0.7, show_default=True, help="Fast NMS IoU threshold for SAM masks (on their boxes, then on the masks).")
+@click.option("--work-max-side", type=int, default=1024, show_default=True,
+              help="Label maps are made at most this many pixels a side, then mapped up to the original "
+                   "size (bounds memory and time on very large images).")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Self-training rounds after round 0.")
 @click.option("--conf-thresh", type=float, default=0.5, show_default=True,
               help="Self-training learns only from pixels whose label confidence reaches this.")
@@ -245,10 +251,10 @@ Examples:
 @click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, no_key_smoothing,
-                sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, rounds, conf_thresh, class_balance,
+def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, key_smoothing, no_key_smoothing,
+                sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, work_max_side, rounds, conf_thresh, class_balance,
                 class_quantile, teacher_rounds, stop_agreement, ema_decay, anchor, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
-    from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
+    from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig, key_smoothing_choice
     from batchseg.errors import UsageError
     from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
     from batchseg.models.specs import DenseHeadSettings
@@ -271,7 +277,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             templates=load_templates(templates) if templates else MASKCLIP_TEMPLATES,
             background=background,
             bg_floor=bg_floor,
-            key_smoothing=not no_key_smoothing,
+            key_smoothing=key_smoothing_choice(key_smoothing, no_key_smoothing),
             prompt_denoising=not no_prompt_denoising,
             pd_thresh=pd_thresh,
             sam="auto" if sam is None else ("on" if sam else "off"),
@@ -279,6 +285,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             dense_head=DenseHeadSettings(dense_head, proxy_grid=proxy_grid),
             region_vote=region_vote,
             bg_mask_vote=bg_mask_vote,
+            work_max_side=work_max_side,
         )
         config = PseudolabelConfig(
             out=out,

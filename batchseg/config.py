@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchseg.choices import BACKGROUND, REGION_VOTES
+from batchseg.choices import BACKGROUND, KEY_SMOOTHING, REGION_VOTES
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.models.specs import PRECISIONS, ClipSpec, DenseHeadSettings, ModelSettings, SamSpec  # noqa: F401  (re-exported)
@@ -148,6 +148,13 @@ SAM_MODES = ("auto", "on", "off")
 RETRAIN_POLICIES = ("always", "never", "fraction")
 
 
+def key_smoothing_choice(value: str | None, no_key_smoothing: bool) -> str:
+    """``--key-smoothing`` from the option and its older spelling ``--no-key-smoothing`` (= off)."""
+    if no_key_smoothing and value not in (None, "off", "auto"):
+        raise UsageError(f"--no-key-smoothing contradicts --key-smoothing {value}; give one of them")
+    return "off" if no_key_smoothing else (value or "auto")
+
+
 @dataclass(frozen=True)
 class LabelSettings:
     """Everything that changes round 0 (MaskCLIP labels, SAM proposals, recognition)."""
@@ -156,7 +163,7 @@ class LabelSettings:
     templates: tuple[str, ...]
     background: bool = False  # add "background" as a text class
     bg_floor: float | None = None  # pixels whose best probability is below: unlabelled
-    key_smoothing: bool = True
+    key_smoothing: str = "auto"  # KEY_SMOOTHING: auto = only when no SAM masks vote
     prompt_denoising: bool = True
     pd_thresh: float = 0.5
     sam: str = "auto"  # use stored SAM embeddings: auto (when stored), on (required), off
@@ -172,6 +179,8 @@ class LabelSettings:
     def validate(self) -> None:
         if self.sam not in SAM_MODES:
             raise UsageError(f"sam must be one of {SAM_MODES}, got {self.sam!r}")
+        if self.key_smoothing not in KEY_SMOOTHING:
+            raise UsageError(f"--key-smoothing must be one of {', '.join(KEY_SMOOTHING)}, got {self.key_smoothing!r}")
         if self.region_vote not in REGION_VOTES:
             raise UsageError(f"--region-vote must be one of {', '.join(REGION_VOTES)}, got {self.region_vote!r}")
         self.dense_head.validate()
@@ -181,6 +190,10 @@ class LabelSettings:
             raise UsageError(f"--bg-floor must be in [0, 1], got {self.bg_floor}")
         if self.work_max_side < 16:
             raise UsageError(f"--work-max-side must be at least 16, got {self.work_max_side}")
+
+    def smooths_keys(self, sam_votes: bool) -> bool:
+        """Whether round 0 applies key smoothing, given whether SAM masks vote the map."""
+        return self.key_smoothing == "on" or (self.key_smoothing == "auto" and not sam_votes)
 
     @property
     def class_names(self) -> tuple[str, ...]:

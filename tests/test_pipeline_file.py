@@ -168,3 +168,19 @@ def test_pseudolabel_defaults_agree_between_cli_pipeline_and_settings(world):
                 assert given == defaults[param.name], f"--{param.name}: {given} vs {defaults[param.name]}"
                 compared += 1
     assert compared >= 10
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, "auto"), ({"key-smoothing": "on"}, "on"), ({"no-key-smoothing": True}, "off"),
+    ({"key-smoothing": "off", "no-key-smoothing": True}, "off"),
+])
+def test_key_smoothing_keys(world, given, expected):
+    text = GOOD.replace("pseudolabel:\n", "pseudolabel:\n" + "".join(
+        f"  {k}: {str(v).lower()}\n" for k, v in given.items()))
+    assert load_pipeline(write(world, text), ()).pseudolabel.labels.key_smoothing == expected
+
+
+def test_key_smoothing_contradiction_names_the_file(world):
+    text = GOOD.replace("pseudolabel:\n", "pseudolabel:\n  key-smoothing: on\n  no-key-smoothing: true\n")
+    with pytest.raises(UsageError, match="contradicts --key-smoothing on"):
+        load_pipeline(write(world, text), ())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchseg.choices import DENSE_HEADS, REGION_VOTES
+from batchseg.choices import DENSE_HEADS, KEY_SMOOTHING, REGION_VOTES
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
 
 STAGES = ("embed", "qc", "pseudolabel", "evaluate", "train-student", "export", "report")
@@ -48,8 +48,8 @@ QC = {
 PSEUDOLABEL = {
     "classes": STRS, "vocab": PATH, "templates": PATH, "background": BOOL, "bg-floor": FLOAT,
     "dense-head": choice(*DENSE_HEADS), "proxy-grid": INT, "region-vote": choice(*REGION_VOTES), "bg-mask-vote": BOOL,
-    "pd-thresh": FLOAT, "no-prompt-denoising": BOOL, "no-key-smoothing": BOOL, "sam": BOOL,
-    "points-per-side": INT, "pred-iou-thresh": FLOAT, "stability-thresh": FLOAT, "nms-thresh": FLOAT,
+    "pd-thresh": FLOAT, "no-prompt-denoising": BOOL, "key-smoothing": choice(*KEY_SMOOTHING), "no-key-smoothing": BOOL, "sam": BOOL,
+    "points-per-side": INT, "pred-iou-thresh": FLOAT, "stability-thresh": FLOAT, "nms-thresh": FLOAT, "work-max-side": INT,
     "rounds": INT, "conf-thresh": FLOAT, "class-balance": FLOAT, "class-quantile": FLOAT, "teacher-rounds": INT,
     "stop-agreement": FLOAT, "ema-decay": FLOAT, "warm-start": BOOL, "anchor": BOOL, "epochs": INT, "seed": INT,
     "shard-size": INT, "include-flagged": BOOL,
@@ -135,6 +135,8 @@ class Checker:
             return value
         if kind == "str" and isinstance(value, str) and value.strip():
             return value
+        if kind == "choice" and isinstance(value, bool) and {"on", "off"} <= set(key.choices):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if kind == "choice" and value in key.choices:
             return value
         if kind == "path" and isinstance(value, str) and value.strip():

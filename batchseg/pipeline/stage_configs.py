@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig
+from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig, key_smoothing_choice
 from batchseg.errors import UsageError
 from batchseg.pipeline.spec import _validated, detached_build
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
@@ -67,6 +67,10 @@ def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSe
         templates = load_templates(given["templates"]) if "templates" in given else MASKCLIP_TEMPLATES
     except UsageError as exc:
         raise doc.error(where + ("templates",), str(exc)) from None
+    try:
+        key_smoothing = key_smoothing_choice(g("key_smoothing"), g("no_key_smoothing", False))
+    except UsageError as exc:
+        raise doc.error(where, str(exc)) from None
     nms = g("nms_thresh", 0.7)
     try:
         proposals = ProposalSettings(points_per_side=g("points_per_side", 32), pred_iou_thresh=g("pred_iou_thresh", 0.88),
@@ -77,10 +81,11 @@ def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSe
     sam = g("sam")
     labels = LabelSettings(
         vocabulary=vocabulary, templates=templates, background=g("background", False), bg_floor=g("bg_floor"),
-        key_smoothing=not g("no_key_smoothing", False), prompt_denoising=not g("no_prompt_denoising", False),
+        key_smoothing=key_smoothing, prompt_denoising=not g("no_prompt_denoising", False),
         pd_thresh=g("pd_thresh", 0.5), sam="auto" if sam is None else ("on" if sam else "off"), proposals=proposals,
         dense_head=DenseHeadSettings(g("dense_head", "maskclip"), proxy_grid=g("proxy_grid", 32)),
-        region_vote=g("region_vote", "pool"), bg_mask_vote=g("bg_mask_vote", False))
+        region_vote=g("region_vote", "pool"), bg_mask_vote=g("bg_mask_vote", False),
+        work_max_side=g("work_max_side", 1024))
     stop = g("stop_agreement", 0.95)
     selftrain = SelfTrainSettings(
         epochs=g("epochs", 8), seed=g("seed", 0), conf_thresh=g("conf_thresh", 0.5),

@@ -229,7 +229,8 @@ def _round0_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage)
     frame = _frame(ctx, image)
     dense, keys = device_head_features(ctx, store, [image.zarr_row], with_keys=True)
     settings = ctx.settings
-    grid_probs = maskclip_probs(dense[0], keys[0], worker_classifier(ctx), key_smoothing=settings.key_smoothing,
+    grid_probs = maskclip_probs(dense[0], keys[0], worker_classifier(ctx),
+                                key_smoothing=settings.smooths_keys(ctx.use_sam),
                                 prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh).cpu()
     valid_h, valid_w = _valid(ctx, image, sam_canvas=ctx.dense_on_sam_grid)
     probs = grid_probs_to_work(grid_probs, _dense_canvas(ctx), valid_h, valid_w, frame)
