@@ -11,10 +11,10 @@ tuned on, and "crowded", which nobody tuned on) and each CLIP:
 
 1. ``embed`` once (CLIP tokens + SAM embeddings, fp32);
 2. round 0 once per dense head (``--dense-head``), with SAM: each run is scored twice,
-   "HEAD" (the dense head's labels alone, pseudolabel's defaults: prompt denoising +
-   key smoothing) and "HEAD + SAM (vote)" (SAM masks voting the map: CorrCLIP's
-   majority vote, pseudolabel's default); MaskCLIP also with the probability-pooling
-   vote, and without key smoothing;
+   "HEAD" (the dense head's labels alone, pseudolabel's defaults: prompt denoising, and
+   key smoothing off because SAM votes) and "HEAD + SAM (vote)" (SAM masks voting the
+   map: the probability-pooling vote, pseudolabel's default); MaskCLIP also with
+   CorrCLIP's majority vote, with background masks voting too, and with key smoothing on;
 3. the full pipeline with ``--head`` (default maskclip): round 0 and ``--rounds``
    self-training rounds, each scored as the head's own labels and with SAM's vote
    (what ``pseudolabel`` writes).
@@ -112,7 +112,7 @@ def _runs(args):
     if "maskclip" in args.heads:
         runs.append(("maskclip (majority vote)", dict(region_vote="majority", sam="on"), 0))
         runs.append(("maskclip (background masks vote too)", dict(bg_mask_vote=True, sam="on"), 0))
-        runs.append(("maskclip (no KS)", dict(key_smoothing=False, sam="on"), 0))
+        runs.append(("maskclip (key smoothing on)", dict(key_smoothing="on", sam="on"), 0))
     if args.rounds:
         runs.append(("full", dict(dense_head=DenseHeadSettings(args.head), sam="on"), args.rounds))
     return runs
