@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchseg.choices import BACKGROUND, KEY_SMOOTHING, REGION_VOTES
 from batchseg.errors import UsageError
+from batchseg.io.hashing import sha256_json
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.models.specs import PRECISIONS, ClipSpec, DenseHeadSettings, ModelSettings, SamSpec  # noqa: F401  (re-exported)
 
@@ -135,12 +136,6 @@ def read_build_file(out: Path) -> dict[str, Any] | None:
     return data
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 SAM_MODES = ("auto", "on", "off")
 # What images added since a self-training head (or a student) was trained do to it:
 # always retrain; never (the kept head labels them); fraction (retrain once the added
@@ -204,7 +199,7 @@ class LabelSettings:
         return {
             "classes": list(self.class_names),
             "synonyms": [list(s) for s in self.vocabulary.synonyms],
-            "templates_sha256": _sha256_json(list(self.templates)),
+            "templates_sha256": sha256_json(list(self.templates)),
             "background": self.background,
             "bg_floor": self.bg_floor,
             "key_smoothing": self.key_smoothing,
@@ -276,8 +271,3 @@ def must_retrain(policy: str, fraction: float, trained_on: int, now: int) -> boo
         return False
     return max(0, now - trained_on) > fraction * max(1, trained_on)
 
-
-def _sha256_json(value: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

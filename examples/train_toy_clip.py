@@ -67,7 +67,6 @@ written to the model card, so ``--steps N`` with the same other arguments redoes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -92,6 +91,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
+from batchseg.io.hashing import file_sha256  # noqa: E402
 from batchseg.labels.maskclip import maskclip_probs, upsample_to_canvas  # noqa: E402
 from batchseg.labels.metrics import confusion, scores_from_confusion  # noqa: E402
 from batchseg.models.clip_resnet import RESNET_STRIDE  # noqa: E402
@@ -656,7 +656,7 @@ def model_card(cfg: TrainConfig, r: TrainResult) -> str:
     init, fin = r.random_init, r.final
     weights = Path(cfg.out) / WEIGHTS_FILE
     size_mb = weights.stat().st_size / 1e6 if weights.exists() else float("nan")
-    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else "(not written)"
+    sha256 = file_sha256(weights) if weights.exists() else "(not written)"
     n_params = sum(int(np.prod(v)) for v in _param_shapes(cfg))
     grid = cfg.image_size // cfg.stride
     early = "" if (r.planned_steps or r.steps) == r.steps else (

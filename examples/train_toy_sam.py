@@ -61,7 +61,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -78,6 +77,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from batchseg.io.geometry import letterbox
+from batchseg.io.hashing import file_sha256
 from batchseg.labels.proposals import ProposalSettings, generate_proposals
 from batchseg.models.sam import SAM_ARCHS, SamEncoder, SamSpec, build_sam_model, load_sam, save_sam_checkpoint
 from batchseg.world import render_sample
@@ -653,7 +653,7 @@ def _train(cfg: TrainConfig, log) -> dict[str, Any]:  # noqa: ANN001
     for (name, a), b in zip(sam.state_dict().items(), reloaded.state_dict().values()):
         if not torch.equal(a, b):
             raise RuntimeError(f"checkpoint {out} does not round-trip: {name} differs")
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    digest = file_sha256(out)
     result = {
         "config": asdict(cfg),
         "steps": step,

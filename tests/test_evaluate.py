@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from batchseg.cli import cli
-from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, write_json_atomic
+from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION
+from batchseg.io.files import write_json_atomic
 from batchseg.io.tables import labels_table, manifest_table, round_folder, write_part_atomic
 from batchseg.labels.rle import encode_label_map, encode_mask, rle_area, rle_bbox_xywh
 from batchseg.stages.evaluate import EVAL_SCHEMA, EvaluateConfig, run_evaluate

@@ -3,10 +3,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchseg.errors import SchemaVersionError
+from batchseg.io.files import remove_temporaries
 from batchseg.io.tables import (
     manifest_table,
     read_manifest,
-    remove_temporaries,
     visible_parts,
     write_part_atomic,
 )

@@ -21,7 +21,6 @@ Decoding choices (they affect pixel values, so they are part of the contract):
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from batchseg.errors import UsageError
+from batchseg.io.hashing import sha256_bytes
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "FAILURE_STATUSES", "IMAGE_EXTENSIONS", "STATUS_CHANGED", "STATUS_DUPLICATE", "STATUS_OK",
@@ -285,7 +285,7 @@ def read_image_bytes(source: FoundFile | str | bytes | os.PathLike,
 
 def content_id(data: bytes) -> str:
     """SHA-256 hex digest of ``data``: identical files share one id."""
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(data)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

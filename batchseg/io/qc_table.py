@@ -14,8 +14,6 @@ are written first, the JSON last by rename: the JSON is the commit.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchseg.io.files import atomic_path, write_json_atomic
 from batchseg.io.tables import _with_identity, read_parts, visible_parts, write_part_atomic
 
 QC_FOLDER = "qc"
@@ -102,15 +101,10 @@ def write_model_files(out: Path, meta: dict[str, Any], arrays: dict[str, np.ndar
     from safetensors.numpy import save_file
 
     folder = qc_folder(out)
-    folder.mkdir(parents=True, exist_ok=True)
     arrays_name = f"_model-{meta['model_id']}.safetensors"
-    tmp = folder / f".{arrays_name}.{uuid.uuid4().hex}.tmp"
-    save_file(arrays, str(tmp))
-    os.replace(tmp, folder / arrays_name)
-    meta = {**meta, "arrays": arrays_name}
-    json_tmp = folder / f".{MODEL_FILE}.{uuid.uuid4().hex}.tmp"
-    json_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(json_tmp, folder / MODEL_FILE)
+    with atomic_path(folder / arrays_name) as tmp:
+        save_file(arrays, str(tmp))
+    write_json_atomic(folder / MODEL_FILE, {**meta, "arrays": arrays_name}, default=float)
     for old in folder.glob("_model-*.safetensors"):
         if old.name != arrays_name:
             old.unlink(missing_ok=True)

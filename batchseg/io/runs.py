@@ -17,7 +17,6 @@ Import-light (no torch, no zarr): ``export`` and ``report`` start without loadin
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import batchseg
-from batchseg.io.files import write_text_atomic
+from batchseg.io.files import write_json_atomic
 
 RUNS_FOLDER = "runs"
 
@@ -44,11 +43,6 @@ class RunStatus(str, Enum):
 def new_run_id() -> str:
     """A UTC timestamp and a short random suffix, e.g. ``20250101T120000Z-1a2b3c``."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-def write_json_file(path: Path, data: dict) -> Path:
-    """Pretty, sorted JSON written atomically (as ``batchseg.config.write_json_atomic``)."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def run_record_path(out: Path, run_id: str) -> Path:
@@ -135,7 +129,7 @@ class RunRecorder:
     def write(self) -> None:
         # A record never creates the folder it describes (export only reads its OUT).
         if self.out.is_dir():
-            write_json_file(self.path, self.record)
+            write_json_atomic(self.path, self.record, default=str)
 
 
 @contextmanager

@@ -8,15 +8,15 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from batchseg.errors import UsageError
+from batchseg.io.files import atomic_path, write_json_atomic
+from batchseg.io.hashing import file_sha256
 from batchseg.io.tables import SCHEMA_NAME_KEY, SCHEMA_VERSION_KEY, write_part_atomic
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: planning needs only the files
@@ -59,20 +59,13 @@ def save_weights(folder: Path, state: dict[str, torch.Tensor], metadata: dict[st
     from safetensors.torch import save_file
 
     path = folder / MODEL_FILE
-    tmp = folder / f".{MODEL_FILE}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return path
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> Path:
-    path = folder / CONFIG_FILE
-    tmp = folder / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(folder / CONFIG_FILE, config)
 
 
 def read_student_config(folder: Path) -> dict[str, Any]:
@@ -116,8 +109,4 @@ def read_student(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def model_digest(folder: Path) -> str:
     """SHA-256 of the student's weights: its identity in the outputs it labels."""
-    digest = hashlib.sha256()
-    with open(folder / MODEL_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(folder / MODEL_FILE)

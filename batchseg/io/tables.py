@@ -6,15 +6,14 @@ half-written part, and readers ignore names starting with ``.`` or ``_``.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchseg.errors import SchemaVersionError, UsageError
+from batchseg.io.files import atomic_path
 
 SCHEMA_NAME_KEY = b"batchseg.schema"
 SCHEMA_VERSION_KEY = b"batchseg.schema_version"
@@ -56,16 +55,8 @@ def write_part_atomic(table: pa.Table, final_path: Path) -> Path:
     The rename is atomic on POSIX filesystems, so the part either exists whole or not
     at all. fsync before the rename so a power loss cannot leave a committed empty file.
     """
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_path.with_name(f".{final_path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(final_path, fsync=True) as tmp:
         pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return final_path
 
 
@@ -76,18 +67,6 @@ def visible_parts(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
     )
-
-
-def remove_temporaries(folder: Path) -> int:
-    """Delete leftovers of interrupted writes (hidden ``.tmp`` files); return how many."""
-    if not folder.is_dir():
-        return 0
-    count = 0
-    for p in folder.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
-            count += 1
-    return count
 
 
 QUARANTINE = "quarantine"

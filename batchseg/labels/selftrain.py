@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
+from batchseg.io.files import atomic_path, write_json_atomic
 from batchseg.labels.settings import SelfTrainSettings, settings_record  # noqa: F401  (torch-free home; re-exported)
 
 HEAD_FORMAT = "batchseg.selftrain.SegHead"
@@ -346,17 +347,9 @@ def save_head(head: SegHead, path: str | os.PathLike[str]) -> Path:
         "num_classes": head.num_classes,  # informational: any vocabulary of width embed_dim loads
     }
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in head.state_dict().items()}
-    config_path = _config_path(path)
-    for dest, write in (
-        (path, lambda tmp: save_file(state, str(tmp))),
-        (config_path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")),
-    ):
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        try:
-            write(tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    write_json_atomic(_config_path(path), config)
     return path
 
 

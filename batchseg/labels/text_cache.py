@@ -5,13 +5,13 @@ text tower again; the key hashes everything that changes the embeddings.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import json
 import torch
 from safetensors.torch import load_file, save_file
 
+from batchseg.io.files import atomic_path
 from batchseg.models.clip import ClipSpec, load_dense_clip
 from batchseg.models.specs import model_identity  # noqa: F401  (torch-free home; re-exported)
 from batchseg.models.text import Vocabulary, build_text_classifier, classifier_key
@@ -31,8 +31,6 @@ def text_classifier(out: Path, spec: ClipSpec, vocab: Vocabulary, templates: tup
     tokenizer = open_clip.get_tokenizer(spec.model)
     with torch.inference_mode():
         classifier = build_text_classifier(clip.model, tokenizer, vocab, templates, device=device).float().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"classifier": classifier.contiguous()}, str(tmp), metadata={"classes": json.dumps(list(vocab.names))})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"classifier": classifier.contiguous()}, str(tmp), metadata={"classes": json.dumps(list(vocab.names))})
     return classifier, key

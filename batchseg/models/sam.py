@@ -42,6 +42,7 @@ from segment_anything.modeling import (
 from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
+from batchseg.io.files import atomic_path
 from batchseg.io.geometry import letterbox
 from batchseg.models.specs import SamSpec, check_sam_spec, is_sam_folder, unknown_sam_message  # noqa: F401  (torch-free home; re-exported)
 
@@ -253,18 +254,13 @@ def save_sam_checkpoint(model: Sam, path: str | os.PathLike[str]) -> Path:
     # clone(): safetensors refuses tensors that share storage, and a state_dict of a
     # model on the GPU must be moved anyway.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, str(tmp))
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

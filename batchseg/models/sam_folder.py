@@ -23,10 +23,8 @@ before any tensor is read, and the weights are then assigned strictly.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,8 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from batchseg.errors import ModelLoadError
-from batchseg.io.hashing import file_sha256
+from batchseg.io.files import atomic_path, write_json_atomic
+from batchseg.io.hashing import canonical_json, file_sha256, sha256_bytes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -267,33 +266,23 @@ def save_sam_folder(state: dict[str, torch.Tensor], section: dict, folder: Path,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     check_section(section, "save_sam_folder")
-    weights = folder / WEIGHTS_FILE
-    tmp = folder / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp),
-              metadata={"format": "batchseg-sam-model"})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, weights)
+    with atomic_path(folder / WEIGHTS_FILE, fsync=True) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(tmp),
+                  metadata={"format": "batchseg-sam-model"})
     if write_config:
         write_folder_config(folder, section, extra_config)
     return folder
 
 
 def write_folder_config(folder: Path, section: dict, extra_config: dict | None = None) -> Path:
-    path = Path(folder) / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**(extra_config or {}), SECTION_KEY: section}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(folder) / CONFIG_FILE, {**(extra_config or {}), SECTION_KEY: section})
 
 
 def sam_folder_identity(folder: Path) -> str:
     """What the folder's SAM *is*: SHA-256 of its canonical section and its weights' content hash."""
     folder = Path(folder).expanduser()
     section = read_section(folder)
-    digest = hashlib.sha256(json.dumps(section, sort_keys=True).encode())
-    digest.update(b"\0" + file_sha256(folder / WEIGHTS_FILE).encode())
-    return f"sha256:{digest.hexdigest()}"
+    return "sha256:" + sha256_bytes(canonical_json(section), b"\0", file_sha256(folder / WEIGHTS_FILE).encode())
 
 
 def save_registry_sam(sam: Sam, arch: Any, folder: Path) -> Path:

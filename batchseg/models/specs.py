@@ -11,7 +11,6 @@ names (``batchseg.models.clip.ClipSpec``, ``batchseg.models.sam.SamSpec``,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 from batchseg.choices import DENSE_HEADS, SAM_MODELS
 from batchseg.errors import ModelLoadError, UsageError
-from batchseg.io.hashing import file_sha256
+from batchseg.io.hashing import file_sha256, sha256_bytes
 
 LOCAL_DIR = "local-dir:"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -158,10 +157,8 @@ def model_identity(spec: ClipSpec) -> str:
     if not files:
         return json.dumps(asdict(spec), sort_keys=True)
     # A named architecture with a checkpoint file: the name matters; a folder: only its files.
-    digest = hashlib.sha256(b"" if spec.model.startswith(LOCAL_DIR) else spec.model.encode())
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-    return f"sha256:{digest.hexdigest()}"
+    name = b"" if spec.model.startswith(LOCAL_DIR) else spec.model.encode()
+    return "sha256:" + sha256_bytes(name, *(path.name.encode() + b"\0" + file_sha256(path).encode() for path in files))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ without importing torch. :mod:`batchseg.models.text` re-exports every name here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from batchseg.choices import BACKGROUND
 from batchseg.errors import UsageError
+from batchseg.io.hashing import sha256_bytes
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot evaluation, followed by the
 # 5 "scene" templates MaskCLIP adds for dense prediction (its
@@ -234,7 +234,7 @@ def classifier_key(model_id: str, vocab: Vocabulary, templates: Sequence[str]) -
         "templates": list(templates),
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return sha256_bytes(blob.encode("utf-8"))
 
 
 def with_background(vocab: Vocabulary) -> Vocabulary:

@@ -14,13 +14,12 @@ Scores, all "higher = more outlying", of reduced coordinates z (``Reduction``):
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from batchseg.io.hashing import canonical_json, sha256_bytes
 from batchseg.qc.reduction import Moments, Reduction, fit_reduction
 from batchseg.qc.rglasso import RGLassoSettings, fit_rglasso, mahalanobis
 from batchseg.qc.settings import QcSettings
@@ -98,11 +97,8 @@ class QcModel:
 
 
 def _model_id(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name in sorted(arrays):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return digest.hexdigest()[:16]
+    parts = (part for name in sorted(arrays) for part in (name.encode(), np.ascontiguousarray(arrays[name]).tobytes()))
+    return sha256_bytes(canonical_json(meta), *parts)[:16]
 
 
 def fit_qc_model(moments: Moments, fit_rows: np.ndarray, settings: QcSettings) -> QcModel:

@@ -27,7 +27,8 @@ import batchseg
 from batchseg.config import ClusterSettings
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.lock import build_lock
-from batchseg.io.runs import RunRecorder, RunStatus, new_run_id, recorded_run, write_json_file
+from batchseg.io.files import write_json_atomic
+from batchseg.io.runs import RunRecorder, RunStatus, new_run_id, recorded_run
 from batchseg.pipeline.schema import STAGES
 from batchseg.pipeline.spec import Pipeline
 from batchseg.stages.build_plan import StagePlan, plan_unit, stage_fingerprint, stage_keys
@@ -218,7 +219,7 @@ def run_build(pipeline: Pipeline, options: BuildOptions, echo: Callable[[str], N
             status = run.record["status"] if run is not None else RunStatus.FAILED.value
             summary = BuildSummary(run_id, out, tuple(results), time.perf_counter() - started, status)
             if run is not None:
-                write_json_file(out / LAST_BUILD, run.record)
+                write_json_atomic(out / LAST_BUILD, run.record, default=str)
             log.detail(summary.text())
             log.close()
     return summary

@@ -11,12 +11,12 @@ incremental logic then computes only what is missing.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from batchseg.io.runs import write_json_file
+from batchseg.io.files import write_json_atomic
+from batchseg.io.hashing import sha256_json
 
 STATE_FILE = "_build_state.json"
 
@@ -42,8 +42,7 @@ def listing(root: Path, patterns: Iterable[str] = ("**/*",)) -> list[tuple[str, 
 
 def fingerprint(settings: Any, files: dict[str, list]) -> str:
     """Hash of a stage's settings (JSON-able) and file listings."""
-    text = json.dumps({"settings": settings, "files": files}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_json({"settings": settings, "files": files})
 
 
 def read_state(out: Path) -> dict[str, Any]:
@@ -59,7 +58,7 @@ def store_stage(out: Path, stage: str, value: dict[str, Any]) -> None:
     """Record ``value`` (its fingerprint and what the build needs next time) for ``stage``."""
     state = read_state(out)
     state.setdefault("stages", {})[stage] = value
-    write_json_file(out / STATE_FILE, state)
+    write_json_atomic(out / STATE_FILE, state, default=str)
 
 
 def stage_state(out: Path, stage: str) -> dict[str, Any]:

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING
 
 import batchseg
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, EmbedConfig, read_build_file, write_json_atomic
+from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION, EmbedConfig, read_build_file
+from batchseg.io.files import remove_temporaries, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.images import discover_images
 from batchseg.io.lock import build_lock
 from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
 from batchseg.io.store_integrity import arrays_without_checksums, verify_rows
 from batchseg.io.tables import (
-    QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, remove_temporaries, write_part_atomic,
+    QUARANTINE, manifest_table, quarantine_damaged_parts, read_manifest, write_part_atomic,
 )
 from batchseg.models.specs import ModelSettings
 from batchseg.stages.embed_plan import CURRENT_RUN_FILE, adopt_intact_rows, assign_rows, part_path, plan_embed, shard_items

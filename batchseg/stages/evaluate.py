@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,12 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchseg.choices import BACKGROUND
-from batchseg.config import read_build_file, write_json_atomic
+from batchseg.config import read_build_file
+from batchseg.io.files import write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.build_info import label_rounds
 from batchseg.io.ground_truth import IGNORE, GroundTruthSource, GtItem, read_ground_truth
 from batchseg.io.lock import build_lock
-from batchseg.io.runs import recorded_run
+from batchseg.io.runs import new_run_id, recorded_run
 from batchseg.io.tables import EVAL_FOLDER, EVAL_SCHEMA, EVAL_VERSION, read_labels, write_part_atomic
 from batchseg.labels.metrics import Scores, confusion, scores_from_confusion
 from batchseg.labels.rle import decode_mask
@@ -150,9 +150,6 @@ def _none_if_nan(value: float) -> float | None:
     value = float(value)
     return None if math.isnan(value) else value
 
-
-def new_eval_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 # ---------------------------------------------------------------- predictions
 
@@ -280,7 +277,7 @@ def _evaluate(config: EvaluateConfig) -> EvaluateReport:
     if all(r.scores.total_pixels == 0 for r in results):
         notes.append("no ground-truth pixel was scored (all ignored or background without a background class)")
 
-    eval_id = new_eval_id()
+    eval_id = new_run_id()  # the run id format: a UTC timestamp and a short random suffix
     folder = config.out / EVAL_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     report = EvaluateReport(

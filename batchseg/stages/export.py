@@ -35,9 +35,9 @@ from batchseg.export.yolo import YoloWriter
 from batchseg.io.build_info import (
     BuildImage, embed_source, label_parts, label_rounds, manifest_summary, read_json, round_class_names, vocabulary,
 )
-from batchseg.io.files import place_image, remove_temporaries_under
+from batchseg.io.files import place_image, remove_temporaries_under, write_json_atomic
 from batchseg.io.label_stream import LabelFilter, LabelUnit, choose_source, image_groups, plan_units, sources_and_kinds
-from batchseg.io.runs import recorded_run, write_json_file
+from batchseg.io.runs import recorded_run
 from batchseg.io.lock import LOCK_NAME, build_lock
 from batchseg.stages.export_plan import ExportConfig, assign_split, export_names, split_names
 
@@ -136,7 +136,7 @@ def _prepare_dest(dest: Path, settings: dict, overwrite: bool) -> None:
                 target.unlink()
     elif any(p.name not in ours for p in dest.iterdir()):
         raise UsageError(f"{dest} is not empty and holds no batchseg export; choose an empty or new folder")
-    write_json_file(path, {"settings": settings, "status": "running"})
+    write_json_atomic(path, {"settings": settings, "status": "running"}, default=str)
 
 
 def _marker(dest: Path, unit: str) -> Path:
@@ -210,11 +210,11 @@ def _export_locked(config: ExportConfig, run_id: str, progress: bool, started: f
         parts_written=len(pending), parts_skipped=len(units) - len(pending), unknown_images=totals["unknown"],
         seconds=time.perf_counter() - started, files=files,
     )
-    write_json_file(config.dest / SETTINGS_FILE, {
+    write_json_atomic(config.dest / SETTINGS_FILE, {
         "settings": settings, "status": "finished", "run_id": run_id, "out": str(config.out.resolve()),
         "classes": list(names), "images": summary.images, "annotations": summary.annotations,
         "splits": summary.split_counts, "files": files,
-    })
+    }, default=str)
     return summary
 
 
@@ -252,5 +252,5 @@ def _write_unit(config: ExportConfig, writer: FormatWriter, unit: LabelUnit, flt
         "splits": counts["splits"],
         "files": result.files + placed,
     }
-    write_json_file(_marker(config.dest, unit.name), record)
+    write_json_atomic(_marker(config.dest, unit.name), record, default=str)
     return record

@@ -5,7 +5,6 @@ are added or removed, and the same seed gives the same split on any machine.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -13,6 +12,7 @@ from batchseg.errors import UsageError
 from batchseg.export import FORMATS
 from batchseg.io.build_info import BuildImage
 from batchseg.io.files import IMAGE_MODES
+from batchseg.io.hashing import sha256_bytes
 
 KINDS = ("semantic", "instance")
 TRAIN = "train"
@@ -104,8 +104,7 @@ def split_names(split: tuple[tuple[str, float], ...]) -> list[str]:
 
 def unit_interval(seed: int, image_id: str) -> float:
     """A uniform number in [0, 1) that depends only on (seed, image id)."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return int(sha256_bytes(f"{seed}:{image_id}".encode())[:16], 16) / 2.0**64  # the digest's first 8 bytes
 
 
 def assign_split(image_id: str, split: tuple[tuple[str, float], ...], seed: int) -> str:

@@ -18,13 +18,14 @@ from pathlib import Path
 import batchseg
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
 from batchseg.config import (
-    BUILD_FILE, BUILD_SCHEMA_VERSION, ClusterSettings, read_build_file, validate_image_job, write_json_atomic,
+    BUILD_FILE, BUILD_SCHEMA_VERSION, ClusterSettings, read_build_file, validate_image_job,
 )
+from batchseg.io.files import remove_temporaries, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS, discover_images
 from batchseg.io.lock import build_lock
 from batchseg.io.student_files import model_digest, read_student_config
-from batchseg.io.tables import manifest_table, read_manifest, remove_temporaries, round_folder, write_part_atomic
+from batchseg.io.tables import manifest_table, read_manifest, round_folder, write_part_atomic
 from batchseg.io.runs import recorded_run
 from batchseg.stages.embed_plan import plan_embed
 from batchseg.stages.embed_plan import part_path

@@ -16,7 +16,6 @@ loads it once, on its own device.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -26,13 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file, write_json_atomic
+from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file
+from batchseg.io.files import remove_temporaries, write_json_atomic
+from batchseg.io.hashing import sha256_json
 from batchseg.errors import UsageError
 from batchseg.io.grid_store import ensure_grid_store
 from batchseg.io.lock import build_lock
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.build_info import check_label_part
-from batchseg.io.tables import read_manifest, read_part, remove_temporaries, round_folder, selftrain_folder, visible_parts
+from batchseg.io.tables import read_manifest, read_part, round_folder, selftrain_folder, visible_parts
 from batchseg.labels.settings import settings_record
 from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model_identity
 from batchseg.models.vocabulary import classifier_key, with_background
@@ -87,10 +88,6 @@ class PseudolabelSummary:
                 lines.append(f"  self-training stopped after round {r.round}: {r.decision}")
         lines.append(f"outputs: {self.out / 'labels'}/round=K/part-*.parquet ({self.seconds:.1f} s in all)")
         return "\n".join(lines)
-
-
-def _sha(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _stored_build(config: PseudolabelConfig) -> tuple[dict, ModelGeometry]:
@@ -182,14 +179,14 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
         # The key text_classifier stores the classifier under: a hash of its inputs, known without torch.
         text_key = classifier_key(model_identity(clip_spec), vocab, config.labels.templates)
         classifier_path = config.out / "text" / f"{text_key}.safetensors"
-        key = _sha({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
+        key = sha256_json({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
         summaries = []
         damaged: set[str] = set()
         client = None
         with ExitStack() as stack:
             for round_index in range(config.rounds + 1):
                 if round_index > 0:
-                    key = _sha({"previous": key, "selftrain": settings_record(config.selftrain), "round": round_index})
+                    key = sha256_json({"previous": key, "selftrain": settings_record(config.selftrain), "round": round_index})
                 kept = tuple(image for image in images if image.image_id not in damaged)
                 plan = _plan_round(config, round_index, kept, key, run_id)
                 if plan.skipped is not None:
@@ -236,7 +233,7 @@ def _plan_round(config: PseudolabelConfig, round_index: int, images: tuple[Label
                 run_id: str) -> _RoundPlan:
     folder = round_folder(config.out, round_index)
     info = _read_round_info(selftrain_folder(config.out, round_index))
-    images_key = _sha([image.image_id for image in images])
+    images_key = sha256_json([image.image_id for image in images])
     state = _round_state(config, round_index, info, key, images_key, len(images))
     if state == "recompute":
         return _RoundPlan(None, list(images), images_key)

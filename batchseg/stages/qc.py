@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchseg.config import BUILD_FILE, read_build_file
+from batchseg.io.files import remove_temporaries
 from batchseg.errors import UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.qc_table import (
@@ -50,7 +51,7 @@ from batchseg.io.qc_table import (
     write_qc_part,
 )
 from batchseg.io.store import STORE_NAME, iter_rows, open_array
-from batchseg.io.tables import read_manifest, remove_temporaries
+from batchseg.io.tables import read_manifest
 from batchseg.qc.duplicates import group_pairs, similar_pairs
 from batchseg.qc.features import STORE_ARRAY, compute_features
 from batchseg.qc.model import QcModel, fit_qc_model

@@ -6,10 +6,7 @@ build lock: it reads what the other stages write and must not see their work hal
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from tqdm import tqdm
 
 from batchseg.errors import UsageError
 from batchseg.io.build_info import embed_source, label_parts
-from batchseg.io.files import write_text_atomic
+from batchseg.io.files import atomic_folder, write_text_atomic
 from batchseg.io.label_stream import choose_source, sources_and_kinds
 from batchseg.io.runs import recorded_run
 from batchseg.io.lock import build_lock
@@ -127,10 +124,9 @@ def _report_locked(config: ReportConfig, run_id: str, progress: bool, started: f
         src = None
     elif src is None:
         notes.append("no source folder recorded: no gallery or thumbnails; pass --src FOLDER")
-    tmp = config.out / f".{REPORT}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_folder(config.out / REPORT) as tmp:
         folder = tmp / IMAGES
-        folder.mkdir(parents=True)
+        folder.mkdir()
         gallery, thumbs = {}, {}
         if src is not None and round_index is not None and config.per_class > 0:
             gallery = _draw_gallery(config, data, src, round_index, source, folder, progress, notes)
@@ -143,19 +139,8 @@ def _report_locked(config: ReportConfig, run_id: str, progress: bool, started: f
                         thumbs[image.image_id] = thumb
         page = ReportPage(data, gallery, round_index, source, thumbs, notes)
         write_text_atomic(tmp / "index.html", render_page(page))
-        _swap_in(tmp, config.out / REPORT)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     final = config.out / REPORT
     files = [p for p in final.rglob("*") if p.is_file()]
     return ReportSummary(run_id, final / "index.html", (final / "index.html").stat().st_size,
                          sum(p.stat().st_size for p in files), len(files) - 1, time.perf_counter() - started,
                          tuple(notes))
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)

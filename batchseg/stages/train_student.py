@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 
 import batchseg
 from batchseg.cluster import dask_client, gpu_resources
-from batchseg.config import ClusterSettings, read_build_file, write_json_atomic
+from batchseg.config import ClusterSettings, read_build_file
+from batchseg.io.files import write_json_atomic
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.build_info import label_rounds
 from batchseg.io.lock import build_lock

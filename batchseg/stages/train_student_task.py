@@ -8,7 +8,6 @@ by rename) for the driver's bar; durable state is only the checkpoints and outpu
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file
 
+from batchseg.io.files import write_json_atomic
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, save_weights, write_metrics_row
 from batchseg.labels.selftrain import balanced_class_weights
 from batchseg.models import runtime
@@ -61,10 +61,7 @@ class TrainTaskResult:
 
 
 def _write_progress(folder: Path, state: StepProgress) -> None:
-    path = folder / CHECKPOINTS / PROGRESS_FILE
-    tmp = path.with_name(f".{PROGRESS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(state)))
-    os.replace(tmp, path)
+    write_json_atomic(folder / CHECKPOINTS / PROGRESS_FILE, asdict(state))
 
 
 def _rows_by_image(task: TrainTask) -> dict[str, list[dict]]:

@@ -13,9 +13,7 @@ plain JSON, so a checkpoint file from anywhere cannot run code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from batchseg.io.files import atomic_path, remove_temporaries, write_json_atomic
+from batchseg.io.hashing import file_sha256
 
 FORMAT = 1
 _NAME = re.compile(r"^epoch-(\d{4,})\.json$")
@@ -33,20 +34,6 @@ KEEP = 2  # committed checkpoints kept; older ones are removed after a new commi
 class Checkpoint:
     epoch: int  # finished epochs
     extra: dict[str, Any]  # caller's JSON data (e.g. metrics so far)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,15 +69,12 @@ def save_checkpoint(folder: Path, epoch: int, model: torch.nn.Module, optimizer:
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     weights = folder / f"{stem}.safetensors"
-    tmp = folder / f".{stem}.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    _fsync_replace(tmp, weights)
+    with atomic_path(weights, fsync=True) as tmp:
+        save_file(tensors, str(tmp))
     marker = folder / f"{stem}.json"
-    info = {"format": FORMAT, "epoch": epoch, "weights": weights.name, "sha256": _sha256(weights),
+    info = {"format": FORMAT, "epoch": epoch, "weights": weights.name, "sha256": file_sha256(weights, cache=False),
             "optimizer": optim_info, "extra": extra or {}}
-    tmp = folder / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-    _fsync_replace(tmp, marker)
+    write_json_atomic(marker, info, fsync=True)
     _prune(folder, epoch)
     return marker
 
@@ -100,8 +84,7 @@ def _prune(folder: Path, newest: int) -> None:
         if epoch < newest:
             (folder / f"epoch-{epoch:04d}.json").unlink(missing_ok=True)
             (folder / f"epoch-{epoch:04d}.safetensors").unlink(missing_ok=True)
-    for leftover in folder.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+    remove_temporaries(folder)
 
 
 def committed_epochs(folder: Path) -> list[int]:
@@ -121,7 +104,7 @@ def load_latest(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         try:
             info = json.loads((folder / f"epoch-{epoch:04d}.json").read_text())
             weights = folder / info["weights"]
-            if info.get("format") != FORMAT or not weights.exists() or _sha256(weights) != info["sha256"]:
+            if info.get("format") != FORMAT or not weights.exists() or file_sha256(weights, cache=False) != info["sha256"]:
                 continue
         except (OSError, ValueError, KeyError):
             continue

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from batchseg.errors import UsageError
+from batchseg.io.files import atomic_path
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD
 from batchseg.students.load import LoadedStudent, load_student
 
@@ -54,9 +55,7 @@ def export_student(folder: Path, fmt: str, output: Path | None = None) -> Path:
     size = student.input_size
     example = torch.zeros(2, 3, size, size)
     path = output or folder / f"model{SUFFIX[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
         if fmt == "onnx":
             try:
@@ -69,5 +68,4 @@ def export_student(folder: Path, fmt: str, output: Path | None = None) -> Path:
                               dynamic_axes={"pixels": {0: "batch"}, "probs": {0: "batch"}})
         else:
             torch.jit.trace(module, example).save(str(tmp))
-    tmp.replace(path)
     return path
