@@ -10,6 +10,7 @@ from batchseg.errors import BatchsegError
 
 # Choices are the library's own tuples; these modules import neither torch nor Dask.
 from batchseg.choices import DENSE_HEADS, KEY_SMOOTHING, REGION_VOTES, SAM_MODELS
+from batchseg.io.statuses import AUTO_SOURCE, TRAIN_SOURCES, LabelKind, StudentKind, values
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -386,7 +387,7 @@ Examples:
 @click.option("--format", "fmt", type=click.Choice(["coco", "png", "yolo"]), required=True, help="Dataset format.")
 @click.option("--round", "round_index", type=int, default=None, help="Label round to export (default: the last).")
 @click.option("--source", default=None, help="Label source: sam, maskclip or student (default: sam when present).")
-@click.option("--kind", type=click.Choice(["semantic", "instance"]), default="semantic", show_default=True,
+@click.option("--kind", type=click.Choice(values(LabelKind)), default=LabelKind.SEMANTIC.value, show_default=True,
               help="Label rows: semantic (one region per class) or instance (one per SAM mask).")
 @click.option("--min-score", type=float, default=0.0, show_default=True, help="Leave out rows scored below this.")
 @click.option("--split", default=None, help="Held-out splits by image id, e.g. val=0.1 or val=0.1,test=0.1.")
@@ -581,12 +582,12 @@ Examples:
 
 @cli.command("train-student", help=TRAIN_STUDENT_HELP)
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--kind", type=click.Choice(["semantic", "instance", "sam-encoder"]), default="semantic", show_default=True,
+@click.option("--kind", type=click.Choice(values(StudentKind)), default=StudentKind.SEMANTIC.value, show_default=True,
               help="What the student predicts: a semantic map (MaskCLIP+), instances (YOLACT), or SAM's image "
                    "embedding (EdgeSAM: a CNN distilled from the stored SAM embeddings, a SAM model folder).")
 @click.option("--name", required=True, help="Folder name of the student under OUT/students/.")
 @click.option("--round", "round_index", type=int, default=None, help="Label round to learn from (default: the last).")
-@click.option("--source", type=click.Choice(["auto", "sam", "student", "maskclip"]), default="auto", show_default=True,
+@click.option("--source", type=click.Choice(TRAIN_SOURCES), default=AUTO_SOURCE, show_default=True,
               help="Which labels of the round: auto = SAM refinement when present.")
 @click.option("--classes", default=None, help="Comma-separated subset of the build's classes (default: all).")
 @click.option("--conf-thresh", type=float, default=0.3, show_default=True,
@@ -636,7 +637,7 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, cl
             chosen = tuple(c.strip() for c in classes.split(",") if c.strip())
             if not chosen:
                 raise UsageError("--classes is empty: give at least one class name")
-        if kind == "sam-encoder":
+        if kind == StudentKind.SAM_ENCODER:
             given = click.get_current_context().get_parameter_source
             for option in ("input_size", "blocks", "classes", "nms", "nms_thresh"):
                 if given(option) == click.core.ParameterSource.COMMANDLINE:
@@ -644,8 +645,8 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, cl
                                      "teacher SAM fixes its canvas and output)")
             arch = SamStudentArch(width=width, depth=depth)
         else:
-            arch = (YolactArch if kind == "instance" else SemanticArch)(blocks=blocks, width=width, depth=depth,
-                                                                         input_size=input_size)
+            arch = (YolactArch if kind == StudentKind.INSTANCE else SemanticArch)(
+                blocks=blocks, width=width, depth=depth, input_size=input_size)
         config = TrainStudentConfig(
             out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
             conf_thresh=conf_thresh, class_balance=class_balance, arch=arch, prompt_epochs=prompt_epochs,

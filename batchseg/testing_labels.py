@@ -17,6 +17,7 @@ import numpy as np
 from batchseg.config import BUILD_FILE, BUILD_SCHEMA_VERSION
 from batchseg.io.files import write_json_atomic
 from batchseg.io.images import content_id
+from batchseg.io.statuses import ImageStatus, LabelKind, LabelSource
 from batchseg.io.tables import labels_table, manifest_table, round_folder, write_part_atomic
 from batchseg.labels.rle import encode_label_map, encode_mask, rle_area, rle_bbox_xywh
 from batchseg.world import CLASS_NAMES, render_sample, semantic_to_class_ids, write_world
@@ -50,14 +51,14 @@ def image_rows(seed: int, index: int, image_id: str, round_index: int) -> list[d
     rng = np.random.default_rng([seed, index, round_index])
     label = semantic_to_class_ids(sample.semantic)
     semantic = encode_label_map(label, ignore=-1)
-    first = "maskclip" if round_index == 0 else "student"
+    first = LabelSource.MASKCLIP if round_index == 0 else LabelSource.STUDENT
     rows = []
-    for source in (first, "sam"):
+    for source in (first, LabelSource.SAM):
         for class_id, rle in semantic:
-            rows.append(_row(image_id, "semantic", class_id, class_id, float(rng.uniform(0.3, 1.0)), source,
+            rows.append(_row(image_id, LabelKind.SEMANTIC, class_id, class_id, float(rng.uniform(0.3, 1.0)), source,
                              round_index, rle))
     for segment, obj in enumerate(sample.objects):
-        rows.append(_row(image_id, "instance", segment, obj.class_id, float(rng.uniform(0.3, 1.0)), "sam",
+        rows.append(_row(image_id, LabelKind.INSTANCE, segment, obj.class_id, float(rng.uniform(0.3, 1.0)), LabelSource.SAM,
                          round_index, encode_mask(obj.mask)))
     return rows
 
@@ -78,13 +79,13 @@ def write_labelled_build(root: Path, count: int, seed: int = 0, rounds: int = 1,
         ids.append(image_id)
         sample_h, sample_w = render_sample(seed, zarr_row).semantic.shape
         manifest.append({"image_id": image_id, "path": path.name, "bytes": path.stat().st_size, "width": sample_w,
-                         "height": sample_h, "status": "ok", "zarr_row": zarr_row, "shard": f"{RUN_ID}-00000",
+                         "height": sample_h, "status": ImageStatus.OK, "zarr_row": zarr_row, "shard": f"{RUN_ID}-00000",
                          "run_id": RUN_ID})
     (paths[0].parent / "copies").mkdir(exist_ok=True)
     (paths[0].parent / "copies" / paths[0].name).write_bytes(paths[0].read_bytes())
-    manifest.append({"image_id": ids[0], "path": "copies/" + paths[0].name, "status": "duplicate", "run_id": RUN_ID,
+    manifest.append({"image_id": ids[0], "path": "copies/" + paths[0].name, "status": ImageStatus.DUPLICATE, "run_id": RUN_ID,
                      "error": f"same content as {paths[0].name}; computed once"})
-    manifest.append({"image_id": None, "path": "broken.jpg", "status": "truncated", "run_id": RUN_ID,
+    manifest.append({"image_id": None, "path": "broken.jpg", "status": ImageStatus.TRUNCATED, "run_id": RUN_ID,
                      "error": "image file is truncated"})
     write_part_atomic(manifest_table(manifest), out / "manifest" / f"part-{RUN_ID}-00000.parquet")
     write_json_atomic(out / BUILD_FILE, {"schema_version": BUILD_SCHEMA_VERSION,
@@ -96,7 +97,7 @@ def write_labelled_build(root: Path, count: int, seed: int = 0, rounds: int = 1,
             for index in range(start, min(count, start + shard_size)):
                 rows += image_rows(seed, index, ids[index], round_index)
             for row in rows:
-                if row["kind"] == "semantic" and row["source"] == "sam":
+                if row["kind"] == LabelKind.SEMANTIC and row["source"] == LabelSource.SAM:
                     histogram[row["class_id"]] += row["area"]
             write_part_atomic(labels_table(rows), round_folder(out, round_index) / f"part-{RUN_ID}-{shard:05d}.parquet")
         write_json_atomic(round_folder(out, round_index) / "_round.json", {
@@ -124,8 +125,8 @@ def _write_evaluation(out: Path, rounds: int) -> None:
     """An evaluate JSON as `batchseg evaluate` writes it (perfect labels: IoU 1 where present)."""
     results = []
     for round_index in range(rounds + 1):
-        for source in ("maskclip" if round_index == 0 else "student", "sam"):
-            iou = 1.0 - 0.1 / (round_index + 1) if source != "sam" else 1.0
+        for source in (LabelSource.MASKCLIP if round_index == 0 else LabelSource.STUDENT, LabelSource.SAM):
+            iou = 1.0 - 0.1 / (round_index + 1) if source != LabelSource.SAM else 1.0
             results.append({
                 "round": round_index, "source": source, "images": 4, "miou": iou, "pixel_accuracy": iou,
                 "per_class": [{"class_id": k, "class_name": n, "iou": iou if k % 3 else None}

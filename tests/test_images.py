@@ -20,10 +20,11 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from batchseg.io.images import (
-    DEFAULT_MAX_PIXELS, FAILURE_STATUSES, IMAGE_EXTENSIONS, STATUS_DUPLICATE, STATUS_OK,
+    DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS,
     DecodedImage, FoundFile, ImageError, content_id, decode_image, discover_images,
     read_image_bytes,
 )
+from batchseg.io.statuses import FAILURE_STATUSES, ImageStatus
 
 NOBODY = 65534
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -307,7 +308,7 @@ def _outcome(data: bytes, max_pixels: int):
         out = decode_image(data, max_pixels=max_pixels)
     except ImageError as err:
         return err.status, err.message
-    return STATUS_OK, content_id(out.pixels.tobytes())
+    return ImageStatus.OK, content_id(out.pixels.tobytes())
 
 
 def test_concurrent_decodes_match_sequential():
@@ -318,7 +319,7 @@ def test_concurrent_decodes_match_sequential():
     with ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(lambda job: _outcome(*job), jobs * 3))
     assert got == expected * 3
-    assert expected[-2][0] == STATUS_OK and expected[-1][0] == "too_large"
+    assert expected[-2][0] == ImageStatus.OK and expected[-1][0] == "too_large"
 
 
 # --------------------------------------------------------------------------- small API
@@ -326,8 +327,8 @@ def test_concurrent_decodes_match_sequential():
 def test_constants():
     assert FAILURE_STATUSES == {"empty", "truncated", "not_an_image", "too_large",
                                 "unreadable", "decode_error", "changed"}
-    assert STATUS_OK == "ok" and STATUS_DUPLICATE == "duplicate"
-    assert STATUS_OK not in FAILURE_STATUSES and STATUS_DUPLICATE not in FAILURE_STATUSES
+    assert ImageStatus.OK == "ok" and ImageStatus.DUPLICATE == "duplicate"
+    assert ImageStatus.OK not in FAILURE_STATUSES and ImageStatus.DUPLICATE not in FAILURE_STATUSES
     assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
     assert DEFAULT_MAX_PIXELS == 178_956_970
 
@@ -592,7 +593,7 @@ def test_corpus_through_the_whole_pipeline(tmp_path):
         expected[f"bad/{name}.jpg"] = status
     for name, data, _ in EXACT:
         _touch(tmp_path, f"good/{name}.png", data=data)
-        expected[f"good/{name}.png"] = STATUS_OK
+        expected[f"good/{name}.png"] = ImageStatus.OK
     os.symlink("loop2.jpg", tmp_path / "loop1.jpg")
     os.symlink("loop1.jpg", tmp_path / "loop2.jpg")
     expected.update({"loop1.jpg": "unreadable", "loop2.jpg": "unreadable"})
@@ -603,7 +604,7 @@ def test_corpus_through_the_whole_pipeline(tmp_path):
         except ImageError as err:
             got[found.rel_path] = err.status
         else:
-            got[found.rel_path] = STATUS_OK
+            got[found.rel_path] = ImageStatus.OK
     assert got == expected
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

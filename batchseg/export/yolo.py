@@ -18,6 +18,7 @@ import yaml
 from batchseg.export import Category, ExportItem, UnitResult
 from batchseg.export.polygons import mask_polygons, merge_polygons
 from batchseg.io.files import write_text_atomic
+from batchseg.io.statuses import LabelKind
 from batchseg.labels.rle import decode_mask
 
 DECIMALS = 6
@@ -34,7 +35,7 @@ def row_lines(row: dict, kind: str, height: int, width: int, tolerance: float) -
     polygons = mask_polygons(decode_mask(row["mask"]), tolerance)
     if not polygons:
         return []
-    if kind == "instance":
+    if kind == LabelKind.INSTANCE:
         polygons = [merge_polygons(polygons)]
     return [polygon_line(row["class_id"], p, height, width) for p in polygons]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from batchseg.errors import UsageError
+from batchseg.io.statuses import USABLE_STATUSES, ImageStatus
 from batchseg.io.tables import LABELS_VERSION, check_version, read_manifest, read_part, read_schema_checked, round_folder
 
 ROUND_FILE = "_round.json"
@@ -42,7 +43,7 @@ class ManifestSummary:
 def manifest_summary(out: Path) -> ManifestSummary:
     """The build's current files and unique images; a path's latest manifest row wins."""
     rows = read_manifest(out).select(["image_id", "path", "width", "height", "status", "run_id"]).to_pylist()
-    sizes = {r["image_id"]: (r["height"], r["width"]) for r in rows if r["status"] == "ok" and r["image_id"]}
+    sizes = {r["image_id"]: (r["height"], r["width"]) for r in rows if r["status"] == ImageStatus.OK and r["image_id"]}
     latest: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: r["run_id"] or ""):
         latest[row["path"]] = row
@@ -51,9 +52,9 @@ def manifest_summary(out: Path) -> ManifestSummary:
     for path in sorted(latest):
         counts[latest[path]["status"]] = counts.get(latest[path]["status"], 0) + 1
     # The path whose content was computed first; a duplicate's path only when that one is gone.
-    for path in sorted(latest, key=lambda p: (latest[p]["status"] != "ok", p)):
+    for path in sorted(latest, key=lambda p: (latest[p]["status"] != ImageStatus.OK, p)):
         row = latest[path]
-        if row["status"] in ("ok", "duplicate") and row["image_id"] in sizes and row["image_id"] not in images:
+        if row["status"] in USABLE_STATUSES and row["image_id"] in sizes and row["image_id"] not in images:
             height, width = sizes[row["image_id"]]
             images[row["image_id"]] = BuildImage(row["image_id"], path, int(height), int(width))
     return ManifestSummary(len(latest), counts, images)

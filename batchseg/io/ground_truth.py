@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from batchseg.errors import UsageError
+from batchseg.io.statuses import USABLE_STATUSES, ImageStatus
 from batchseg.io.tables import read_manifest
 
 PNG_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B")
@@ -81,13 +82,13 @@ def manifest_images(out: Path) -> dict[str, GtImage]:
     rows = read_manifest(out).to_pylist()
     if not rows:
         raise UsageError(f"{out} has no images (no manifest rows); run `batchseg embed SRC {out}` first")
-    sizes = {r["image_id"]: (r["height"], r["width"]) for r in rows if r["status"] == "ok" and r["image_id"]}
+    sizes = {r["image_id"]: (r["height"], r["width"]) for r in rows if r["status"] == ImageStatus.OK and r["image_id"]}
     latest: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: r["run_id"] or ""):
         latest[row["path"]] = row
     images = {}
     for path, row in latest.items():
-        if row["status"] in ("ok", "duplicate") and row["image_id"] in sizes:
+        if row["status"] in USABLE_STATUSES and row["image_id"] in sizes:
             height, width = sizes[row["image_id"]]
             images[path] = GtImage(path, row["image_id"], int(height), int(width))
     if not images:

@@ -1,7 +1,7 @@
 """Find image files under a folder, read them, and decode untrusted bytes safely.
 
 Every way an input file can be unusable ends as an :class:`ImageError` whose
-``status`` is one of :data:`FAILURE_STATUSES` and whose ``message`` is a one-line
+``status`` is one of :data:`batchseg.io.statuses.FAILURE_STATUSES` and whose ``message`` is a one-line
 explanation, so one bad file is recorded and skipped instead of stopping a batch.
 
 Decoding choices (they affect pixel values, so they are part of the contract):
@@ -33,27 +33,15 @@ from PIL import Image, UnidentifiedImageError
 
 from batchseg.errors import UsageError
 from batchseg.io.hashing import sha256_bytes
+from batchseg.io.statuses import FAILURE_STATUSES, ImageStatus
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "FAILURE_STATUSES", "IMAGE_EXTENSIONS", "STATUS_CHANGED", "STATUS_DUPLICATE", "STATUS_OK",
+    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS",
     "DecodedImage", "FoundFile", "ImageError", "content_id", "decode_image", "discover_images",
     "manifest_path", "read_image_bytes",
 ]
 
 logger = logging.getLogger(__name__)
-
-STATUS_OK = "ok"
-STATUS_DUPLICATE = "duplicate"
-STATUS_EMPTY = "empty"
-STATUS_TRUNCATED = "truncated"
-STATUS_NOT_AN_IMAGE = "not_an_image"
-STATUS_TOO_LARGE = "too_large"
-STATUS_UNREADABLE = "unreadable"
-STATUS_DECODE_ERROR = "decode_error"
-STATUS_CHANGED = "changed"  # the file's bytes changed between planning (hashing) and decoding
-FAILURE_STATUSES: frozenset[str] = frozenset({STATUS_EMPTY, STATUS_TRUNCATED, STATUS_NOT_AN_IMAGE,
-                                              STATUS_TOO_LARGE, STATUS_UNREADABLE,
-                                              STATUS_DECODE_ERROR, STATUS_CHANGED})
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -81,11 +69,11 @@ _ALLOWED_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)  # e.g. 
 class ImageError(Exception):
     """A file that cannot become an image; ``status`` says why, ``message`` says how."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: ImageStatus | str, message: str) -> None:
         if status not in FAILURE_STATUSES:
             raise ValueError(f"unknown image failure status {status!r}")
         super().__init__(message)
-        self.status = status
+        self.status = ImageStatus(status)
         self.message = message
 
     def __reduce__(self):  # Exception pickles args only; Dask ships these between workers
@@ -100,7 +88,7 @@ class FoundFile:
     rel_path: str
     size: int | None
     mtime: float | None
-    status: str | None = None
+    status: ImageStatus | None = None  # a failure found while listing (unreadable)
     message: str | None = None
 
 
@@ -242,7 +230,7 @@ def _found(path_b: bytes, rel: bytes, st: os.stat_result | None, problem: str | 
     return FoundFile(path=_open_path(path_b), rel_path=manifest_path(rel),
                      size=None if st is None else st.st_size,
                      mtime=None if st is None else st.st_mtime,
-                     status=None if problem is None else STATUS_UNREADABLE, message=problem)
+                     status=None if problem is None else ImageStatus.UNREADABLE, message=problem)
 
 
 def read_image_bytes(source: FoundFile | str | bytes | os.PathLike,
@@ -262,24 +250,24 @@ def read_image_bytes(source: FoundFile | str | bytes | os.PathLike,
     try:
         fd = os.open(source, flags)
     except OSError as err:
-        raise ImageError(STATUS_UNREADABLE,
+        raise ImageError(ImageStatus.UNREADABLE,
                          f"cannot open file: {_one_line(err.strerror or err)}") from err
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ImageError(STATUS_UNREADABLE, "unreadable: not a regular file")
+            raise ImageError(ImageStatus.UNREADABLE, "unreadable: not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise ImageError(STATUS_TOO_LARGE,
+            raise ImageError(ImageStatus.TOO_LARGE,
                              f"file too large: {st.st_size} bytes > limit {max_bytes}")
         with os.fdopen(os.dup(fd), "rb") as f:  # the dup keeps `finally` the sole closer
             data = f.read()
     except OSError as err:
-        raise ImageError(STATUS_UNREADABLE,
+        raise ImageError(ImageStatus.UNREADABLE,
                          f"cannot read file: {_one_line(err.strerror or err)}") from err
     finally:
         os.close(fd)
     if not data:
-        raise ImageError(STATUS_EMPTY, "empty file: 0 bytes")
+        raise ImageError(ImageStatus.EMPTY, "empty file: 0 bytes")
     return data
 
 
@@ -299,7 +287,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     (its default) or truncated files cannot be told apart.
     """
     if not data:
-        raise ImageError(STATUS_EMPTY, "empty file: 0 bytes")
+        raise ImageError(ImageStatus.EMPTY, "empty file: 0 bytes")
     try:
         return _decode(data, max_pixels)
     except ImageError:
@@ -308,18 +296,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
         match = _BOMB_RE.search(str(err))
         detail = (f"{match[1]} pixels > limit {match[2]} (Pillow's decompression-bomb limit)"
                   if match else _one_line(err))
-        raise ImageError(STATUS_TOO_LARGE, f"image too large: {detail}") from err
+        raise ImageError(ImageStatus.TOO_LARGE, f"image too large: {detail}") from err
     except UnidentifiedImageError as err:
         kind = _signature(data)
         if kind is None:
-            raise ImageError(STATUS_NOT_AN_IMAGE,
+            raise ImageError(ImageStatus.NOT_AN_IMAGE,
                              "not an image: cannot identify image file format") from err
         if _cut_short(data, kind):
-            raise ImageError(STATUS_TRUNCATED,
+            raise ImageError(ImageStatus.TRUNCATED,
                              f"truncated file: {kind} header ends early") from err
-        raise ImageError(STATUS_DECODE_ERROR, f"decode error: corrupt {kind} header") from err
+        raise ImageError(ImageStatus.DECODE_ERROR, f"decode error: corrupt {kind} header") from err
     except MemoryError as err:
-        raise ImageError(STATUS_TOO_LARGE, "image too large: out of memory while decoding") from err
+        raise ImageError(ImageStatus.TOO_LARGE, "image too large: out of memory while decoding") from err
     except Exception as err:  # noqa: BLE001 - any decoder failure is a per-file failure
         raise _classify(err, data) from err
 
@@ -348,17 +336,17 @@ def _classify(err: Exception, data: bytes) -> ImageError:
     kind = _signature(data)
     if (isinstance(err, EOFError) or (isinstance(err, OSError) and "truncated" in text.lower())
             or (kind is not None and _cut_short(data, kind))):
-        return ImageError(STATUS_TRUNCATED, f"truncated file: {text}")
-    return ImageError(STATUS_DECODE_ERROR, f"decode error: {type(err).__name__}: {text}")
+        return ImageError(ImageStatus.TRUNCATED, f"truncated file: {text}")
+    return ImageError(ImageStatus.DECODE_ERROR, f"decode error: {type(err).__name__}: {text}")
 
 
 def _decode(data: bytes, max_pixels: int) -> DecodedImage:
     with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as im:
         width, height = im.size
         if width < 1 or height < 1:
-            raise ImageError(STATUS_DECODE_ERROR, f"decode error: image size is {width}x{height}")
+            raise ImageError(ImageStatus.DECODE_ERROR, f"decode error: image size is {width}x{height}")
         if width * height > max_pixels:
-            raise ImageError(STATUS_TOO_LARGE, f"image too large: {width}x{height} = "
+            raise ImageError(ImageStatus.TOO_LARGE, f"image too large: {width}x{height} = "
                              f"{width * height} pixels > limit {max_pixels}")
         frames = max(1, int(getattr(im, "n_frames", 1)))  # counting seeks back to frame 0
         im.load()
@@ -433,5 +421,5 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
             return _gray(np.asarray(im))
         return np.asarray(im.convert("RGB"))
     except ValueError as err:
-        raise ImageError(STATUS_DECODE_ERROR,
+        raise ImageError(ImageStatus.DECODE_ERROR,
                          f"decode error: unsupported pixel mode {mode}: {_one_line(err)}") from err

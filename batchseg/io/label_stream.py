@@ -18,9 +18,9 @@ import pyarrow.dataset as ds
 
 from batchseg.errors import UsageError
 from batchseg.io.build_info import check_label_part
+from batchseg.io.statuses import SOURCE_PREFERENCE, LabelKind
 from batchseg.io.tables import read_part
 
-SOURCE_PREFERENCE = ("sam", "student", "maskclip")  # SAM-refined first: each round's best labels
 ROW_COLUMNS = ("image_id", "kind", "segment_id", "class_id", "class_name", "score", "source", "bbox", "area", "mask")
 
 
@@ -29,7 +29,7 @@ class LabelFilter:
     """Which label rows to read: one source and kind, scores at least ``min_score``."""
 
     source: str
-    kind: str = "semantic"
+    kind: LabelKind = LabelKind.SEMANTIC
     min_score: float = 0.0
 
 

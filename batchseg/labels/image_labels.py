@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from batchseg.io.geometry import letterbox
+from batchseg.io.statuses import LabelKind, LabelSource
 from batchseg.labels.rle import encode_mask, rle_area, rle_bbox_xywh
 from batchseg.labels.maskclip import crop_to_original, upsample_to_canvas
 
@@ -60,8 +61,8 @@ def to_original(mask: np.ndarray, frame: ImageFrame) -> np.ndarray:
     return up[0, 0].numpy() > 0.5
 
 
-def _row(frame: ImageFrame, kind: str, segment_id: int, class_id: int, class_name: str, score: float,
-         source: str, round_index: int, mask: np.ndarray) -> dict:
+def _row(frame: ImageFrame, kind: LabelKind, segment_id: int, class_id: int, class_name: str, score: float,
+         source: LabelSource, round_index: int, mask: np.ndarray) -> dict:
     rle = encode_mask(to_original(mask, frame))
     return {
         "image_id": frame.image_id,
@@ -79,7 +80,7 @@ def _row(frame: ImageFrame, kind: str, segment_id: int, class_id: int, class_nam
 
 
 def semantic_rows(frame: ImageFrame, label: np.ndarray, confidence: np.ndarray, names: tuple[str, ...],
-                  source: str, round_index: int) -> list[dict]:
+                  source: LabelSource, round_index: int) -> list[dict]:
     """One row per class present in ``label`` (work size, int, -1 = unlabelled).
 
     Rows of one image never overlap: each pixel has one class. The score is the
@@ -90,17 +91,17 @@ def semantic_rows(frame: ImageFrame, label: np.ndarray, confidence: np.ndarray, 
         if class_id < 0:
             continue
         mask = label == class_id
-        rows.append(_row(frame, "semantic", int(class_id), int(class_id), names[class_id],
+        rows.append(_row(frame, LabelKind.SEMANTIC, int(class_id), int(class_id), names[class_id],
                          float(confidence[mask].mean()), source, round_index, mask))
     return rows
 
 
 def instance_rows(frame: ImageFrame, masks: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
-                  names: tuple[str, ...], source: str, round_index: int) -> list[dict]:
+                  names: tuple[str, ...], source: LabelSource, round_index: int) -> list[dict]:
     """One row per mask (N, work_h, work_w) bool; instance rows may overlap."""
     return [
-        _row(frame, "instance", index, int(class_ids[index]), names[int(class_ids[index])], float(scores[index]),
-             source, round_index, masks[index])
+        _row(frame, LabelKind.INSTANCE, index, int(class_ids[index]), names[int(class_ids[index])],
+             float(scores[index]), source, round_index, masks[index])
         for index in range(masks.shape[0])
         if masks[index].any()
     ]

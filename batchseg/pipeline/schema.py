@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchseg.choices import DENSE_HEADS, KEY_SMOOTHING, REGION_VOTES
+from batchseg.io.statuses import TRAIN_SOURCES, LabelKind, StudentKind, values
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
 
 STAGES = ("embed", "qc", "pseudolabel", "evaluate", "train-student", "export", "report")
@@ -56,8 +57,8 @@ PSEUDOLABEL = {
 }
 EVALUATE = {"gt": Key("path", required=True), "ignore-index": INT, "gt-offset": INT}
 STUDENT = {
-    "name": Key("str", required=True), "kind": choice("semantic", "instance"), "round": INT,
-    "source": choice("auto", "sam", "student", "maskclip"), "classes": STRS, "conf-thresh": FLOAT,
+    "name": Key("str", required=True), "kind": choice(StudentKind.SEMANTIC.value, StudentKind.INSTANCE.value), "round": INT,
+    "source": choice(*TRAIN_SOURCES), "classes": STRS, "conf-thresh": FLOAT,
     "class-balance": FLOAT, "blocks": choice("conv", "attention", "dynamic", "dynamic-dw"), "width": INT,
     "depth": INT, "input-size": INT, "nms": choice("fast", "noh"), "nms-thresh": FLOAT, "epochs": INT,
     "batch-size": INT, "lr": FLOAT, "seed": INT, "no-flip": BOOL, "scale-jitter": PAIR, "images": PATH,
@@ -65,7 +66,7 @@ STUDENT = {
 }
 EXPORT = {
     "dest": Key("path", required=True), "format": choice("coco", "png", "yolo", required=True), "round": INT,
-    "source": STR, "kind": choice("semantic", "instance"), "min-score": FLOAT, "split": STR, "seed": INT,
+    "source": STR, "kind": choice(*values(LabelKind)), "min-score": FLOAT, "split": STR, "seed": INT,
     "images": choice("copy", "link", "none"), "src": PATH, "tolerance": FLOAT, "ignore-value": INT,
 }
 REPORT = {"round": INT, "source": STR, "per-class": INT, "src": PATH}

@@ -13,6 +13,7 @@ from typing import Any
 
 from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig, key_smoothing_choice
 from batchseg.errors import UsageError
+from batchseg.io.statuses import AUTO_SOURCE, LabelKind, StudentKind
 from batchseg.pipeline.spec import _validated, detached_build
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
 
@@ -116,16 +117,16 @@ def student(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettin
     from batchseg.students.settings import Augment, SemanticArch, TrainSettings, YolactArch
 
     g = given.get
-    kind = g("kind", "semantic")
+    kind = g("kind", StudentKind.SEMANTIC)
     classes = None
     if "classes" in given:
         classes = tuple(c.strip() for item in given["classes"] for c in item.split(",") if c.strip())
         if not classes:
             raise doc.error(where + ("classes",), "is empty: give at least one class name")
-    arch = (YolactArch if kind == "instance" else SemanticArch)(
+    arch = (YolactArch if kind == StudentKind.INSTANCE else SemanticArch)(
         blocks=g("blocks", "conv"), width=g("width", 64), depth=g("depth", 4), input_size=g("input_size", 128))
     config = TrainStudentConfig(
-        out=out, name=given["name"], kind=kind, round=g("round"), source=g("source", "auto"), classes=classes,
+        out=out, name=given["name"], kind=kind, round=g("round"), source=g("source", AUTO_SOURCE), classes=classes,
         conf_thresh=g("conf_thresh", 0.3), class_balance=g("class_balance", 0.5), arch=arch, nms=g("nms", "fast"),
         nms_thresh=g("nms_thresh", 0.5),
         train=TrainSettings(epochs=g("epochs", 20), batch_size=g("batch_size", 8), lr=g("lr", 2e-3), seed=g("seed", 0)),
@@ -147,7 +148,7 @@ def export(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
     if dest.resolve() == out.resolve() or out.resolve() in dest.resolve().parents:
         raise doc.error(where + ("dest",), f"the export destination {dest} must be outside the output folder {out}")
     config = ExportConfig(out=out, dest=dest, format=given["format"], round=g("round"), source=g("source"),
-                          kind=g("kind", "semantic"), min_score=g("min_score", 0.0), split=split, seed=g("seed", 0),
+                          kind=g("kind", LabelKind.SEMANTIC), min_score=g("min_score", 0.0), split=split, seed=g("seed", 0),
                           images=g("images", "copy"), src=g("src"), tolerance=g("tolerance", 1.0),
                           ignore_value=g("ignore_value", 255))
     _check_detached(doc, where, config)

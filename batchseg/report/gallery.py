@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+from batchseg.io.statuses import LabelKind
 from batchseg.io.tables import read_part
 from PIL import Image
 
@@ -37,7 +38,7 @@ class GalleryImage:
 def pick_gallery(parts: list[Path], source: str, per_class: int) -> dict[int, list[str]]:
     """class id -> up to ``per_class`` image ids where the class covers most pixels (largest first)."""
     heaps: dict[int, list[tuple[int, str]]] = {}
-    expression = (ds.field("source") == source) & (ds.field("kind") == "semantic")
+    expression = (ds.field("source") == source) & (ds.field("kind") == LabelKind.SEMANTIC)
     for part in parts:
         table = read_part(part, columns=["image_id", "class_id", "area"], filters=expression)
         for image_id, class_id, area in zip(*(table.column(c).to_pylist() for c in ("image_id", "class_id", "area"))):
@@ -54,7 +55,7 @@ def semantic_rows(parts: list[Path], source: str, image_ids: set[str]) -> dict[s
     """The semantic label rows of ``image_ids`` from ``source``, by image id."""
     if not image_ids:
         return {}
-    expression = ((ds.field("source") == source) & (ds.field("kind") == "semantic")
+    expression = ((ds.field("source") == source) & (ds.field("kind") == LabelKind.SEMANTIC)
                   & ds.field("image_id").isin(pa.array(sorted(image_ids), type=pa.string())))
     found: dict[str, list[dict]] = {}
     for part in parts:

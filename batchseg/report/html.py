@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from html import escape
 
+from batchseg.io.statuses import USABLE_STATUSES
 from batchseg.report.collect import ReportData, RoundInfo, StudentInfo, Table
 from batchseg.report.gallery import GalleryImage
 from batchseg.report.svg import hbar_chart, line_chart
@@ -56,7 +57,7 @@ def _pct(value) -> str:
 
 def _build(page: ReportPage) -> str:
     build = page.data.build
-    failures = {k: v for k, v in build.status_counts.items() if k not in ("ok", "duplicate")}
+    failures = {k: v for k, v in build.status_counts.items() if k not in USABLE_STATUSES}
     rows = [["files (current)", str(build.files)], ["unique images", str(len(build.images))]]
     rows += [[escape(k), str(v)] for k, v in sorted(build.status_counts.items())]
     html = ['<h2 id="build">Build</h2>', _table(["", "count"], rows)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from batchseg.config import must_retrain, read_build_file
+from batchseg.io.statuses import ImageStatus
 from batchseg.pipeline.spec import Pipeline
 from batchseg.stages.build_state import fingerprint, listing, stage_state
 
@@ -133,7 +134,7 @@ def plan_embed_stage(pipeline: Pipeline) -> StagePlan:
         raise UsageError(f"cannot read source folder {config.source}: {exc}") from None
     plan = plan_embed(files, read_manifest(config.out), "dry-run")
     unique = len({p.image_id for p in plan.pending})
-    failures = sum(r["status"] != "duplicate" for r in plan.recorded_rows)
+    failures = sum(r["status"] != ImageStatus.DUPLICATE for r in plan.recorded_rows)
     if not plan.pending and not plan.recorded_rows:
         return StagePlan("embed", "embed", None, True, "up to date")
     what = (f"{len(plan.pending)} new images to embed ({unique} unique), {plan.duplicates} duplicates, "
@@ -146,7 +147,8 @@ def _current_images(out: Path, include_flagged: bool) -> tuple[set[str], set[str
     from batchseg.io.tables import read_manifest
     from batchseg.qc.flags import flagged_image_ids
 
-    ids = {r["image_id"] for r in read_manifest(out).select(["image_id", "status"]).to_pylist() if r["status"] == "ok"}
+    rows = read_manifest(out).select(["image_id", "status"]).to_pylist()
+    ids = {r["image_id"] for r in rows if r["status"] == ImageStatus.OK}
     flagged = set() if include_flagged or not (out / "qc").exists() else set(flagged_image_ids(out)) & ids
     return ids, flagged
 

@@ -23,6 +23,7 @@ from batchseg.io.files import remove_temporaries, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.images import discover_images
 from batchseg.io.lock import build_lock
+from batchseg.io.statuses import ImageStatus
 from batchseg.io.store import STORE_NAME, ModelGeometry, ensure_store, store_rows
 from batchseg.io.store_integrity import arrays_without_checksums, verify_rows
 from batchseg.io.tables import (
@@ -203,7 +204,7 @@ def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progre
 def _stored_images(manifest) -> dict[int, str]:
     """Zarr row -> image id of every row an ``ok`` manifest row points at."""
     rows = manifest.select(["image_id", "status", "zarr_row"]).to_pylist()
-    return {r["zarr_row"]: r["image_id"] for r in rows if r["status"] == "ok" and r["zarr_row"] is not None}
+    return {r["zarr_row"]: r["image_id"] for r in rows if r["status"] == ImageStatus.OK and r["zarr_row"] is not None}
 
 
 def _embed_locked(config: EmbedConfig, builders: ModelBuilders | None, run_id: str, progress: bool, started: float) -> EmbedSummary:
@@ -252,7 +253,7 @@ def _embed_locked(config: EmbedConfig, builders: ModelBuilders | None, run_id: s
         write_part_atomic(manifest_table(plan.recorded_rows), part_path(out, f"{run_id}-driver"))
     still = verify_rows(out, damaged) if damaged else {}
     ok = sum(r.ok for r in results)
-    failed = sum(r.failed for r in results) + sum(r["status"] != "duplicate" for r in plan.recorded_rows)
+    failed = sum(r.failed for r in results) + sum(r["status"] != ImageStatus.DUPLICATE for r in plan.recorded_rows)
     return EmbedSummary(
         run_id=run_id,
         out=out,

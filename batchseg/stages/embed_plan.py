@@ -15,7 +15,8 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from batchseg.io.images import STATUS_DUPLICATE, FoundFile, ImageError, content_id, read_image_bytes
+from batchseg.io.images import FoundFile, ImageError, content_id, read_image_bytes
+from batchseg.io.statuses import ImageStatus
 from batchseg.io.store import row_owners, store_rows
 from batchseg.io.store_integrity import verify_rows
 
@@ -84,7 +85,7 @@ def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash
     damaged_paths = {r["path"] for r in rows if r["image_id"] in recompute}
     stored_paths: dict[str, str] = {}
     for r in rows:
-        if r["image_id"] is not None and r["status"] != STATUS_DUPLICATE:
+        if r["image_id"] is not None and r["status"] != ImageStatus.DUPLICATE:
             stored_paths.setdefault(r["image_id"], r["path"])
 
     plan = EmbedPlan()
@@ -119,7 +120,7 @@ def plan_embed(files: Iterable[FoundFile], manifest: pa.Table, run_id: str, hash
         if original is not None:
             plan.duplicates += 1
             plan.recorded_rows.append(
-                _row(found, run_id, image_id, STATUS_DUPLICATE, f"same content as {original}; computed once")
+                _row(found, run_id, image_id, ImageStatus.DUPLICATE, f"same content as {original}; computed once")
             )
             continue
         queued[image_id] = found.rel_path

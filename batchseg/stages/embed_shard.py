@@ -19,9 +19,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from batchseg.io.statuses import ImageStatus
 from batchseg.models.specs import ModelSettings
 from batchseg.io.geometry import letterbox
-from batchseg.io.images import STATUS_CHANGED, ImageError, content_id, decode_image, read_image_bytes
+from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
 from batchseg.io.store import RowWriter
 from batchseg.io.tables import manifest_table, write_part_atomic
 from batchseg.models.clip import preprocess_clip
@@ -81,7 +82,7 @@ def _base_row(task: ShardTask, item: ShardItem) -> dict:
         "path": item.rel_path,
         "bytes": item.size,
         "mtime": item.mtime,
-        "status": "ok",
+        "status": ImageStatus.OK,
         "error": None,
         "zarr_row": item.zarr_row,
         "shard": task.shard_id,
@@ -95,7 +96,7 @@ def _prepare(task: ShardTask, models: LoadedModels, item: ShardItem) -> _Prepare
     try:
         data = read_image_bytes(item.path)
         if content_id(data) != item.image_id:
-            raise ImageError(STATUS_CHANGED, "file changed after it was hashed; the next run will pick up the new content")
+            raise ImageError(ImageStatus.CHANGED, "file changed after it was hashed; the next run will pick up the new content")
         image = decode_image(data, max_pixels=task.max_pixels)
     except ImageError as exc:
         row.update(status=exc.status, error=exc.message, zarr_row=None)
@@ -143,7 +144,7 @@ def _batches(prepared: Iterator[_Prepared], size: int) -> Iterator[list[_Prepare
     """Group decodable images into batches; failed ones pass straight through."""
     batch: list[_Prepared] = []
     for entry in prepared:
-        if entry.row["status"] != "ok" or entry.item.reuse:
+        if entry.row["status"] != ImageStatus.OK or entry.item.reuse:
             yield [entry]
             continue
         batch.append(entry)
@@ -199,7 +200,7 @@ def run_shard(task: ShardTask, builders: ModelBuilders | None = None) -> ShardRe
         depth = max(2 * task.batch_size, task.decode_threads)
         for batch in _batches(_prefetch(decoders, task, models, depth), task.batch_size):
             rows.extend(entry.row for entry in batch)
-            if batch[0].row["status"] != "ok" or batch[0].item.reuse:
+            if batch[0].row["status"] != ImageStatus.OK or batch[0].item.reuse:
                 continue
             tick = time.perf_counter()
             outputs = _forward(models, batch)
@@ -214,5 +215,5 @@ def run_shard(task: ShardTask, builders: ModelBuilders | None = None) -> ShardRe
     order = {item.rel_path: index for index, item in enumerate(task.items)}
     rows.sort(key=lambda row: order[row["path"]])
     write_part_atomic(manifest_table(rows), part_path(task.out, task.shard_id))
-    ok = sum(row["status"] == "ok" for row in rows)
+    ok = sum(row["status"] == ImageStatus.OK for row in rows)
     return ShardResult(task.shard_id, len(rows), ok, len(rows) - ok, compute, time.perf_counter() - start)

@@ -42,12 +42,14 @@ from batchseg.io.build_info import label_rounds
 from batchseg.io.ground_truth import IGNORE, GroundTruthSource, GtItem, read_ground_truth
 from batchseg.io.lock import build_lock
 from batchseg.io.runs import new_run_id, recorded_run
+from batchseg.io.statuses import LabelKind, LabelSource
 from batchseg.io.tables import EVAL_FOLDER, EVAL_SCHEMA, EVAL_VERSION, read_labels, write_part_atomic
 from batchseg.labels.metrics import Scores, confusion, scores_from_confusion
 from batchseg.labels.rle import decode_mask
 
 __all__ = ["EVAL_SCHEMA", "EvaluateConfig", "EvaluateReport", "SourceResult", "describe_source", "run_evaluate"]
-SOURCE_ORDER = {"maskclip": 0, "student": 1, "sam": 2}  # what a round starts from, then SAM's vote on it
+# What a round starts from, then SAM's vote on it.
+SOURCE_ORDER = {LabelSource.MASKCLIP: 0, LabelSource.STUDENT: 1, LabelSource.SAM: 2}
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,9 @@ class EvaluateReport:
 def describe_source(round_index: int, source: str) -> str:
     """Words for the labels of one (round, source), as reports show them."""
     if round_index == 0:
-        words = {"maskclip": "MaskCLIP alone", "sam": "MaskCLIP + SAM refinement"}
+        words = {LabelSource.MASKCLIP: "MaskCLIP alone", LabelSource.SAM: "MaskCLIP + SAM refinement"}
     else:
-        words = {"student": "self-training head", "sam": "head + SAM refinement"}
+        words = {LabelSource.STUDENT: "self-training head", LabelSource.SAM: "head + SAM refinement"}
     return words.get(source, source)
 
 
@@ -203,7 +205,7 @@ def _read_predictions(tables: dict[int, pa.Table], image_ids: set[str]) -> _Pred
     labelled: dict[int, set[str]] = {}
     for k, table in tables.items():
         labelled[k] = set(table.column("image_id").to_pylist()) & image_ids
-        semantic = table.filter(pc.equal(table.column("kind"), "semantic"))
+        semantic = table.filter(pc.equal(table.column("kind"), LabelKind.SEMANTIC))
         for source in set(semantic.column("source").to_pylist()):
             rows[(k, source)] = {}
         mine = semantic.filter(pc.is_in(semantic.column("image_id"), value_set=wanted))

@@ -13,8 +13,8 @@ from batchseg.export import FORMATS
 from batchseg.io.build_info import BuildImage
 from batchseg.io.files import IMAGE_MODES
 from batchseg.io.hashing import sha256_bytes
+from batchseg.io.statuses import LabelKind
 
-KINDS = ("semantic", "instance")
 TRAIN = "train"
 
 
@@ -27,7 +27,7 @@ class ExportConfig:
     format: str
     round: int | None = None
     source: str | None = None
-    kind: str = "semantic"
+    kind: LabelKind = LabelKind.SEMANTIC
     min_score: float = 0.0
     split: tuple[tuple[str, float], ...] = ()  # (name, fraction); the rest is "train"
     seed: int = 0
@@ -46,9 +46,9 @@ class ExportConfig:
             raise UsageError(f"destination {self.dest} exists and is not a folder")
         if self.dest.resolve() == self.out.resolve() or self.out.resolve() in self.dest.resolve().parents:
             raise UsageError("the destination must be outside the build folder OUT")
-        if self.kind not in KINDS:
-            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.format == "png" and self.kind != "semantic":
+        if self.kind not in tuple(LabelKind):
+            raise UsageError(f"--kind must be one of {', '.join(LabelKind)}, got {self.kind!r}")
+        if self.format == "png" and self.kind != LabelKind.SEMANTIC:
             raise UsageError("--format png writes semantic label maps (one class per pixel); use --kind semantic")
         if not 0.0 <= self.min_score <= 1.0:
             raise UsageError(f"--min-score must be in [0, 1], got {self.min_score}")

@@ -24,6 +24,7 @@ from batchseg.io.files import remove_temporaries, write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS, discover_images
 from batchseg.io.lock import build_lock
+from batchseg.io.statuses import ImageStatus, LabelSource
 from batchseg.io.student_files import model_digest, read_student_config
 from batchseg.io.tables import manifest_table, read_manifest, round_folder, write_part_atomic
 from batchseg.io.runs import recorded_run
@@ -129,7 +130,7 @@ def _predict_locked(config: PredictConfig, identity: dict, run_id: str, progress
         "batchseg_version": batchseg.__version__,
         "predict": identity,
         # evaluate and the later stages read a build's classes from here.
-        "pseudolabel": {"labels": {"classes": list(identity["classes"])}, "source": "student"},
+        "pseudolabel": {"labels": {"classes": list(identity["classes"])}, "source": LabelSource.STUDENT},
     })
     manifest = read_manifest(dest)
     try:
@@ -156,6 +157,6 @@ def _predict_locked(config: PredictConfig, identity: dict, run_id: str, progress
     if plan.recorded_rows:
         write_part_atomic(manifest_table(plan.recorded_rows), part_path(dest, f"{run_id}-driver"))
     ok = sum(r.ok for r in results)
-    failed = sum(r.images - r.ok for r in results) + sum(r["status"] != "duplicate" for r in plan.recorded_rows)
+    failed = sum(r.images - r.ok for r in results) + sum(r["status"] != ImageStatus.DUPLICATE for r in plan.recorded_rows)
     return PredictSummary(run_id, dest, plan.found, len(plan.pending), ok, failed, plan.known, plan.duplicates,
                           sum(r.rows for r in results), time.perf_counter() - started)

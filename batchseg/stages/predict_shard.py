@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchseg.io.images import STATUS_CHANGED, ImageError, content_id, decode_image, read_image_bytes
+from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
+from batchseg.io.statuses import ImageStatus, StudentKind
 from batchseg.io.tables import labels_table, manifest_table, round_folder, write_part_atomic
 from batchseg.stages.embed_plan import part_path
 
@@ -54,7 +55,7 @@ def label_part_path(dest: Path, shard_id: str) -> Path:
 
 def _row(task: PredictShard, item: PredictItem) -> dict:
     return {"image_id": item.image_id, "path": item.rel_path, "bytes": item.size, "mtime": item.mtime,
-            "status": "ok", "error": None, "zarr_row": None, "shard": task.shard_id, "run_id": task.run_id}
+            "status": ImageStatus.OK, "error": None, "zarr_row": None, "shard": task.shard_id, "run_id": task.run_id}
 
 
 def run_predict_shard(task: PredictShard) -> PredictShardResult:
@@ -81,7 +82,7 @@ def run_predict_shard(task: PredictShard) -> PredictShardResult:
         if not batch:
             return
         pixels = torch.stack([pixels for _, pixels, _ in batch])
-        if student.kind == "instance":
+        if student.kind == StudentKind.INSTANCE:
             outputs = instance_outputs(student, pixels)
             for index, (row, _, valid) in enumerate(batch):
                 label_rows.extend(instance_label_rows(student, outputs, index, row["image_id"], row["height"],
@@ -103,7 +104,7 @@ def run_predict_shard(task: PredictShard) -> PredictShardResult:
             row.update(status=exc.status, error=exc.message)
             continue
         if image is None:
-            row.update(status=STATUS_CHANGED, error="file changed after it was hashed; the next run will pick up the new content")
+            row.update(status=ImageStatus.CHANGED, error="file changed after it was hashed; the next run will pick up the new content")
             continue
         row.update(width=image.width, height=image.height, frames=image.frames)
         pixels, valid = prepare(image.pixels, student.input_size)
@@ -113,5 +114,5 @@ def run_predict_shard(task: PredictShard) -> PredictShardResult:
     flush()
     write_part_atomic(labels_table(label_rows), label_part_path(task.dest, task.shard_id))
     write_part_atomic(manifest_table(manifest_rows), part_path(task.dest, task.shard_id))
-    ok = sum(row["status"] == "ok" for row in manifest_rows)
+    ok = sum(row["status"] == ImageStatus.OK for row in manifest_rows)
     return PredictShardResult(task.shard_id, len(manifest_rows), ok, len(label_rows), time.perf_counter() - start)

@@ -31,6 +31,7 @@ from batchseg.io.hashing import sha256_json
 from batchseg.errors import UsageError
 from batchseg.io.grid_store import ensure_grid_store
 from batchseg.io.lock import build_lock
+from batchseg.io.statuses import ImageStatus
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.build_info import check_label_part
 from batchseg.io.tables import read_manifest, read_part, round_folder, selftrain_folder, visible_parts
@@ -113,7 +114,7 @@ def _use_sam(config: PseudolabelConfig, geometry: ModelGeometry) -> bool:
 def _images(out: Path) -> tuple[LabelImage, ...]:
     seen: dict[str, LabelImage] = {}
     for row in read_manifest(out).to_pylist():
-        if row["status"] == "ok" and row["image_id"] not in seen:
+        if row["status"] == ImageStatus.OK and row["image_id"] not in seen:
             seen[row["image_id"]] = LabelImage(
                 row["image_id"], row["zarr_row"], row["height"], row["width"], row["clip_valid_h"],
                 row["clip_valid_w"], row["sam_valid_h"], row["sam_valid_w"],

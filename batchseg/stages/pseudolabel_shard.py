@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from batchseg.config import LabelSettings
+from batchseg.io.statuses import LabelKind, LabelSource
 from batchseg.models.specs import ModelSettings
 from batchseg.io.grid_store import TargetGridWriter
 from batchseg.io.store import CheckedRowReader, ModelGeometry
@@ -203,7 +204,7 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
                        confidence: np.ndarray, masks: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Recognise SAM masks with ``probs`` and let them vote the semantic map."""
     if masks.shape[0] == 0:
-        rows = semantic_rows(frame, label, confidence, ctx.names, "sam", ctx.round_index)
+        rows = semantic_rows(frame, label, confidence, ctx.names, LabelSource.SAM, ctx.round_index)
         return rows, label, confidence
     mask_tensor = torch.from_numpy(masks)
     if ctx.settings.region_vote == "majority":
@@ -212,7 +213,8 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
         class_ids, scores = recognise_masks(probs, mask_tensor)
     class_ids, scores = class_ids.numpy(), scores.numpy()
     voted = class_ids >= 0  # a mask over unlabelled pixels only (bg floor) has no class
-    rows = instance_rows(frame, masks[voted], class_ids[voted], scores[voted], ctx.names, "sam", ctx.round_index)
+    rows = instance_rows(frame, masks[voted], class_ids[voted], scores[voted], ctx.names, LabelSource.SAM,
+                         ctx.round_index)
     painting = _painting_classes(ctx, class_ids)
     refined = refine_semantic(probs, mask_tensor, torch.from_numpy(scores),
                               class_ids=torch.from_numpy(painting)).numpy().astype(np.int64)
@@ -221,7 +223,7 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
         uncovered = ~masks.any(axis=0)
         refined[uncovered & (label < 0)] = -1
     refined_conf = mask_vote_confidence(refined, confidence, masks, painting, scores)
-    rows += semantic_rows(frame, refined, refined_conf, ctx.names, "sam", ctx.round_index)
+    rows += semantic_rows(frame, refined, refined_conf, ctx.names, LabelSource.SAM, ctx.round_index)
     return rows, refined, refined_conf
 
 
@@ -235,7 +237,7 @@ def _round0_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage)
     valid_h, valid_w = _valid(ctx, image, sam_canvas=ctx.dense_on_sam_grid)
     probs = grid_probs_to_work(grid_probs, _dense_canvas(ctx), valid_h, valid_w, frame)
     label, confidence = label_and_confidence(probs, settings.bg_floor)
-    rows = semantic_rows(frame, label, confidence, ctx.names, "maskclip", 0)
+    rows = semantic_rows(frame, label, confidence, ctx.names, LabelSource.MASKCLIP, 0)
     if not ctx.use_sam:
         return rows, label, confidence
     embedding = stored_rows(store, "sam", [image.zarr_row])[0]
@@ -254,7 +256,8 @@ def _stored_sam_masks(shard: LabelShard) -> dict[str, list[dict]]:
     dataset = ds.dataset(list(shard.sam_mask_parts), format="parquet")
     table = dataset.to_table(
         columns=["image_id", "mask", "segment_id"],
-        filter=pc.field("image_id").isin(ids) & (pc.field("kind") == "instance") & (pc.field("source") == "sam"),
+        filter=(pc.field("image_id").isin(ids) & (pc.field("kind") == LabelKind.INSTANCE)
+                & (pc.field("source") == LabelSource.SAM)),
     )
     masks: dict[str, list[dict]] = {}
     for row in sorted(table.to_pylist(), key=lambda r: (r["image_id"], r["segment_id"])):
@@ -284,7 +287,7 @@ def _student_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage
     valid_h, valid_w = _valid(ctx, image)
     probs = grid_probs_to_work(grid_probs, canvas, valid_h, valid_w, frame)
     label, confidence = label_and_confidence(probs, ctx.settings.bg_floor)
-    rows = semantic_rows(frame, label, confidence, ctx.names, "student", ctx.round_index)
+    rows = semantic_rows(frame, label, confidence, ctx.names, LabelSource.STUDENT, ctx.round_index)
     if not ctx.use_sam:
         return rows, label, confidence
     masks = _work_masks(sam_masks.get(image.image_id, []), frame)

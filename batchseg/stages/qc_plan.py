@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from batchseg.io.images import STATUS_DUPLICATE, STATUS_OK
+from batchseg.io.statuses import USABLE_STATUSES, ImageStatus
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def plan_qc(manifest: pa.Table, qc_rows: pa.Table, model_id: str | None) -> QcPl
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["path"]] = row
-        if row["status"] == STATUS_OK and row["image_id"] and row["zarr_row"] is not None:
+        if row["status"] == ImageStatus.OK and row["image_id"] and row["zarr_row"] is not None:
             valid = (row["clip_valid_h"], row["clip_valid_w"])
             embedded.setdefault(row["image_id"], (int(row["zarr_row"]), row["path"], valid))
     plan = QcPlan()
@@ -60,7 +60,7 @@ def plan_qc(manifest: pa.Table, qc_rows: pa.Table, model_id: str | None) -> QcPl
     new_images = set()
     for path, row in latest.items():
         image_id = row["image_id"]
-        if row["status"] not in (STATUS_OK, STATUS_DUPLICATE) or image_id not in embedded:
+        if row["status"] not in USABLE_STATUSES or image_id not in embedded:
             continue
         original = embedded[image_id][1]
         file = QcFile(path, image_id, original if original != path else None)

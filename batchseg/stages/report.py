@@ -18,6 +18,7 @@ from batchseg.io.files import atomic_folder, write_text_atomic
 from batchseg.io.label_stream import choose_source, sources_and_kinds
 from batchseg.io.runs import recorded_run
 from batchseg.io.lock import build_lock
+from batchseg.io.statuses import LabelKind
 from batchseg.report.collect import ReportData, collect
 from batchseg.report.gallery import GalleryImage, draw_overlay, draw_thumbnail, pick_gallery, semantic_rows
 from batchseg.report.html import ReportPage, render_page
@@ -85,7 +86,7 @@ def _gallery_choice(config: ReportConfig, data: ReportData) -> tuple[int | None,
     if round_index not in rounds:
         raise UsageError(f"--round {round_index} has no labels in {config.out}; rounds: {', '.join(map(str, rounds))}")
     available = sources_and_kinds(label_parts(config.out, round_index))
-    return round_index, choose_source(available, "semantic", config.source, round_index)
+    return round_index, choose_source(available, LabelKind.SEMANTIC, config.source, round_index)
 
 
 def _draw_gallery(config: ReportConfig, data: ReportData, src: Path, round_index: int, source: str, folder: Path,

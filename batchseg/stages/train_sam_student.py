@@ -20,6 +20,7 @@ from batchseg.cluster import dask_client, gpu_resources
 from batchseg.config import ModelSettings, read_build_file
 from batchseg.errors import UsageError
 from batchseg.io.build_info import label_rounds
+from batchseg.io.statuses import AUTO_SOURCE, ImageStatus, LabelKind, StudentKind
 from batchseg.io.store import STORE_NAME, ModelGeometry
 from batchseg.io.student_files import STUDENT_FORMAT, student_folder
 from batchseg.io.tables import read_manifest
@@ -98,7 +99,7 @@ def plan_sam_student(config: "TrainStudentConfig") -> _SamPlan:
                          f"{geometry.sam_image_size}")
     stored: dict[str, tuple[int, int, int]] = {}
     for row in read_manifest(out).to_pylist():
-        if (row["status"] == "ok" and row["zarr_row"] is not None and row["sam_valid_h"]
+        if (row["status"] == ImageStatus.OK and row["zarr_row"] is not None and row["sam_valid_h"]
                 and row["image_id"] not in stored):
             stored[row["image_id"]] = (int(row["zarr_row"]), int(row["sam_valid_h"]), int(row["sam_valid_w"]))
     flagged = frozenset() if config.include_flagged else flagged_image_ids(out) & set(stored)
@@ -118,13 +119,13 @@ def _label_round(config: "TrainStudentConfig") -> tuple[int | None, str | None]:
         raise UsageError(f"round {config.round} does not exist in {config.out}/labels "
                          f"(rounds: {', '.join(map(str, rounds)) or 'none'})")
     if not rounds:
-        if config.source != "auto":
+        if config.source != AUTO_SOURCE:
             raise UsageError(f"{config.out} has no labels, so no '{config.source}' labels to take prompts from")
         return None, None
     round_index = rounds[-1] if config.round is None else config.round
-    table = read_round(config.out, round_index, "instance")
+    table = read_round(config.out, round_index, LabelKind.INSTANCE)
     if table.num_rows == 0:
-        if config.source != "auto":
+        if config.source != AUTO_SOURCE:
             raise UsageError(f"round {round_index} has no instance labels to take prompts from")
         return round_index, None
     return round_index, pick_source(table, config.source)
@@ -168,7 +169,7 @@ def _student_config(config: "TrainStudentConfig", plan: _SamPlan, result: "SamSt
     """The student keys of ``config.json`` (the SAM model section is added next to them)."""
     return {
         "format": STUDENT_FORMAT,
-        "kind": "sam-encoder",
+        "kind": StudentKind.SAM_ENCODER,
         "name": config.name,
         "architecture": config.arch.to_json(),
         "input_size": result.section["image_size"],

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 
+from batchseg.io.statuses import LabelKind
 from batchseg.io.store import open_array
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, write_metrics_row
 from batchseg.models import runtime
@@ -67,7 +68,7 @@ def student_section(teacher: dict, arch: SamStudentArch) -> dict:
 def _label_rows(task: SamStudentTask) -> dict[str, list[dict]]:
     if task.label_round is None or task.label_source is None:
         return {}
-    table = read_round(task.out, task.label_round, "instance")
+    table = read_round(task.out, task.label_round, LabelKind.INSTANCE)
     table = table.filter(pc.equal(table.column("source"), task.label_source))
     rows: dict[str, list[dict]] = {}
     wanted = {item.image.image_id for item in task.images}

@@ -26,12 +26,13 @@ from batchseg.io.files import write_json_atomic
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.build_info import label_rounds
 from batchseg.io.lock import build_lock
+from batchseg.io.statuses import AUTO_SOURCE, TRAIN_SOURCES, StudentKind
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
 from batchseg.io.runs import recorded_run
 from batchseg.choices import BACKGROUND
 from batchseg.students.settings import (
-    ARCHS, NMS_KINDS, PIXEL_MEAN, PIXEL_STD, STUDENT_KINDS, Augment, PromptSettings, SamStudentArch, SemanticArch,
+    ARCHS, NMS_KINDS, PIXEL_MEAN, PIXEL_STD, Augment, PromptSettings, SamStudentArch, SemanticArch,
     TrainSettings, YolactArch,
 )
 from batchseg.students.training_set import pick_source, read_round, train_images
@@ -39,7 +40,6 @@ from batchseg.students.training_set import pick_source, read_round, train_images
 if TYPE_CHECKING:  # the task module (torch) is imported where the training runs
     from batchseg.stages.train_student_task import TrainTaskResult
 
-KINDS = STUDENT_KINDS
 SETTINGS_FILE = "_settings.json"
 
 
@@ -49,9 +49,9 @@ class TrainStudentConfig:
 
     out: Path
     name: str
-    kind: str = "semantic"
+    kind: StudentKind = StudentKind.SEMANTIC
     round: int | None = None  # None: the last round with labels
-    source: str = "auto"  # label source of the round: auto (SAM refinement when present), sam, student, maskclip
+    source: str = AUTO_SOURCE  # a LabelSource, or auto: the first of SOURCE_PREFERENCE the round has
     classes: tuple[str, ...] | None = None  # None: every class of the build's vocabulary
     # A row's score is its segment's mean confidence, lower than the per-pixel confidence
     # self-training thresholds at 0.5: at 0.5, 2/3 of the toy teacher's object pixels were
@@ -82,12 +82,12 @@ class TrainStudentConfig:
             raise UsageError(f"output folder {self.out} does not exist; run `batchseg embed SRC {self.out}` first")
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith((".", "_")):
             raise UsageError(f"--name must be a plain folder name (no slashes, not starting with . or _), got {self.name!r}")
-        if self.kind not in KINDS:
-            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in tuple(StudentKind):
+            raise UsageError(f"--kind must be one of {', '.join(StudentKind)}, got {self.kind!r}")
         if self.round is not None and self.round < 0:
             raise UsageError(f"--round must be 0 or more, got {self.round}")
-        if self.source not in ("auto", "sam", "student", "maskclip"):
-            raise UsageError(f"--source must be auto, sam, student or maskclip, got {self.source!r}")
+        if self.source not in TRAIN_SOURCES:
+            raise UsageError(f"--source must be one of {', '.join(TRAIN_SOURCES)}, got {self.source!r}")
         if not 0.0 <= self.class_balance <= 1.0:
             raise UsageError(f"--class-balance must be in [0, 1], got {self.class_balance}")
         if not 0.0 <= self.conf_thresh <= 1.0:
@@ -95,7 +95,7 @@ class TrainStudentConfig:
         wanted = ARCHS[self.kind]
         if type(self.arch) is not wanted:
             raise UsageError(f"a {self.kind} student needs a {wanted.__name__}")
-        if self.kind != "sam-encoder" and self.prompt_epochs is not None:
+        if self.kind != StudentKind.SAM_ENCODER and self.prompt_epochs is not None:
             raise UsageError("--prompt-epochs applies to --kind sam-encoder only")
         if self.prompt_epochs is not None and not 0 <= self.prompt_epochs <= self.train.epochs:
             raise UsageError(f"--prompt-epochs must be between 0 and --epochs ({self.train.epochs}), "
@@ -117,7 +117,7 @@ class TrainStudentConfig:
 
     def identity(self) -> dict:
         """What decides the trained weights; a rerun with other values is another training."""
-        if self.kind == "sam-encoder":
+        if self.kind == StudentKind.SAM_ENCODER:
             return {"kind": self.kind, "round": self.round, "source": self.source,
                     "architecture": self.arch.to_json(), "train": self.train.to_json(),
                     "prompt_epochs": self.phase2_epochs, "prompts": self.prompts.to_json()}
@@ -208,7 +208,7 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
                              f"pseudolabel run (class id {cid} is {name!r}); rerun pseudolabel")
     if config.classes and len({c.lower() for c in config.classes}) != len(config.classes):
         raise UsageError(f"--classes names a class twice: {', '.join(config.classes)}")
-    wanted = config.classes or tuple(c for c in label_classes if config.kind == "semantic" or c.lower() != BACKGROUND)
+    wanted = config.classes or tuple(c for c in label_classes if config.kind == StudentKind.SEMANTIC or c.lower() != BACKGROUND)
     lowered = {c.lower(): i for i, c in enumerate(label_classes)}
     missing = [c for c in wanted if c.lower() not in lowered]
     if missing:
@@ -216,7 +216,7 @@ def plan_training(config: TrainStudentConfig) -> _Plan:
                          f"their vocabulary is: {', '.join(label_classes)}")
     student_classes = tuple(label_classes[lowered[c.lower()]] for c in wanted)
     class_map = {lowered[c.lower()]: i for i, c in enumerate(student_classes)}
-    if config.kind == "semantic" and BACKGROUND in lowered and BACKGROUND not in {c.lower() for c in student_classes}:
+    if config.kind == StudentKind.SEMANTIC and BACKGROUND in lowered and BACKGROUND not in {c.lower() for c in student_classes}:
         class_map[lowered[BACKGROUND]] = len(student_classes)  # the learnable extra background output
     kept = table.filter(pc.and_(pc.greater_equal(table.column("score"), config.conf_thresh),
                                 pc.is_in(table.column("class_id"), value_set=pa.array(sorted(class_map), type=pa.int32()))))
@@ -263,7 +263,7 @@ def run_train_student(config: TrainStudentConfig, progress: bool = True) -> Trai
 
 
 def _train_locked(config: TrainStudentConfig, run_id: str, progress: bool, started: float) -> TrainStudentSummary:
-    if config.kind == "sam-encoder":
+    if config.kind == StudentKind.SAM_ENCODER:
         from batchseg.stages.train_sam_student import train_sam_student
 
         return train_sam_student(config, run_id, progress, started)
@@ -342,7 +342,7 @@ def _student_config(config: TrainStudentConfig, plan: _Plan, result: TrainTaskRe
                         "images": len(plan.images), "text_classifier": plan.classifier_path.name},
         "train": config.train.to_json(),
         "augment": asdict(config.augment),
-        "inference": {"nms": config.nms, "nms_thresh": config.nms_thresh} if config.kind == "instance" else None,
+        "inference": {"nms": config.nms, "nms_thresh": config.nms_thresh} if config.kind == StudentKind.INSTANCE else None,
         "parameters": result.parameters,
         "size_mb": result.size_mb,
         "run_id": run_id,

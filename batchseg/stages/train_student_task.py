@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from batchseg.io.files import write_json_atomic
+from batchseg.io.statuses import StudentKind
 from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, save_weights, write_metrics_row
 from batchseg.labels.selftrain import balanced_class_weights
 from batchseg.models import runtime
@@ -105,7 +106,7 @@ def run_train_task(task: TrainTask) -> TrainTaskResult:
     device = runtime.worker_device()
     checkpoints = task.folder / CHECKPOINTS
     checkpoints.mkdir(parents=True, exist_ok=True)
-    model, objective = (_semantic if task.kind == "semantic" else _instance)(task, device)
+    model, objective = (_semantic if task.kind == StudentKind.SEMANTIC else _instance)(task, device)
 
     def on_epoch(record: EpochRecord) -> None:
         write_metrics_row(task.folder, {"run_id": task.run_id, **asdict(record)})

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from batchseg.errors import UsageError
 from batchseg.io.files import atomic_path
+from batchseg.io.statuses import StudentKind
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD
 from batchseg.students.load import LoadedStudent, load_student
 
@@ -41,7 +42,7 @@ class DeployedSemantic(nn.Module):
 
 
 def deployable(student: LoadedStudent) -> nn.Module:
-    if student.kind != "semantic":
+    if student.kind != StudentKind.SEMANTIC:
         raise UsageError(f"export supports semantic students; this one is {student.kind}")
     return DeployedSemantic(student.model).eval()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from batchseg.errors import UsageError
+from batchseg.io.statuses import StudentKind
 from batchseg.io.student_files import MODEL_FILE, model_digest, read_student  # noqa: F401  (model_digest: re-exported)
 
 
@@ -32,15 +33,15 @@ class LoadedStudent:
 
 def build_student(config: dict, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     kind = config.get("kind")
-    if kind == "semantic":
+    if kind == StudentKind.SEMANTIC:
         from batchseg.students.semantic import load_semantic
 
         return load_semantic(config, weights)
-    if kind == "instance":
+    if kind == StudentKind.INSTANCE:
         from batchseg.students.yolact import load_yolact
 
         return load_yolact(config, weights)
-    if kind == "sam-encoder":
+    if kind == StudentKind.SAM_ENCODER:
         raise UsageError("this student is a distilled SAM encoder, not a labeller: it is a SAM model folder, used "
                          "as `batchseg embed SRC NEW_OUT --sam-model STUDENT_FOLDER`")
     raise UsageError(f"unknown student kind {kind!r} in its config.json")

@@ -6,13 +6,14 @@ import torch
 
 import torch.nn.functional as F
 
+from batchseg.io.statuses import LabelSource
 from batchseg.labels.image_labels import (
     ImageFrame, grid_probs_to_work, instance_rows, label_and_confidence, semantic_rows,
 )
 from batchseg.students.data import letterbox_tensors, normalise
 from batchseg.students.load import LoadedStudent
 
-SOURCE = "student"
+SOURCE = LabelSource.STUDENT
 WORK_MAX_SIDE = 1024  # label maps are made at most this large, then mapped up (as pseudolabel does)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from batchseg.errors import UsageError
+from batchseg.io.statuses import StudentKind
 
-STUDENT_KINDS = ("semantic", "instance", "sam-encoder")
 BLOCK_KINDS = ("conv", "attention", "dynamic", "dynamic-dw")
 NMS_KINDS = ("fast", "noh")
 # CLIP's normalisation: the students see pixels as the teacher did.
@@ -93,7 +93,7 @@ class SamStudentArch:
 
 
 # The architecture settings each student kind takes.
-ARCHS = {"semantic": SemanticArch, "instance": YolactArch, "sam-encoder": SamStudentArch}
+ARCHS = {StudentKind.SEMANTIC: SemanticArch, StudentKind.INSTANCE: YolactArch, StudentKind.SAM_ENCODER: SamStudentArch}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from batchseg.errors import UsageError
 from batchseg.io.build_info import label_parts
+from batchseg.io.statuses import AUTO_SOURCE, SOURCE_PREFERENCE, ImageStatus
 from batchseg.io.tables import LABELS_VERSION, check_version, labels_schema, read_manifest, read_part
 
 
@@ -41,11 +42,11 @@ def read_round(out: Path, round_index: int, kind: str) -> pa.Table:
 def pick_source(table: pa.Table, requested: str) -> str:
     """The label source to learn from: ``requested``, or for ``auto`` SAM's refinement when present."""
     sources = set(table.column("source").to_pylist())
-    if requested != "auto":
+    if requested != AUTO_SOURCE:
         if requested not in sources:
             raise UsageError(f"the round has no '{requested}' labels (it has: {', '.join(sorted(sources)) or 'none'})")
         return requested
-    for choice in ("sam", "student", "maskclip"):
+    for choice in SOURCE_PREFERENCE:
         if choice in sources:
             return choice
     raise UsageError("the round has no label rows of this kind")
@@ -72,7 +73,7 @@ def train_images(out: Path, image_ids: set[str], images_root: Path | None) -> li
     missing_runs: set[str] = set()
     for row in read_manifest(out).to_pylist():
         image_id = row["image_id"]
-        if row["status"] != "ok" or image_id not in image_ids or image_id in found:
+        if row["status"] != ImageStatus.OK or image_id not in image_ids or image_id in found:
             continue
         root = str(images_root) if images_root is not None else folders.get(row["run_id"])
         if root is None:
