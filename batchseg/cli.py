@@ -1,6 +1,7 @@
 """The `batchseg` command line: parse options, call a stage, map errors to exit codes."""
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -8,9 +9,15 @@ import click
 
 from batchseg.errors import BatchsegError
 
-# Choices are the library's own tuples; these modules import neither torch nor Dask.
-from batchseg.choices import DENSE_HEADS, KEY_SMOOTHING, REGION_VOTES, SAM_MODELS
+# Choices and defaults are the library's own; these modules import neither torch nor Dask.
+from batchseg.choices import (
+    DENSE_HEADS, EXPORT_FORMATS, KEY_SMOOTHING, PRECISIONS, QC_FEATURES, QC_METHODS, REGION_VOTES, SAM_MODELS,
+    STUDENT_EXPORT_FORMATS,
+)
+from batchseg.cluster import OPTION_FIELDS, SCHEDULER_ENV, ClusterSettings
+from batchseg.io.files import IMAGE_MODES
 from batchseg.io.statuses import AUTO_SOURCE, TRAIN_SOURCES, LabelKind, StudentKind, values
+from batchseg.students.settings import BLOCK_KINDS, NMS_KINDS
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -19,6 +26,49 @@ Exit codes:
   2   usage error (bad options or input, settings that contradict OUT)
   75  another run holds the lock on OUT
 """
+
+
+CLUSTER_HELP = {
+    "workers": "CPU worker processes of the local cluster.",
+    "gpus": "One local worker per GPU (pinned).",
+    "threads": "Torch threads per worker; default: cores / workers.",
+    "scheduler": f"Address of an existing Dask scheduler [env: {SCHEDULER_ENV}].",
+}
+
+
+def cluster_options(local: bool = True, **reworded: str):
+    """The cluster options of every command that runs on Dask, defined once.
+
+    ``--workers``, ``--gpus``, ``--threads`` (when ``local``) and ``--scheduler`` (or
+    DASK_SCHEDULER_ADDRESS), with ClusterSettings' defaults; the command receives them as
+    one ``cluster: ClusterSettings``. Without ``local`` (``build``, whose pipeline file
+    describes the cluster) only ``--scheduler``, received as ``scheduler``. ``reworded``
+    gives an option's help in a command's own words, e.g. ``gpus="..."``.
+    """
+    texts = {**CLUSTER_HELP, **reworded}
+    defaults = ClusterSettings()
+    options = [click.option("--scheduler", envvar=SCHEDULER_ENV, default=defaults.scheduler, help=texts["scheduler"])]
+    if local:
+        options[:0] = [
+            click.option("--workers", type=int, default=defaults.workers, show_default=True, help=texts["workers"]),
+            click.option("--gpus", type=int, default=defaults.gpus, show_default=True, help=texts["gpus"]),
+            click.option("--threads", type=int, default=defaults.torch_threads, help=texts["threads"]),
+        ]
+
+    def decorate(command):
+        if local:
+            callback = command
+
+            @functools.wraps(callback)
+            def command(**params):
+                cluster = ClusterSettings.from_options({name: params.pop(name) for name in OPTION_FIELDS})
+                return callback(**params, cluster=cluster)
+
+        for option in reversed(options):  # applied bottom-up: listed in this order in --help
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def _fail(exc: BatchsegError) -> None:
@@ -83,16 +133,13 @@ Examples:
 @click.option("--sam-checkpoint", default=None,
               help="SAM weights (.pth as released, or .safetensors), or 'random' (speed tests only).")
 @click.option("--no-sam", is_flag=True, help="Do not compute SAM embeddings.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
               help="Forward-pass precision (stored values are fp16 either way).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--shard-size", type=int, default=64, show_default=True,
               help="Images per Dask task (and per manifest part).")
-@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
-@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
-@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
-@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
-              help="Address of an existing Dask scheduler to use instead of a local cluster [env: DASK_SCHEDULER_ADDRESS].")
+@cluster_options(scheduler="Address of an existing Dask scheduler to use instead of a local cluster "
+                           f"[env: {SCHEDULER_ENV}].")
 @click.option("--max-pixels", type=int, default=None,
               help="Refuse images with more pixels than this (decompression bombs). Default: about 179 million.")
 @click.option("--overwrite", is_flag=True, help="Start over: delete this build's outputs in OUT first.")
@@ -103,9 +150,9 @@ Examples:
                    "keeping intact embeddings whose content still matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sam_model, sam_checkpoint, no_sam,
-          precision, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite, verify, repair,
+          precision, batch_size, shard_size, cluster, max_pixels, overwrite, verify, repair,
           quiet) -> None:
-    from batchseg.config import ClusterSettings, EmbedConfig, ModelSettings
+    from batchseg.config import EmbedConfig, ModelSettings
     from batchseg.errors import UsageError
     from batchseg.io.images import DEFAULT_MAX_PIXELS
     from batchseg.models.specs import ClipSpec, SamSpec
@@ -140,7 +187,7 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
             source=src,
             out=out,
             models=models,
-            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            cluster=cluster,
             batch_size=batch_size,
             shard_size=shard_size,
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
@@ -244,18 +291,14 @@ Examples:
 @click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs per round.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-training head.")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task.")
-@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
-@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
-@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
-@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
-              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@cluster_options()
 @click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, key_smoothing, no_key_smoothing,
                 sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, work_max_side, rounds, conf_thresh, class_balance,
-                class_quantile, teacher_rounds, stop_agreement, ema_decay, anchor, warm_start, epochs, seed, shard_size, workers, gpus, threads, scheduler, include_flagged, overwrite, quiet) -> None:
-    from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig, key_smoothing_choice
+                class_quantile, teacher_rounds, stop_agreement, ema_decay, anchor, warm_start, epochs, seed, shard_size, cluster, include_flagged, overwrite, quiet) -> None:
+    from batchseg.config import LabelSettings, PseudolabelConfig, key_smoothing_choice
     from batchseg.errors import UsageError
     from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
     from batchseg.models.specs import DenseHeadSettings
@@ -297,7 +340,7 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
                                         stop_agreement=None if stop_agreement >= 1 else stop_agreement,
                                         ema_decay=ema_decay or None, warm_start=warm_start, anchor=anchor),
             rounds=rounds,
-            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            cluster=cluster,
             shard_size=shard_size,
             overwrite=overwrite,
             include_flagged=include_flagged,
@@ -384,7 +427,7 @@ Examples:
 @cli.command(help=EXPORT_HELP)
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["coco", "png", "yolo"]), required=True, help="Dataset format.")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True, help="Dataset format.")
 @click.option("--round", "round_index", type=int, default=None, help="Label round to export (default: the last).")
 @click.option("--source", default=None, help="Label source: sam, maskclip or student (default: sam when present).")
 @click.option("--kind", type=click.Choice(values(LabelKind)), default=LabelKind.SEMANTIC.value, show_default=True,
@@ -392,7 +435,7 @@ Examples:
 @click.option("--min-score", type=float, default=0.0, show_default=True, help="Leave out rows scored below this.")
 @click.option("--split", default=None, help="Held-out splits by image id, e.g. val=0.1 or val=0.1,test=0.1.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
-@click.option("--images", type=click.Choice(["copy", "link", "none"]), default="copy", show_default=True,
+@click.option("--images", type=click.Choice(IMAGE_MODES), default="copy", show_default=True,
               help="Put the images into DEST: copy them, symlink them, or leave them out.")
 @click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Source image folder (default: the one the last embed run read).")
@@ -486,7 +529,7 @@ Examples:
 
 @cli.command(help=QC_HELP)
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--method", type=click.Choice(["rglasso", "mogaal", "mcd"]), default=None,
+@click.option("--method", type=click.Choice(QC_METHODS), default=None,
               help="Detector whose scores flag outliers.  [default: rglasso]")
 @click.option("--compare", default=None, metavar="M1,M2",
               help="Further detectors to score for comparison (columns only, no flags), e.g. mogaal,mcd.")
@@ -496,10 +539,10 @@ Examples:
               help="Flag scores above this raw value of --method instead of using --contamination.")
 @click.option("--dup-threshold", type=float, default=None,
               help="Cosine similarity from which two images are near-duplicates.  [default: 0.97]")
-@click.option("--features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
+@click.option("--features", type=click.Choice(QC_FEATURES), default=None,
               help="What the detectors see: the global CLIP embedding, or the dense features averaged over "
                    "the image (dense-mean) or over a 4x4 grid (dense-grid).  [default: global]")
-@click.option("--dup-features", type=click.Choice(["global", "dense-mean", "dense-grid"]), default=None,
+@click.option("--dup-features", type=click.Choice(QC_FEATURES), default=None,
               help="What near-duplicates are compared on (dense-grid keeps the layout: crops and re-encodes "
                    "of one image match, other images with the same content do not).  [default: global]")
 @click.option("--max-dim", type=int, default=None, help="Largest reduced dimension.  [default: 32]")
@@ -594,13 +637,13 @@ Examples:
               help="Ignore label rows whose score (mean confidence of the segment) is below this.")
 @click.option("--class-balance", type=float, default=0.5, show_default=True,
               help="Semantic: loss weight per class (pixel frequency)^-this; 0 = unweighted.")
-@click.option("--blocks", type=click.Choice(["conv", "attention", "dynamic", "dynamic-dw"]), default="conv",
+@click.option("--blocks", type=click.Choice(BLOCK_KINDS), default="conv",
               show_default=True, help="Backbone blocks.")
 @click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
 @click.option("--depth", type=int, default=4, show_default=True,
               help="Number of blocks (sam-encoder: of the stride-16 stage).")
 @click.option("--input-size", type=int, default=128, show_default=True, help="Square input canvas (multiple of 8).")
-@click.option("--nms", type=click.Choice(["fast", "noh"]), default="fast", show_default=True,
+@click.option("--nms", type=click.Choice(NMS_KINDS), default="fast", show_default=True,
               help="Instance students: NMS at prediction, Fast NMS or NOH-NMS (crowds).")
 @click.option("--nms-thresh", type=float, default=0.5, show_default=True, help="Instance students: NMS IoU threshold.")
 @click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs.")
@@ -615,18 +658,13 @@ Examples:
               help="Range of the random rescaling before the crop.")
 @click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder the images are in now, when it is not the folder embed read.")
-@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
-@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (training uses one).")
-@click.option("--threads", type=int, default=None, help="Torch threads of the training worker.")
-@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
-              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@cluster_options(gpus="One local worker per GPU (training uses one).", threads="Torch threads of the training worker.")
 @click.option("--include-flagged", is_flag=True, help="Also learn from images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def train_student(out, kind, name, round_index, source, classes, conf_thresh, class_balance, blocks, width, depth, input_size,
-                  nms, nms_thresh, epochs, prompt_epochs, batch_size, lr, seed, no_flip, scale_jitter, images, workers, gpus, threads, scheduler,
+                  nms, nms_thresh, epochs, prompt_epochs, batch_size, lr, seed, no_flip, scale_jitter, images, cluster,
                   include_flagged, overwrite, quiet) -> None:
-    from batchseg.config import ClusterSettings
     from batchseg.errors import UsageError
     from batchseg.stages.train_student import TrainStudentConfig, run_train_student
     from batchseg.students.settings import Augment, SamStudentArch, SemanticArch, TrainSettings, YolactArch
@@ -654,7 +692,7 @@ def train_student(out, kind, name, round_index, source, classes, conf_thresh, cl
             train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
             augment=Augment(flip=not no_flip, scale=tuple(scale_jitter)),
             images=images,
-            cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus, torch_threads=threads),
+            cluster=cluster,
             overwrite=overwrite,
             include_flagged=include_flagged,
         )
@@ -688,24 +726,17 @@ Examples:
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task (and manifest part).")
-@click.option("--workers", type=int, default=1, show_default=True, help="CPU worker processes of the local cluster.")
-@click.option("--gpus", type=int, default=0, show_default=True, help="One local worker per GPU (pinned).")
-@click.option("--threads", type=int, default=None, help="Torch threads per worker; default: cores / workers.")
-@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
-              help="Address of an existing Dask scheduler [env: DASK_SCHEDULER_ADDRESS].")
+@cluster_options()
 @click.option("--max-pixels", type=int, default=None, help="Refuse images with more pixels than this.")
 @click.option("--overwrite", is_flag=True, help="Start over: delete DEST's manifest and labels first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def predict(student, src, dest, batch_size, shard_size, workers, gpus, threads, scheduler, max_pixels, overwrite,
-            quiet) -> None:
-    from batchseg.config import ClusterSettings
+def predict(student, src, dest, batch_size, shard_size, cluster, max_pixels, overwrite, quiet) -> None:
     from batchseg.io.images import DEFAULT_MAX_PIXELS
     from batchseg.stages.predict import PredictConfig, run_predict
 
     try:
         config = PredictConfig(student=student, source=src, dest=dest,
-                               cluster=ClusterSettings(scheduler=scheduler, workers=workers, gpus=gpus,
-                                                       torch_threads=threads),
+                               cluster=cluster,
                                batch_size=batch_size, shard_size=shard_size,
                                max_pixels=max_pixels or DEFAULT_MAX_PIXELS, overwrite=overwrite)
         summary = run_predict(config, progress=not quiet)
@@ -732,7 +763,7 @@ Examples:
 
 @cli.command("export-student", help=EXPORT_STUDENT_HELP)
 @click.argument("student", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(STUDENT_EXPORT_FORMATS), default="onnx", show_default=True,
               help="File format.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Where to write (default: STUDENT/model.onnx or STUDENT/model.torchscript.pt).")
@@ -781,8 +812,7 @@ Examples:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a key of the file, e.g. out=/tmp/x or pseudolabel.rounds=1 (value read as YAML; "
                    "relative paths from the working folder). Repeatable.")
-@click.option("--scheduler", envvar="DASK_SCHEDULER_ADDRESS", default=None,
-              help="Address of an existing Dask scheduler (overrides the file) [env: DASK_SCHEDULER_ADDRESS].")
+@cluster_options(local=False, scheduler=f"Address of an existing Dask scheduler (overrides the file) [env: {SCHEDULER_ENV}].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, even on a terminal.")
 def build(pipeline_file, dry_run, from_stage, only, overrides, scheduler, quiet) -> None:
     from batchseg.pipeline.spec import load_pipeline

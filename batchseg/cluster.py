@@ -1,7 +1,10 @@
 """Dask execution: a local cluster started by the command, or an existing scheduler.
 
 Durable state never lives here (DESIGN rule 1): the cluster only runs idempotent
-shard tasks whose results are files.
+shard tasks whose results are files. :class:`ClusterSettings` is the one definition of
+the cluster options (``--scheduler``/``DASK_SCHEDULER_ADDRESS``, ``--workers``,
+``--gpus``, ``--threads``) that the CLI and pipeline files share. Import-light:
+Dask is imported only when a cluster is started.
 """
 from __future__ import annotations
 
@@ -10,13 +13,44 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
-from batchseg.config import ClusterSettings
 from batchseg.errors import UsageError
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+MAX_LOCAL_PROCESSES = 1024  # far past any real machine, low enough that a typo cannot exhaust one
+# Option (and pipeline-file key) name -> ClusterSettings field.
+OPTION_FIELDS = {"scheduler": "scheduler", "workers": "workers", "gpus": "gpus", "threads": "torch_threads"}
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the work runs: an existing scheduler, or a local cluster the command starts."""
+
+    scheduler: str | None = None  # address of an existing Dask scheduler
+    workers: int = 1  # CPU worker processes of the local cluster
+    gpus: int = 0  # one worker per GPU when > 0
+    torch_threads: int | None = None  # per worker; None: cores / workers
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ClusterSettings:
+        """From option names (``scheduler``, ``workers``, ``gpus``, ``threads``); absent ones keep their default."""
+        return cls(**{OPTION_FIELDS[name]: value for name, value in options.items()})
+
+    def validate(self) -> None:
+        if not 1 <= self.workers <= MAX_LOCAL_PROCESSES:
+            raise UsageError(f"--workers must be between 1 and {MAX_LOCAL_PROCESSES}, got {self.workers}")
+        if not 0 <= self.gpus <= MAX_LOCAL_PROCESSES:
+            raise UsageError(f"--gpus must be between 0 and {MAX_LOCAL_PROCESSES}, got {self.gpus}")
+        if self.torch_threads is not None and not 1 <= self.torch_threads <= MAX_LOCAL_PROCESSES:
+            raise UsageError(f"--threads must be between 1 and {MAX_LOCAL_PROCESSES}, got {self.torch_threads}")
+
+    def threads_per_worker(self) -> int:
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.gpus or self.workers))
 
 
 # The scheduler always serves HTTP (health and metrics routes, the dashboard when bokeh is

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchseg.choices import BACKGROUND, KEY_SMOOTHING, REGION_VOTES
+from batchseg.choices import BACKGROUND, KEY_SMOOTHING, REGION_VOTES, RETRAIN_POLICIES
+from batchseg.cluster import ClusterSettings
 from batchseg.errors import UsageError
 from batchseg.io.hashing import sha256_json
 from batchseg.io.images import DEFAULT_MAX_PIXELS
@@ -21,33 +21,9 @@ if TYPE_CHECKING:
 MAX_ROUNDS = 50
 MAX_SHARD_SIZE = 100_000
 MAX_BATCH_SIZE = 4096
-MAX_LOCAL_PROCESSES = 1024
 BUILD_FILE = "batchseg.json"
 # 2: embed stores last-block tokens (clip_tokens, clip_cls) instead of one head's output.
 BUILD_SCHEMA_VERSION = 2
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """Where the work runs: an existing scheduler, or a local cluster the command starts."""
-
-    scheduler: str | None = None  # address of an existing Dask scheduler
-    workers: int = 1  # CPU worker processes of the local cluster
-    gpus: int = 0  # one worker per GPU when > 0
-    torch_threads: int | None = None  # per worker; None: cores / workers
-
-    def validate(self) -> None:
-        if not 1 <= self.workers <= MAX_LOCAL_PROCESSES:
-            raise UsageError(f"--workers must be between 1 and {MAX_LOCAL_PROCESSES}, got {self.workers}")
-        if not 0 <= self.gpus <= MAX_LOCAL_PROCESSES:
-            raise UsageError(f"--gpus must be between 0 and {MAX_LOCAL_PROCESSES}, got {self.gpus}")
-        if self.torch_threads is not None and not 1 <= self.torch_threads <= MAX_LOCAL_PROCESSES:
-            raise UsageError(f"--threads must be between 1 and {MAX_LOCAL_PROCESSES}, got {self.torch_threads}")
-
-    def threads_per_worker(self) -> int:
-        if self.torch_threads is not None:
-            return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.gpus or self.workers))
 
 
 @dataclass(frozen=True)
@@ -137,10 +113,6 @@ def read_build_file(out: Path) -> dict[str, Any] | None:
 
 
 SAM_MODES = ("auto", "on", "off")
-# What images added since a self-training head (or a student) was trained do to it:
-# always retrain; never (the kept head labels them); fraction (retrain once the added
-# images exceed this share of the images it was trained on).
-RETRAIN_POLICIES = ("always", "never", "fraction")
 
 
 def key_smoothing_choice(value: str | None, no_key_smoothing: bool) -> str:

@@ -12,8 +12,6 @@ from typing import Iterable, Protocol
 
 from batchseg.io.build_info import BuildImage
 
-FORMATS = ("coco", "png", "yolo")
-
 
 @dataclass(frozen=True)
 class ExportItem:

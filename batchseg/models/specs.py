@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from batchseg.choices import DENSE_HEADS, SAM_MODELS
+from batchseg.choices import DENSE_HEADS, PRECISIONS, SAM_MODELS
 from batchseg.errors import ModelLoadError, UsageError
 from batchseg.io.hashing import file_sha256, sha256_bytes
 
 LOCAL_DIR = "local-dir:"
-PRECISIONS = ("fp32", "bf16", "fp16")
 VIT_ONLY_HEADS = ("clearclip", "sclip", "naclip")
 SAM_HEADS = ("proxy-sam",)
 

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchseg.choices import DENSE_HEADS, KEY_SMOOTHING, REGION_VOTES
+from batchseg.choices import (
+    DENSE_HEADS, EXPORT_FORMATS, KEY_SMOOTHING, PRECISIONS, QC_FEATURES, QC_METHODS, REGION_VOTES, RETRAIN_POLICIES,
+    SAM_MODELS,
+)
+from batchseg.io.files import IMAGE_MODES
 from batchseg.io.statuses import TRAIN_SOURCES, LabelKind, StudentKind, values
+from batchseg.students.settings import BLOCK_KINDS, NMS_KINDS
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
 
 STAGES = ("embed", "qc", "pseudolabel", "evaluate", "train-student", "export", "report")
@@ -36,15 +41,15 @@ def choice(*names: str, required: bool = False) -> Key:
 
 MODELS = {
     "clip-model": STR, "clip-pretrained": STR, "no-clip": BOOL, "canvas": INT,
-    "sam-model": choice("vit_b", "vit_l", "vit_h", "tiny"), "sam-checkpoint": STR, "no-sam": BOOL,
-    "precision": choice("fp32", "bf16", "fp16"),
+    "sam-model": choice(*SAM_MODELS), "sam-checkpoint": STR, "no-sam": BOOL,
+    "precision": choice(*PRECISIONS),
 }
 CLUSTER = {"workers": INT, "gpus": INT, "threads": INT, "scheduler": STR}
 EMBED = {"batch-size": INT, "shard-size": INT, "max-pixels": INT}
 QC = {
-    "method": choice("rglasso", "mogaal", "mcd"), "compare": STRS, "contamination": FLOAT, "threshold": FLOAT,
-    "dup-threshold": FLOAT, "features": choice("global", "dense-mean", "dense-grid"),
-    "dup-features": choice("global", "dense-mean", "dense-grid"), "max-dim": INT, "fit-sample": INT, "seed": INT,
+    "method": choice(*QC_METHODS), "compare": STRS, "contamination": FLOAT, "threshold": FLOAT,
+    "dup-threshold": FLOAT, "features": choice(*QC_FEATURES),
+    "dup-features": choice(*QC_FEATURES), "max-dim": INT, "fit-sample": INT, "seed": INT,
 }
 PSEUDOLABEL = {
     "classes": STRS, "vocab": PATH, "templates": PATH, "background": BOOL, "bg-floor": FLOAT,
@@ -59,20 +64,20 @@ EVALUATE = {"gt": Key("path", required=True), "ignore-index": INT, "gt-offset": 
 STUDENT = {
     "name": Key("str", required=True), "kind": choice(StudentKind.SEMANTIC.value, StudentKind.INSTANCE.value), "round": INT,
     "source": choice(*TRAIN_SOURCES), "classes": STRS, "conf-thresh": FLOAT,
-    "class-balance": FLOAT, "blocks": choice("conv", "attention", "dynamic", "dynamic-dw"), "width": INT,
-    "depth": INT, "input-size": INT, "nms": choice("fast", "noh"), "nms-thresh": FLOAT, "epochs": INT,
+    "class-balance": FLOAT, "blocks": choice(*BLOCK_KINDS), "width": INT,
+    "depth": INT, "input-size": INT, "nms": choice(*NMS_KINDS), "nms-thresh": FLOAT, "epochs": INT,
     "batch-size": INT, "lr": FLOAT, "seed": INT, "no-flip": BOOL, "scale-jitter": PAIR, "images": PATH,
     "include-flagged": BOOL,
 }
 EXPORT = {
-    "dest": Key("path", required=True), "format": choice("coco", "png", "yolo", required=True), "round": INT,
+    "dest": Key("path", required=True), "format": choice(*EXPORT_FORMATS, required=True), "round": INT,
     "source": STR, "kind": choice(*values(LabelKind)), "min-score": FLOAT, "split": STR, "seed": INT,
-    "images": choice("copy", "link", "none"), "src": PATH, "tolerance": FLOAT, "ignore-value": INT,
+    "images": choice(*IMAGE_MODES), "src": PATH, "tolerance": FLOAT, "ignore-value": INT,
 }
 REPORT = {"round": INT, "source": STR, "per-class": INT, "src": PATH}
 TOP = {
     "sources": Key("strs", required=True), "out": Key("path", required=True), "models": Key("section", required=True),
-    "cluster": Key("section"), "retrain": choice("always", "never", "fraction"), "retrain-fraction": FLOAT,
+    "cluster": Key("section"), "retrain": choice(*RETRAIN_POLICIES), "retrain-fraction": FLOAT,
     **{stage: Key("section") for stage in STAGES},
 }
 SECTIONS = {"models": MODELS, "cluster": CLUSTER, "embed": EMBED, "qc": QC, "pseudolabel": PSEUDOLABEL,

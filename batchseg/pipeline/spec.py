@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from batchseg.config import ClusterSettings, EmbedConfig, ModelSettings, PseudolabelConfig
+from batchseg.cluster import ClusterSettings
+from batchseg.config import EmbedConfig, ModelSettings, PseudolabelConfig
 from batchseg.errors import UsageError
 from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.pipeline.schema import LISTS, SECTIONS, STAGES, TOP, Checker
@@ -189,8 +190,7 @@ def _check_out(doc: YamlDocument, where: KeyPath, out: Path, sources: tuple[Path
 
 
 def _cluster(doc: YamlDocument, where: KeyPath, given: dict[str, Any], scheduler: str | None) -> ClusterSettings:
-    settings = ClusterSettings(scheduler=scheduler or given.get("scheduler"), workers=given.get("workers", 1),
-                               gpus=given.get("gpus", 0), torch_threads=given.get("threads"))
+    settings = ClusterSettings.from_options({**given, "scheduler": scheduler or given.get("scheduler")})
     _validated(doc, where, settings.validate)
     return settings
 

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from batchseg.config import ClusterSettings, LabelSettings, PseudolabelConfig, key_smoothing_choice
+from batchseg.cluster import ClusterSettings
+from batchseg.config import LabelSettings, PseudolabelConfig, key_smoothing_choice
 from batchseg.errors import UsageError
 from batchseg.io.statuses import AUTO_SOURCE, LabelKind, StudentKind
 from batchseg.pipeline.spec import _validated, detached_build

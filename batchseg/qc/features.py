@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
+from batchseg.choices import QC_FEATURES
 from batchseg.qc.duplicates import normalise_rows
 
-FEATURES = ("global", "dense-mean", "dense-grid")
 STORE_ARRAY = {"global": "clip_global", "dense-mean": "clip_tokens", "dense-grid": "clip_tokens"}
 
 
@@ -55,8 +55,8 @@ def compute_features(name: str, stored: np.ndarray, valid_hw: list[tuple[int | N
     """
     if name == "global":
         return normalise_rows(stored)
-    if name not in FEATURES:
-        raise ValueError(f"unknown feature {name!r}; choose from {FEATURES}")
+    if name not in QC_FEATURES:
+        raise ValueError(f"unknown feature {name!r}; choose from {QC_FEATURES}")
     dense = np.asarray(stored, dtype=np.float32)
     rows = []
     for values, (valid_h, valid_w) in zip(dense, valid_hw):

@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from batchseg.choices import QC_FEATURES, QC_METHODS
 from batchseg.errors import UsageError
-from batchseg.qc.features import FEATURES
 
-METHODS = ("rglasso", "mogaal", "mcd")
 DEFAULT_CONTAMINATION = 0.05
 DEFAULT_DUP_THRESHOLD = 0.97
 
@@ -39,8 +38,8 @@ class QcSettings:
 
     def validate(self) -> None:
         for name in self.methods:
-            if name not in METHODS:
-                raise UsageError(f"--method/--compare: unknown method {name!r}; choose from {', '.join(METHODS)}")
+            if name not in QC_METHODS:
+                raise UsageError(f"--method/--compare: unknown method {name!r}; choose from {', '.join(QC_METHODS)}")
         if self.contamination is not None and self.threshold is not None:
             raise UsageError("give at most one of --contamination and --threshold")
         if self.contamination is None and self.threshold is None:
@@ -52,8 +51,8 @@ class QcSettings:
         if not -1.0 <= self.dup_threshold <= 1.0:
             raise UsageError(f"--dup-threshold must be a cosine similarity in [-1, 1], got {self.dup_threshold}")
         for option, value in (("--features", self.features), ("--dup-features", self.dup_features)):
-            if value not in FEATURES:
-                raise UsageError(f"{option}: unknown feature {value!r}; choose from {', '.join(FEATURES)}")
+            if value not in QC_FEATURES:
+                raise UsageError(f"{option}: unknown feature {value!r}; choose from {', '.join(QC_FEATURES)}")
         if self.max_dim < 2:
             raise UsageError(f"--max-dim must be at least 2, got {self.max_dim}")
         if self.fit_sample < 20:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import batchseg
-from batchseg.config import ClusterSettings
+from batchseg.cluster import ClusterSettings
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.lock import build_lock
 from batchseg.io.files import write_json_atomic

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+from batchseg.choices import EXPORT_FORMATS
 from batchseg.errors import UsageError
-from batchseg.export import FORMATS
 from batchseg.io.build_info import BuildImage
 from batchseg.io.files import IMAGE_MODES
 from batchseg.io.hashing import sha256_bytes
@@ -38,8 +38,8 @@ class ExportConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        if self.format not in FORMATS:
-            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format not in EXPORT_FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
         if not (self.out / "manifest").is_dir():
             raise UsageError(f"{self.out} is not a batchseg build (no manifest); run `batchseg embed SRC {self.out}` first")
         if self.dest.exists() and not self.dest.is_dir():

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import batchseg
-from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
+from batchseg.cluster import ClusterSettings, dask_client, gather_with_progress, gpu_resources
 from batchseg.config import (
-    BUILD_FILE, BUILD_SCHEMA_VERSION, ClusterSettings, read_build_file, validate_image_job,
+    BUILD_FILE, BUILD_SCHEMA_VERSION, read_build_file, validate_image_job,
 )
 from batchseg.io.files import remove_temporaries, write_json_atomic
 from batchseg.errors import UsageError

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchseg.choices import QC_METHODS
 from batchseg.config import BUILD_FILE, read_build_file
 from batchseg.io.files import remove_temporaries
 from batchseg.errors import UsageError
@@ -56,7 +57,7 @@ from batchseg.qc.duplicates import group_pairs, similar_pairs
 from batchseg.qc.features import STORE_ARRAY, compute_features
 from batchseg.qc.model import QcModel, fit_qc_model
 from batchseg.qc.reduction import Moments
-from batchseg.qc.settings import METHODS, QcSettings
+from batchseg.qc.settings import QcSettings
 from batchseg.stages.qc_plan import QcPlan, plan_qc
 from batchseg.io.runs import recorded_run
 
@@ -331,7 +332,7 @@ def _new_rows(plan: QcPlan, position: dict[int, int], scores: dict[str, np.ndarr
     at = np.array([-1 if e else position[index[f.image_id]] for f, e in zip(files, exact)], dtype=np.int64)
     scored = at >= 0
     columns: dict[str, object] = {"image_id": [f.image_id for f in files], "path": [f.path for f in files]}
-    for name in METHODS:
+    for name in QC_METHODS:
         values = np.full(count, np.nan)
         if name in scores:
             values[scored] = scores[name][at[scored]]

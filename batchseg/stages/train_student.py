@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import batchseg
-from batchseg.cluster import dask_client, gpu_resources
-from batchseg.config import ClusterSettings, read_build_file
+from batchseg.cluster import ClusterSettings, dask_client, gpu_resources
+from batchseg.config import read_build_file
 from batchseg.io.files import write_json_atomic
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.build_info import label_rounds

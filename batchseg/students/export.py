@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from batchseg.choices import STUDENT_EXPORT_FORMATS
 from batchseg.errors import UsageError
 from batchseg.io.files import atomic_path
 from batchseg.io.statuses import StudentKind
 from batchseg.students.data import PIXEL_MEAN, PIXEL_STD
 from batchseg.students.load import LoadedStudent, load_student
 
-FORMATS = ("onnx", "torchscript")
 OPSET = 17
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
@@ -49,8 +49,8 @@ def deployable(student: LoadedStudent) -> nn.Module:
 
 def export_student(folder: Path, fmt: str, output: Path | None = None) -> Path:
     """Write the student of ``folder`` as ``fmt``; returns the file (default: next to its weights)."""
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in STUDENT_EXPORT_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(STUDENT_EXPORT_FORMATS)}, got {fmt!r}")
     student = load_student(folder)
     module = deployable(student)
     size = student.input_size
