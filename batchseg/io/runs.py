@@ -23,21 +23,14 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import batchseg
 from batchseg.io.files import write_json_atomic
+from batchseg.io.statuses import RunStatus  # noqa: F401  (re-exported: the stages import it from here)
 
 RUNS_FOLDER = "runs"
-
-
-class RunStatus(str, Enum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"  # Ctrl-C (KeyboardInterrupt): the run may simply be started again
 
 
 def new_run_id() -> str:

@@ -76,3 +76,12 @@ class StudentKind(StrEnum):
     SEMANTIC = "semantic"
     INSTANCE = "instance"
     SAM_ENCODER = "sam-encoder"  # a distilled SAM image encoder, written as a SAM model folder
+
+
+class RunStatus(StrEnum):
+    """A run record's ``status`` (``OUT/runs/RUN_ID.json``)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # Ctrl-C (KeyboardInterrupt): the run may simply be started again
