@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from batchseg.errors import ModelLoadError
+from batchseg.io.files import atomic_path, write_text_atomic
 from batchseg.models.dense_heads import ClipTokens
 from batchseg.models.clip_resnet import (
     RESNET_STRIDE,
@@ -498,12 +499,11 @@ def save_local_dir(config: dict, path: str | os.PathLike, seed: int = 0, preproc
     defaults.pop("fill_color")
     defaults["size"] = config.get("vision_cfg", {}).get("image_size", defaults["size"])
     preprocess = {**defaults, **(preprocess or {})}
-    (path / CONFIG_FILE).write_text(
-        json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2), encoding="utf-8"
-    )
+    write_text_atomic(path / CONFIG_FILE, json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2))
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         # load_weights=False: a weights file left from an earlier save must not be read back.
         model = open_clip.create_model(LOCAL_DIR + str(path), load_weights=False)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS_FILE))
+    with atomic_path(path / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return path
