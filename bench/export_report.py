@@ -23,7 +23,7 @@ from pathlib import Path
 
 import _common
 
-FORMATS = ("coco", "png", "yolo")
+from batchseg.choices import EXPORT_FORMATS as FORMATS
 
 
 def child(argv: list[str]) -> None:
