@@ -9,12 +9,13 @@ from pathlib import Path
 
 import json
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from batchseg.io.files import atomic_path
 from batchseg.models.clip import ClipSpec, load_dense_clip
 from batchseg.models.specs import model_identity  # noqa: F401  (torch-free home; re-exported)
 from batchseg.models.text import Vocabulary, build_text_classifier, classifier_key
+from batchseg.models.vocabulary import classifier_file, load_classifier
 from batchseg.models.vocabulary import with_background  # noqa: F401  (torch-free home; re-exported)
 
 
@@ -22,9 +23,9 @@ def text_classifier(out: Path, spec: ClipSpec, vocab: Vocabulary, templates: tup
                     device: str = "cpu") -> tuple[torch.Tensor, str]:
     """Return ``(classifier (C, D) float32 unit rows, key)``, computing it only if not stored."""
     key = classifier_key(model_identity(spec), vocab, templates)
-    path = out / "text" / f"{key}.safetensors"
+    path = classifier_file(out, key)
     if path.exists():
-        return load_file(str(path))["classifier"], key
+        return load_classifier(path), key
     import open_clip
 
     clip = load_dense_clip(spec, device=device)

@@ -14,10 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchseg.choices import BACKGROUND
 from batchseg.errors import UsageError
 from batchseg.io.hashing import sha256_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot evaluation, followed by the
 # 5 "scene" templates MaskCLIP adds for dense prediction (its
@@ -235,6 +239,18 @@ def classifier_key(model_id: str, vocab: Vocabulary, templates: Sequence[str]) -
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return sha256_bytes(blob.encode("utf-8"))
+
+
+def classifier_file(out: Path, key: str) -> Path:
+    """Where a build keeps the text classifier of ``key``: ``OUT/text/<key>.safetensors``."""
+    return out / "text" / f"{key}.safetensors"
+
+
+def load_classifier(path: Path) -> "torch.Tensor":
+    """A stored text classifier: float32 ``(C, D)``, unit rows in the build's class order."""
+    from safetensors.torch import load_file  # torch: only where a classifier is used, never to plan
+
+    return load_file(str(path))["classifier"].float()
 
 
 def with_background(vocab: Vocabulary) -> Vocabulary:

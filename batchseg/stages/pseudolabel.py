@@ -37,7 +37,7 @@ from batchseg.io.build_info import check_label_part
 from batchseg.io.tables import read_manifest, read_part, round_folder, selftrain_folder, visible_parts
 from batchseg.labels.settings import settings_record
 from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model_identity
-from batchseg.models.vocabulary import classifier_key, with_background
+from batchseg.models.vocabulary import classifier_file, classifier_key, with_background
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.runs import recorded_run
 from batchseg.stages.pseudolabel_plan import LabelImage
@@ -179,7 +179,7 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
         sam_spec = SamSpec(**build["embed"]["models"]["sam"]) if use_sam else None
         # The key text_classifier stores the classifier under: a hash of its inputs, known without torch.
         text_key = classifier_key(model_identity(clip_spec), vocab, config.labels.templates)
-        classifier_path = config.out / "text" / f"{text_key}.safetensors"
+        classifier_path = classifier_file(config.out, text_key)
         key = sha256_json({"labels": config.labels.to_json(), "text": text_key, "embed": build["embed"], "sam": use_sam})
         summaries = []
         damaged: set[str] = set()
@@ -412,6 +412,6 @@ def _record_settings(config: PseudolabelConfig, text_key: str) -> None:
         "labels": config.labels.to_json(),
         "selftrain": settings_record(config.selftrain),
         "rounds": config.rounds,
-        "text_classifier": f"text/{text_key}.safetensors",
+        "text_classifier": classifier_file(config.out, text_key).relative_to(config.out).as_posix(),
     }
     write_json_atomic(config.out / BUILD_FILE, data)

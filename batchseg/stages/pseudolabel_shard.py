@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
-from safetensors.torch import load_file
 
 from batchseg.config import LabelSettings
 from batchseg.io.statuses import LabelKind, LabelSource
@@ -43,7 +42,7 @@ from batchseg.models.dense_heads import compute_head
 from batchseg.models import runtime
 from batchseg.models.runtime import ModelBuilders, get_models
 from batchseg.models.sam import SamSpec, load_sam
-from batchseg.models.vocabulary import Vocabulary
+from batchseg.models.vocabulary import Vocabulary, classifier_file, load_classifier
 from batchseg.stages.pseudolabel_plan import LabelImage  # noqa: F401  (planning types; re-exported)
 
 
@@ -109,7 +108,7 @@ def store_text_classifier(out: Path, spec: ClipSpec, vocab: Vocabulary, template
     from batchseg.labels.text_cache import text_classifier
 
     _, key = text_classifier(out, spec, vocab, templates, device=runtime.worker_device())
-    return out / "text" / f"{key}.safetensors"
+    return classifier_file(out, key)
 
 
 def worker_classifier(ctx: RoundContext) -> torch.Tensor:
@@ -119,8 +118,7 @@ def worker_classifier(ctx: RoundContext) -> torch.Tensor:
     with _LOCK:
         if key not in _CLASSIFIER_CACHE:
             _CLASSIFIER_CACHE.clear()
-            stored = load_file(str(ctx.classifier_path))["classifier"]
-            _CLASSIFIER_CACHE[key] = stored.float().to(device)
+            _CLASSIFIER_CACHE[key] = load_classifier(ctx.classifier_path).to(device)
         return _CLASSIFIER_CACHE[key]
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from safetensors.torch import load_file
 
 from batchseg.io.files import write_json_atomic
 from batchseg.io.statuses import StudentKind
@@ -21,6 +20,7 @@ from batchseg.io.student_files import CHECKPOINTS, MODEL_FILE, save_weights, wri
 from batchseg.labels.selftrain import balanced_class_weights
 from batchseg.models import runtime
 from batchseg.models.runtime import set_torch_threads
+from batchseg.models.vocabulary import load_classifier
 from batchseg.students.data import IGNORE, Augment, SemanticDataset, TrainImage, read_round
 from batchseg.students.instance_data import InstanceDataset
 from batchseg.students.semantic import SemanticArch, SemanticObjective, SemanticStudent, parameter_count
@@ -77,7 +77,7 @@ def _rows_by_image(task: TrainTask) -> dict[str, list[dict]]:
 
 
 def _semantic(task: TrainTask, device: str) -> tuple[SemanticStudent, SemanticObjective]:
-    text = load_file(str(task.classifier_path))["classifier"].float()
+    text = load_classifier(task.classifier_path)
     lowered = [name.lower() for name in task.label_classes]
     rows = torch.stack([text[lowered.index(name.lower())] for name in task.classes])
     torch.manual_seed(task.train.seed)
