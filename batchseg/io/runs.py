@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,10 @@ class RunRecorder:
     def add_counts(self, counts: Mapping[str, Any] | None = None, **more: Any) -> None:
         """What the run did (images, rows, files...); kept in a failed run's record too."""
         self.record["counts"].update(counts or {}, **more)
+
+    def add_summary(self, summary: Any, leave_out: tuple[str, ...] = ()) -> None:
+        """A stage's summary dataclass as counts, less its run id and the fields in ``leave_out``."""
+        self.add_counts({k: v for k, v in asdict(summary).items() if k != "run_id" and k not in leave_out})
 
     def set(self, **fields: Any) -> None:
         """Fields of this command's own beside the shared ones (never the shared ones)."""

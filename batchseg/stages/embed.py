@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,7 +197,7 @@ def run_embed(config: EmbedConfig, builders: ModelBuilders | None = None, progre
     with build_lock(config.out), recorded_run(config.out, "embed", config.to_json()) as run:
         started = time.perf_counter()
         summary = _embed_locked(config, builders, run.run_id, progress, started)
-        run.add_counts({k: v for k, v in asdict(summary).items() if k not in ("out", "run_id")})
+        run.add_summary(summary, leave_out=("out",))
         return summary
 
 

@@ -110,7 +110,7 @@ def run_predict(config: PredictConfig, progress: bool = True) -> PredictSummary:
     started = time.perf_counter()
     with build_lock(config.dest), recorded_run(config.dest, "predict", config.to_json()) as run:
         summary = _predict_locked(config, identity, run.run_id, progress, started)
-        run.add_counts({k: v for k, v in asdict(summary).items() if k not in ("dest", "run_id")})
+        run.add_summary(summary, leave_out=("dest",))
         return summary
 
 

@@ -157,7 +157,7 @@ def run_qc(config: QcConfig, progress: bool = True) -> QcSummary:
     config.validate()
     with build_lock(config.out), recorded_run(config.out, "qc", config.to_json()) as run:
         summary = _qc_locked(config, run.run_id, progress)
-        run.add_counts({k: v for k, v in dataclasses.asdict(summary).items() if k not in ("out", "run_id", "model_info")})
+        run.add_summary(summary, leave_out=("out", "model_info"))
         run.set(model=summary.model_info)
         return summary
 

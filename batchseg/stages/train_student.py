@@ -258,7 +258,7 @@ def run_train_student(config: TrainStudentConfig, progress: bool = True) -> Trai
     started = time.perf_counter()
     with build_lock(config.out), recorded_run(config.out, "train-student", config.to_json()) as run:
         summary = _train_locked(config, run.run_id, progress, started)
-        run.add_counts({k: str(v) if isinstance(v, Path) else v for k, v in asdict(summary).items() if k != "run_id"})
+        run.add_summary(summary)
         return summary
 
 
