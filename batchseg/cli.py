@@ -14,6 +14,7 @@ from batchseg.choices import (
     DENSE_HEADS, EXPORT_FORMATS, KEY_SMOOTHING, PRECISIONS, QC_FEATURES, QC_METHODS, REGION_VOTES, SAM_MODELS,
     STUDENT_EXPORT_FORMATS,
 )
+from batchseg.stages.pseudolabel_options import DEFAULTS as PSEUDOLABEL_DEFAULTS
 from batchseg.cluster import OPTION_FIELDS, SCHEDULER_ENV, ClusterSettings
 from batchseg.io.files import IMAGE_MODES
 from batchseg.io.statuses import AUTO_SOURCE, TRAIN_SOURCES, LabelKind, StudentKind, values
@@ -238,70 +239,66 @@ Examples:
 @click.option("--templates", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Prompt templates, one per line with {} (default: MaskCLIP's 85).")
 @click.option("--background", is_flag=True, help='Add "background" as a text class.')
-@click.option("--bg-floor", type=float, default=None, help="Leave pixels unlabelled whose best probability is below this.")
-@click.option("--dense-head", type=click.Choice(DENSE_HEADS), default="maskclip", show_default=True,
+@click.option("--bg-floor", type=float, default=PSEUDOLABEL_DEFAULTS.bg_floor, help="Leave pixels unlabelled whose best probability is below this.")
+@click.option("--dense-head", type=click.Choice(DENSE_HEADS), default=PSEUDOLABEL_DEFAULTS.dense_head, show_default=True,
               help="Training-free dense CLIP head computed from the stored tokens: maskclip (the paper, value path "
                    "with residual + MLP), value (no residual/MLP), clearclip, sclip, naclip, or proxy-sam "
                    "(ProxyCLIP with the stored SAM embedding as the proxy). Changing it never needs re-embedding.")
-@click.option("--proxy-grid", type=int, default=32, show_default=True,
+@click.option("--proxy-grid", type=int, default=PSEUDOLABEL_DEFAULTS.proxy_grid, show_default=True,
               help="proxy-sam: SAM's grid is average-pooled to at most this many cells per side (the attention "
                    "costs the grid's 4th power; 64 x 64, SAM ViT's own, costs about one CLIP ViT-B forward pass).")
-@click.option("--region-vote", type=click.Choice(REGION_VOTES), default="pool", show_default=True,
+@click.option("--region-vote", type=click.Choice(REGION_VOTES), default=PSEUDOLABEL_DEFAULTS.region_vote, show_default=True,
               help="How each SAM mask picks its class: pool (argmax of the probabilities pooled inside it), or "
                    "majority of the pixel labels inside it (CorrCLIP's region correction).")
 @click.option("--bg-mask-vote", is_flag=True,
               help="With --background: a SAM mask recognised as background repaints its pixels background. "
                    "Off by default: such masks mostly hold objects the coarse CLIP grid half-missed, and "
                    "repainting them erased the object pixels it got right.")
-@click.option("--pd-thresh", type=float, default=0.5, show_default=True,
+@click.option("--pd-thresh", type=float, default=PSEUDOLABEL_DEFAULTS.pd_thresh, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")
-@click.option("--key-smoothing", type=click.Choice(KEY_SMOOTHING), default="auto", show_default=True,
+@click.option("--key-smoothing", type=click.Choice(KEY_SMOOTHING), default=PSEUDOLABEL_DEFAULTS.key_smoothing, show_default=True,
               help="MaskCLIP's key smoothing of round 0's scores: on, off, or auto: only when no "
                    "SAM masks vote the map, whose region vote is the finer smoothing.")
 @click.option("--no-key-smoothing", is_flag=True, hidden=True, help="Same as --key-smoothing off.")
-@click.option("--sam/--no-sam", "sam", default=None, help="Use the stored SAM embeddings (default: when stored).")
-@click.option("--points-per-side", type=int, default=32, show_default=True, help="SAM everything-mode point grid.")
-@click.option("--pred-iou-thresh", type=float, default=0.88, show_default=True, help="Keep SAM masks above this predicted IoU.")
-@click.option("--stability-thresh", type=float, default=0.95, show_default=True, help="Keep SAM masks this stable.")
-@click.option("--nms-thresh", type=float, default=0.7, show_default=True, help="Fast NMS IoU threshold for SAM masks (on their boxes, then on the masks).")
-@click.option("--work-max-side", type=int, default=1024, show_default=True,
+@click.option("--sam/--no-sam", "sam", default=PSEUDOLABEL_DEFAULTS.sam, help="Use the stored SAM embeddings (default: when stored).")
+@click.option("--points-per-side", type=int, default=PSEUDOLABEL_DEFAULTS.points_per_side, show_default=True, help="SAM everything-mode point grid.")
+@click.option("--pred-iou-thresh", type=float, default=PSEUDOLABEL_DEFAULTS.pred_iou_thresh, show_default=True, help="Keep SAM masks above this predicted IoU.")
+@click.option("--stability-thresh", type=float, default=PSEUDOLABEL_DEFAULTS.stability_thresh, show_default=True, help="Keep SAM masks this stable.")
+@click.option("--nms-thresh", type=float, default=PSEUDOLABEL_DEFAULTS.nms_thresh, show_default=True, help="Fast NMS IoU threshold for SAM masks (on their boxes, then on the masks).")
+@click.option("--work-max-side", type=int, default=PSEUDOLABEL_DEFAULTS.work_max_side, show_default=True,
               help="Label maps are made at most this many pixels a side, then mapped up to the original "
                    "size (bounds memory and time on very large images).")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Self-training rounds after round 0.")
-@click.option("--conf-thresh", type=float, default=0.5, show_default=True,
+@click.option("--rounds", type=int, default=PSEUDOLABEL_DEFAULTS.rounds, show_default=True, help="Self-training rounds after round 0.")
+@click.option("--conf-thresh", type=float, default=PSEUDOLABEL_DEFAULTS.conf_thresh, show_default=True,
               help="Self-training learns only from pixels whose label confidence reaches this.")
-@click.option("--class-balance", type=float, default=0.5, show_default=True,
+@click.option("--class-balance", type=float, default=PSEUDOLABEL_DEFAULTS.class_balance, show_default=True,
               help="Self-training loss weight per class: (pixel frequency)^-this; 0 = unweighted, 1 = inverse frequency.")
-@click.option("--class-quantile", type=float, default=0.5, show_default=True,
+@click.option("--class-quantile", type=float, default=PSEUDOLABEL_DEFAULTS.class_quantile, show_default=True,
               help="Per-class thresholds: a class the labeller is never sure of keeps its most confident "
                    "(1 - this) share of pixels even below --conf-thresh. 0 switches it off.")
-@click.option("--teacher-rounds", type=int, default=1, show_default=True,
+@click.option("--teacher-rounds", type=int, default=PSEUDOLABEL_DEFAULTS.teacher_rounds, show_default=True,
               help="MaskCLIP+'s schedule: rounds 1..N learn from round 0's labels, later rounds from the round before.")
-@click.option("--stop-agreement", type=float, default=0.95, show_default=True,
+@click.option("--stop-agreement", type=float, default=PSEUDOLABEL_DEFAULTS.stop_agreement, show_default=True,
               help="Stop self-training once a round agrees with the one before on this share of cells "
                    "(recorded in _round.json); 1 runs every round.")
-@click.option("--ema-decay", type=float, default=0.99, show_default=True,
+@click.option("--ema-decay", type=float, default=PSEUDOLABEL_DEFAULTS.ema_decay, show_default=True,
               help="The saved head is the exponential moving average of its weights (0: the last step's).")
-@click.option("--anchor/--no-anchor", default=True, show_default=True,
+@click.option("--anchor/--no-anchor", default=PSEUDOLABEL_DEFAULTS.anchor, show_default=True,
               help="A round that learns from the round before skips the cells where that round left round 0's "
                    "label, so a round's own mistakes are not taught to the next (the rounds drifted without it).")
-@click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+@click.option("--warm-start/--no-warm-start", default=PSEUDOLABEL_DEFAULTS.warm_start, show_default=True,
               help="Each round starts from the previous round's head (else from MaskCLIP).")
-@click.option("--epochs", type=int, default=8, show_default=True, help="Training epochs per round.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the self-training head.")
-@click.option("--shard-size", type=int, default=64, show_default=True, help="Images per Dask task.")
+@click.option("--epochs", type=int, default=PSEUDOLABEL_DEFAULTS.epochs, show_default=True, help="Training epochs per round.")
+@click.option("--seed", type=int, default=PSEUDOLABEL_DEFAULTS.seed, show_default=True, help="Seed of the self-training head.")
+@click.option("--shard-size", type=int, default=PSEUDOLABEL_DEFAULTS.shard_size, show_default=True, help="Images per Dask task.")
 @cluster_options()
 @click.option("--include-flagged", is_flag=True, help="Also label the images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete all labels in OUT first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head, proxy_grid, region_vote, bg_mask_vote, pd_thresh, no_prompt_denoising, key_smoothing, no_key_smoothing,
-                sam, points_per_side, pred_iou_thresh, stability_thresh, nms_thresh, work_max_side, rounds, conf_thresh, class_balance,
-                class_quantile, teacher_rounds, stop_agreement, ema_decay, anchor, warm_start, epochs, seed, shard_size, cluster, include_flagged, overwrite, quiet) -> None:
-    from batchseg.config import LabelSettings, PseudolabelConfig, key_smoothing_choice
+def pseudolabel(out, classes, vocab, templates, cluster, overwrite, quiet, **options) -> None:
     from batchseg.errors import UsageError
-    from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
-    from batchseg.models.specs import DenseHeadSettings
+    from batchseg.stages.pseudolabel_options import PseudolabelOptions
     from batchseg.models.vocabulary import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
     from batchseg.stages.pseudolabel import run_pseudolabel
 
@@ -310,40 +307,12 @@ def pseudolabel(out, classes, vocab, templates, background, bg_floor, dense_head
             raise UsageError("give the classes with exactly one of --classes or --vocab")
         if not out.exists():
             raise UsageError(f"output folder {out} does not exist; run `batchseg embed SRC {out}` first")
-        try:
-            proposals = ProposalSettings(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
-                                         stability_score_thresh=stability_thresh, box_nms_thresh=nms_thresh,
-                                         mask_nms_thresh=nms_thresh)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        labels = LabelSettings(
+        config = PseudolabelOptions(**options).config(
+            out,
             vocabulary=parse_classes(classes) if classes is not None else load_vocab_file(vocab),
             templates=load_templates(templates) if templates else MASKCLIP_TEMPLATES,
-            background=background,
-            bg_floor=bg_floor,
-            key_smoothing=key_smoothing_choice(key_smoothing, no_key_smoothing),
-            prompt_denoising=not no_prompt_denoising,
-            pd_thresh=pd_thresh,
-            sam="auto" if sam is None else ("on" if sam else "off"),
-            proposals=proposals,
-            dense_head=DenseHeadSettings(dense_head, proxy_grid=proxy_grid),
-            region_vote=region_vote,
-            bg_mask_vote=bg_mask_vote,
-            work_max_side=work_max_side,
-        )
-        config = PseudolabelConfig(
-            out=out,
-            labels=labels,
-            selftrain=SelfTrainSettings(epochs=epochs, seed=seed, conf_thresh=conf_thresh,
-                                        class_balance=class_balance,
-                                        class_quantile=class_quantile or None, teacher_rounds=teacher_rounds,
-                                        stop_agreement=None if stop_agreement >= 1 else stop_agreement,
-                                        ema_decay=ema_decay or None, warm_start=warm_start, anchor=anchor),
-            rounds=rounds,
             cluster=cluster,
-            shard_size=shard_size,
             overwrite=overwrite,
-            include_flagged=include_flagged,
         )
         summary = run_pseudolabel(config, progress=not quiet)
     except BatchsegError as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchseg.cluster import ClusterSettings
-from batchseg.config import LabelSettings, PseudolabelConfig, key_smoothing_choice
+from batchseg.config import PseudolabelConfig
 from batchseg.errors import UsageError
 from batchseg.io.statuses import AUTO_SOURCE, LabelKind, StudentKind
 from batchseg.pipeline.spec import _validated, detached_build
@@ -50,13 +50,14 @@ def qc(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
     return config
 
 
+VOCABULARY_KEYS = ("classes", "vocab", "templates")  # read here; every other key is a PseudolabelOptions field
+
+
 def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettings, given: dict[str, Any],
                 retrain: str, retrain_fraction: float) -> PseudolabelConfig:
-    from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
-    from batchseg.models.specs import DenseHeadSettings
+    from batchseg.stages.pseudolabel_options import PseudolabelOptions
     from batchseg.models.vocabulary import MASKCLIP_TEMPLATES, load_templates, load_vocab_file, parse_classes
 
-    g = given.get
     if ("classes" in given) == ("vocab" in given):
         raise doc.error(where, "give the classes with exactly one of classes (a list, or \"cat,dog|puppy\") "
                                "or vocab (a file, one class per line)")
@@ -70,34 +71,10 @@ def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSe
     except UsageError as exc:
         raise doc.error(where + ("templates",), str(exc)) from None
     try:
-        key_smoothing = key_smoothing_choice(g("key_smoothing"), g("no_key_smoothing", False))
+        options = PseudolabelOptions(**{k: v for k, v in given.items() if k not in VOCABULARY_KEYS})
+        config = options.config(out, vocabulary, templates, cluster, retrain=retrain, retrain_fraction=retrain_fraction)
     except UsageError as exc:
         raise doc.error(where, str(exc)) from None
-    nms = g("nms_thresh", 0.7)
-    try:
-        proposals = ProposalSettings(points_per_side=g("points_per_side", 32), pred_iou_thresh=g("pred_iou_thresh", 0.88),
-                                     stability_score_thresh=g("stability_thresh", 0.95), box_nms_thresh=nms,
-                                     mask_nms_thresh=nms)
-    except ValueError as exc:
-        raise doc.error(where, str(exc)) from None
-    sam = g("sam")
-    labels = LabelSettings(
-        vocabulary=vocabulary, templates=templates, background=g("background", False), bg_floor=g("bg_floor"),
-        key_smoothing=key_smoothing, prompt_denoising=not g("no_prompt_denoising", False),
-        pd_thresh=g("pd_thresh", 0.5), sam="auto" if sam is None else ("on" if sam else "off"), proposals=proposals,
-        dense_head=DenseHeadSettings(g("dense_head", "maskclip"), proxy_grid=g("proxy_grid", 32)),
-        region_vote=g("region_vote", "pool"), bg_mask_vote=g("bg_mask_vote", False),
-        work_max_side=g("work_max_side", 1024))
-    stop = g("stop_agreement", 0.95)
-    selftrain = SelfTrainSettings(
-        epochs=g("epochs", 8), seed=g("seed", 0), conf_thresh=g("conf_thresh", 0.5),
-        class_balance=g("class_balance", 0.5), class_quantile=g("class_quantile", 0.5) or None,
-        teacher_rounds=g("teacher_rounds", 1), stop_agreement=None if stop >= 1 else stop,
-        ema_decay=g("ema_decay", 0.99) or None, warm_start=g("warm_start", True),
-        anchor=g("anchor", True))
-    config = PseudolabelConfig(out=out, labels=labels, selftrain=selftrain, rounds=g("rounds", 3), cluster=cluster,
-                               shard_size=g("shard_size", 64), include_flagged=g("include_flagged", False),
-                               retrain=retrain, retrain_fraction=retrain_fraction)
     _check_detached(doc, where, config)
     return config
 
