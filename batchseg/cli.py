@@ -14,10 +14,13 @@ from batchseg.choices import (
     DENSE_HEADS, EXPORT_FORMATS, KEY_SMOOTHING, PRECISIONS, QC_FEATURES, QC_METHODS, REGION_VOTES, SAM_MODELS,
     STUDENT_EXPORT_FORMATS,
 )
+from batchseg.stages.embed_options import DEFAULTS as EMBED_DEFAULTS
 from batchseg.stages.pseudolabel_options import DEFAULTS as PSEUDOLABEL_DEFAULTS
+from batchseg.stages.export_plan import DEFAULTS as EXPORT_DEFAULTS
+from batchseg.stages.train_student_options import DEFAULTS as TRAIN_STUDENT_DEFAULTS
 from batchseg.cluster import OPTION_FIELDS, SCHEDULER_ENV, ClusterSettings
 from batchseg.io.files import IMAGE_MODES
-from batchseg.io.statuses import AUTO_SOURCE, TRAIN_SOURCES, LabelKind, StudentKind, values
+from batchseg.io.statuses import TRAIN_SOURCES, LabelKind, StudentKind, values
 from batchseg.students.settings import BLOCK_KINDS, NMS_KINDS
 
 EXIT_CODES_HELP = """\b
@@ -119,29 +122,29 @@ Examples:
 @cli.command(help=EMBED_HELP)
 @click.argument("src", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--clip-model", default="ViT-B-16", show_default=True,
+@click.option("--clip-model", default=EMBED_DEFAULTS.clip_model, show_default=True,
               help="open_clip model name, or local-dir:PATH (open_clip_config.json + weights).")
-@click.option("--clip-pretrained", default=None,
+@click.option("--clip-pretrained", default=EMBED_DEFAULTS.clip_pretrained,
               help="open_clip pretrained tag or a checkpoint file (default: openai for named models; "
                    "none for local-dir), or 'random' (speed tests only).")
 @click.option("--dense-form", hidden=True, default=None)
 @click.option("--no-clip", is_flag=True, help="Do not compute CLIP features.")
-@click.option("--canvas", type=int, default=None,
+@click.option("--canvas", type=int, default=EMBED_DEFAULTS.canvas,
               help="CLIP input size in pixels (square, letterboxed); default: the model's own size.")
-@click.option("--sam-model", default="vit_b", show_default=True,
+@click.option("--sam-model", default=EMBED_DEFAULTS.sam_model, show_default=True,
               help="SAM architecture (vit_b, vit_l, vit_h, tiny), or a SAM model folder (config.json + "
                    "model.safetensors), e.g. a distilled OUT/students/NAME of train-student --kind sam-encoder.")
-@click.option("--sam-checkpoint", default=None,
+@click.option("--sam-checkpoint", default=EMBED_DEFAULTS.sam_checkpoint,
               help="SAM weights (.pth as released, or .safetensors), or 'random' (speed tests only).")
 @click.option("--no-sam", is_flag=True, help="Do not compute SAM embeddings.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=EMBED_DEFAULTS.precision, show_default=True,
               help="Forward-pass precision (stored values are fp16 either way).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per forward pass.")
-@click.option("--shard-size", type=int, default=64, show_default=True,
+@click.option("--batch-size", type=int, default=EMBED_DEFAULTS.batch_size, show_default=True, help="Images per forward pass.")
+@click.option("--shard-size", type=int, default=EMBED_DEFAULTS.shard_size, show_default=True,
               help="Images per Dask task (and per manifest part).")
 @cluster_options(scheduler="Address of an existing Dask scheduler to use instead of a local cluster "
                            f"[env: {SCHEDULER_ENV}].")
-@click.option("--max-pixels", type=int, default=None,
+@click.option("--max-pixels", type=int, default=EMBED_DEFAULTS.max_pixels,
               help="Refuse images with more pixels than this (decompression bombs). Default: about 179 million.")
 @click.option("--overwrite", is_flag=True, help="Start over: delete this build's outputs in OUT first.")
 @click.option("--verify", is_flag=True,
@@ -150,14 +153,10 @@ Examples:
               help="Move damaged or stray manifest parts to OUT/quarantine/ and re-plan the files they covered, "
                    "keeping intact embeddings whose content still matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sam_model, sam_checkpoint, no_sam,
-          precision, batch_size, shard_size, cluster, max_pixels, overwrite, verify, repair,
-          quiet) -> None:
-    from batchseg.config import EmbedConfig, ModelSettings
+def embed(src, out, dense_form, cluster, overwrite, verify, repair, quiet, **options) -> None:
     from batchseg.errors import UsageError
-    from batchseg.io.images import DEFAULT_MAX_PIXELS
-    from batchseg.models.specs import ClipSpec, SamSpec
     from batchseg.stages.embed import run_embed
+    from batchseg.stages.embed_options import EmbedOptions
 
     try:
         if dense_form is not None:
@@ -165,37 +164,23 @@ def embed(src, out, clip_model, clip_pretrained, dense_form, no_clip, canvas, sa
                 "--dense-form is gone: embed now stores tokens every dense head can use; choose the head at "
                 "label time, e.g. `batchseg pseudolabel OUT --dense-head value` (was --dense-form clear)"
             )
-        sam_folder = not no_sam and sam_model not in SAM_MODELS
+        # --max-pixels 0 has always meant the default here (a pipeline file's 0 is refused).
+        chosen = EmbedOptions(**{**options, "max_pixels": options["max_pixels"] or None})
+        sam_model = chosen.sam_model
+        sam_folder = not chosen.no_sam and sam_model not in SAM_MODELS
         if sam_folder and not Path(sam_model).expanduser().is_dir():
             from batchseg.models.specs import unknown_sam_message
 
             raise UsageError(unknown_sam_message(sam_model))
-        if sam_folder and sam_checkpoint is not None:
+        if sam_folder and chosen.sam_checkpoint is not None:
             raise UsageError(f"--sam-model {sam_model} is a SAM model folder, which carries its own weights: "
                              "drop --sam-checkpoint")
-        if not no_sam and not sam_folder and sam_checkpoint is None:
+        if not chosen.no_sam and not sam_folder and chosen.sam_checkpoint is None:
             raise UsageError(
                 "SAM needs weights: pass --sam-checkpoint PATH (e.g. sam_vit_b_01ec64.pth), "
                 "or --no-sam to compute CLIP features only"
             )
-        models = ModelSettings(
-            clip=None if no_clip else ClipSpec(clip_model, _pretrained_tag(clip_model, clip_pretrained)),
-            sam=None if no_sam else SamSpec(sam_model, None if sam_checkpoint == "random" else sam_checkpoint),
-            clip_canvas=canvas,
-            precision=precision,
-        )
-        config = EmbedConfig(
-            source=src,
-            out=out,
-            models=models,
-            cluster=cluster,
-            batch_size=batch_size,
-            shard_size=shard_size,
-            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-            overwrite=overwrite,
-            verify=verify,
-            repair=repair,
-        )
+        config = chosen.config(src, out, cluster, overwrite=overwrite, verify=verify, repair=repair)
         summary = run_embed(config, progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
@@ -397,31 +382,32 @@ Examples:
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True, help="Dataset format.")
-@click.option("--round", "round_index", type=int, default=None, help="Label round to export (default: the last).")
-@click.option("--source", default=None, help="Label source: sam, maskclip or student (default: sam when present).")
-@click.option("--kind", type=click.Choice(values(LabelKind)), default=LabelKind.SEMANTIC.value, show_default=True,
+@click.option("--round", type=int, default=EXPORT_DEFAULTS.round, help="Label round to export (default: the last).")
+@click.option("--source", default=EXPORT_DEFAULTS.source,
+              help="Label source: sam, maskclip or student (default: sam when present).")
+@click.option("--kind", type=click.Choice(values(LabelKind)), default=EXPORT_DEFAULTS.kind, show_default=True,
               help="Label rows: semantic (one region per class) or instance (one per SAM mask).")
-@click.option("--min-score", type=float, default=0.0, show_default=True, help="Leave out rows scored below this.")
-@click.option("--split", default=None, help="Held-out splits by image id, e.g. val=0.1 or val=0.1,test=0.1.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
-@click.option("--images", type=click.Choice(IMAGE_MODES), default="copy", show_default=True,
+@click.option("--min-score", type=float, default=EXPORT_DEFAULTS.min_score, show_default=True,
+              help="Leave out rows scored below this.")
+@click.option("--split", default=EXPORT_DEFAULTS.split,
+              help="Held-out splits by image id, e.g. val=0.1 or val=0.1,test=0.1.")
+@click.option("--seed", type=int, default=EXPORT_DEFAULTS.seed, show_default=True, help="Seed of the split.")
+@click.option("--images", type=click.Choice(IMAGE_MODES), default=EXPORT_DEFAULTS.images, show_default=True,
               help="Put the images into DEST: copy them, symlink them, or leave them out.")
-@click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=EXPORT_DEFAULTS.src,
               help="Source image folder (default: the one the last embed run read).")
-@click.option("--tolerance", type=float, default=1.0, show_default=True,
+@click.option("--tolerance", type=float, default=EXPORT_DEFAULTS.tolerance, show_default=True,
               help="YOLO: polygon simplification tolerance in pixels (0: every boundary pixel).")
-@click.option("--ignore-value", type=int, default=255, show_default=True, help="PNG: value of unlabelled pixels.")
+@click.option("--ignore-value", type=int, default=EXPORT_DEFAULTS.ignore_value, show_default=True,
+              help="PNG: value of unlabelled pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace an export in DEST made with other settings.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def export(out, dest, fmt, round_index, source, kind, min_score, split, seed, images, src, tolerance, ignore_value,
-           overwrite, quiet) -> None:
+def export(out, dest, fmt, overwrite, quiet, **options) -> None:
     from batchseg.stages.export import run_export
-    from batchseg.stages.export_plan import ExportConfig, parse_split
+    from batchseg.stages.export_plan import ExportOptions
 
     try:
-        config = ExportConfig(out=out, dest=dest, format=fmt, round=round_index, source=source, kind=kind,
-                              min_score=min_score, split=parse_split(split), seed=seed, images=images, src=src,
-                              tolerance=tolerance, ignore_value=ignore_value, overwrite=overwrite)
+        config = ExportOptions(**options).config(out, dest, fmt, overwrite=overwrite)
         summary = run_export(config, progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
@@ -594,77 +580,56 @@ Examples:
 
 @cli.command("train-student", help=TRAIN_STUDENT_HELP)
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--kind", type=click.Choice(values(StudentKind)), default=StudentKind.SEMANTIC.value, show_default=True,
+@click.option("--kind", type=click.Choice(values(StudentKind)), default=TRAIN_STUDENT_DEFAULTS.kind, show_default=True,
               help="What the student predicts: a semantic map (MaskCLIP+), instances (YOLACT), or SAM's image "
                    "embedding (EdgeSAM: a CNN distilled from the stored SAM embeddings, a SAM model folder).")
 @click.option("--name", required=True, help="Folder name of the student under OUT/students/.")
-@click.option("--round", "round_index", type=int, default=None, help="Label round to learn from (default: the last).")
-@click.option("--source", type=click.Choice(TRAIN_SOURCES), default=AUTO_SOURCE, show_default=True,
+@click.option("--round", type=int, default=TRAIN_STUDENT_DEFAULTS.round, help="Label round to learn from (default: the last).")
+@click.option("--source", type=click.Choice(TRAIN_SOURCES), default=TRAIN_STUDENT_DEFAULTS.source, show_default=True,
               help="Which labels of the round: auto = SAM refinement when present.")
-@click.option("--classes", default=None, help="Comma-separated subset of the build's classes (default: all).")
-@click.option("--conf-thresh", type=float, default=0.3, show_default=True,
+@click.option("--classes", default=TRAIN_STUDENT_DEFAULTS.classes, help="Comma-separated subset of the build's classes (default: all).")
+@click.option("--conf-thresh", type=float, default=TRAIN_STUDENT_DEFAULTS.conf_thresh, show_default=True,
               help="Ignore label rows whose score (mean confidence of the segment) is below this.")
-@click.option("--class-balance", type=float, default=0.5, show_default=True,
+@click.option("--class-balance", type=float, default=TRAIN_STUDENT_DEFAULTS.class_balance, show_default=True,
               help="Semantic: loss weight per class (pixel frequency)^-this; 0 = unweighted.")
-@click.option("--blocks", type=click.Choice(BLOCK_KINDS), default="conv",
+@click.option("--blocks", type=click.Choice(BLOCK_KINDS), default=TRAIN_STUDENT_DEFAULTS.blocks,
               show_default=True, help="Backbone blocks.")
-@click.option("--width", type=int, default=64, show_default=True, help="Channels of the stride-8 blocks.")
-@click.option("--depth", type=int, default=4, show_default=True,
+@click.option("--width", type=int, default=TRAIN_STUDENT_DEFAULTS.width, show_default=True, help="Channels of the stride-8 blocks.")
+@click.option("--depth", type=int, default=TRAIN_STUDENT_DEFAULTS.depth, show_default=True,
               help="Number of blocks (sam-encoder: of the stride-16 stage).")
-@click.option("--input-size", type=int, default=128, show_default=True, help="Square input canvas (multiple of 8).")
-@click.option("--nms", type=click.Choice(NMS_KINDS), default="fast", show_default=True,
+@click.option("--input-size", type=int, default=TRAIN_STUDENT_DEFAULTS.input_size, show_default=True,
+              help="Square input canvas (multiple of 8).")
+@click.option("--nms", type=click.Choice(NMS_KINDS), default=TRAIN_STUDENT_DEFAULTS.nms, show_default=True,
               help="Instance students: NMS at prediction, Fast NMS or NOH-NMS (crowds).")
-@click.option("--nms-thresh", type=float, default=0.5, show_default=True, help="Instance students: NMS IoU threshold.")
-@click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs.")
-@click.option("--prompt-epochs", type=int, default=None,
+@click.option("--nms-thresh", type=float, default=TRAIN_STUDENT_DEFAULTS.nms_thresh, show_default=True,
+              help="Instance students: NMS IoU threshold.")
+@click.option("--epochs", type=int, default=TRAIN_STUDENT_DEFAULTS.epochs, show_default=True, help="Training epochs.")
+@click.option("--prompt-epochs", type=int, default=TRAIN_STUDENT_DEFAULTS.prompt_epochs,
               help="sam-encoder: how many of the last --epochs are prompt-in-the-loop (phase 2); "
                    "default: a quarter (at least 1).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step.")
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, order and augmentation.")
+@click.option("--batch-size", type=int, default=TRAIN_STUDENT_DEFAULTS.batch_size, show_default=True, help="Images per step.")
+@click.option("--lr", type=float, default=TRAIN_STUDENT_DEFAULTS.lr, show_default=True,
+              help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--seed", type=int, default=TRAIN_STUDENT_DEFAULTS.seed, show_default=True,
+              help="Seed of initialisation, order and augmentation.")
 @click.option("--no-flip", is_flag=True, help="No horizontal flips.")
-@click.option("--scale-jitter", type=(float, float), default=(0.75, 1.25), show_default=True,
+@click.option("--scale-jitter", type=(float, float), default=TRAIN_STUDENT_DEFAULTS.scale_jitter, show_default=True,
               help="Range of the random rescaling before the crop.")
-@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=TRAIN_STUDENT_DEFAULTS.images,
               help="Folder the images are in now, when it is not the folder embed read.")
 @cluster_options(gpus="One local worker per GPU (training uses one).", threads="Torch threads of the training worker.")
 @click.option("--include-flagged", is_flag=True, help="Also learn from images `batchseg qc` flagged (left out by default).")
 @click.option("--overwrite", is_flag=True, help="Delete this student (and its checkpoints) first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_student(out, kind, name, round_index, source, classes, conf_thresh, class_balance, blocks, width, depth, input_size,
-                  nms, nms_thresh, epochs, prompt_epochs, batch_size, lr, seed, no_flip, scale_jitter, images, cluster,
-                  include_flagged, overwrite, quiet) -> None:
-    from batchseg.errors import UsageError
-    from batchseg.stages.train_student import TrainStudentConfig, run_train_student
-    from batchseg.students.settings import Augment, SamStudentArch, SemanticArch, TrainSettings, YolactArch
+def train_student(out, name, cluster, overwrite, quiet, **options) -> None:
+    from batchseg.stages.train_student import run_train_student
+    from batchseg.stages.train_student_options import TrainStudentOptions
 
     try:
-        chosen = None
-        if classes is not None:
-            chosen = tuple(c.strip() for c in classes.split(",") if c.strip())
-            if not chosen:
-                raise UsageError("--classes is empty: give at least one class name")
-        if kind == StudentKind.SAM_ENCODER:
-            given = click.get_current_context().get_parameter_source
-            for option in ("input_size", "blocks", "classes", "nms", "nms_thresh"):
-                if given(option) == click.core.ParameterSource.COMMANDLINE:
-                    raise UsageError(f"--{option.replace('_', '-')} does not apply to --kind sam-encoder (the "
-                                     "teacher SAM fixes its canvas and output)")
-            arch = SamStudentArch(width=width, depth=depth)
-        else:
-            arch = (YolactArch if kind == StudentKind.INSTANCE else SemanticArch)(
-                blocks=blocks, width=width, depth=depth, input_size=input_size)
-        config = TrainStudentConfig(
-            out=out, name=name, kind=kind, round=round_index, source=source, classes=chosen,
-            conf_thresh=conf_thresh, class_balance=class_balance, arch=arch, prompt_epochs=prompt_epochs,
-            nms=nms, nms_thresh=nms_thresh,
-            train=TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
-            augment=Augment(flip=not no_flip, scale=tuple(scale_jitter)),
-            images=images,
-            cluster=cluster,
-            overwrite=overwrite,
-            include_flagged=include_flagged,
-        )
+        # A sam-encoder refuses the options its teacher fixes only when they are typed, not their defaults.
+        source = click.get_current_context().get_parameter_source
+        given = {option for option in options if source(option) == click.core.ParameterSource.COMMANDLINE}
+        config = TrainStudentOptions(**options).config(out, name, cluster, given=given, overwrite=overwrite)
         summary = run_train_student(config, progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
@@ -798,12 +763,6 @@ def build(pipeline_file, dry_run, from_stage, only, overrides, scheduler, quiet)
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())
-
-
-def _pretrained_tag(model: str, pretrained: str | None) -> str | None:
-    if pretrained is None:
-        return None if model.startswith("local-dir:") else "openai"
-    return None if pretrained == "random" else pretrained
 
 
 def _quiet_libraries() -> None:

@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from batchseg.cluster import ClusterSettings
-from batchseg.config import EmbedConfig, ModelSettings, PseudolabelConfig
+from batchseg.config import EmbedConfig, PseudolabelConfig
 from batchseg.errors import UsageError
-from batchseg.io.images import DEFAULT_MAX_PIXELS
 from batchseg.pipeline.schema import LISTS, SECTIONS, STAGES, TOP, Checker
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument, read_yaml
+from batchseg.stages.embed_options import DEFAULTS as EMBED_DEFAULTS, RANDOM, EmbedOptions
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,10 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] = (), scheduler: str | 
     out = top["out"]
     _check_out(doc, (raw["out"],), out, sources)
     cluster = _cluster(doc, (raw.get("cluster", "cluster"),), sections.get("cluster", {}), scheduler)
-    models = _models(check, (raw["models"],), sections["models"])
+    options = EmbedOptions(**_models(check, (raw["models"],), sections["models"]), **sections.get("embed", {}))
+    _validated(doc, (raw["models"],), options.models().validate)
     root = Path(os.path.commonpath([str(s) for s in sources]))
-    embed = sections.get("embed", {})
-    embed_config = EmbedConfig(
-        source=root, out=out, models=models, cluster=cluster, batch_size=embed.get("batch_size", 8),
-        shard_size=embed.get("shard_size", 64), max_pixels=embed.get("max_pixels", DEFAULT_MAX_PIXELS),
-        include=() if sources == (root,) else sources)
+    embed_config = options.config(root, out, cluster, include=() if sources == (root,) else sources)
     _validated(doc, (raw.get("embed", "embed"),), embed_config.validate)
     retrain = top.get("retrain", "fraction")
     fraction = top.get("retrain_fraction", 0.1)
@@ -195,32 +192,26 @@ def _cluster(doc: YamlDocument, where: KeyPath, given: dict[str, Any], scheduler
     return settings
 
 
-def _models(check: Checker, where: KeyPath, given: dict[str, Any]) -> ModelSettings:
-    from batchseg.models.specs import LOCAL_DIR, ClipSpec, SamSpec
+def _models(check: Checker, where: KeyPath, given: dict[str, Any]) -> dict[str, Any]:
+    """The ``models`` section with its paths resolved against the file's folder; an
+    :class:`EmbedOptions` turns it into settings as it does the command line's."""
+    from batchseg.models.specs import LOCAL_DIR
 
-    clip_model = given.get("clip_model", "ViT-B-16")
+    values = dict(given)
+    clip_model = values.get("clip_model", EMBED_DEFAULTS.clip_model)
     if clip_model.startswith(LOCAL_DIR):
-        clip_model = LOCAL_DIR + str(check.path(where + ("clip-model",), clip_model[len(LOCAL_DIR):]))
-    pretrained = given.get("clip_pretrained")
-    if pretrained is None:
-        pretrained = None if clip_model.startswith(LOCAL_DIR) else "openai"
-    elif pretrained == "random":
-        pretrained = None
-    elif ("/" in pretrained or "." in pretrained) and check.path(where + ("clip-pretrained",), pretrained).exists():
-        pretrained = str(check.path(where + ("clip-pretrained",), pretrained))
-    checkpoint = given.get("sam_checkpoint")
-    if not given.get("no_sam") and checkpoint is None:
+        values["clip_model"] = LOCAL_DIR + str(check.path(where + ("clip-model",), clip_model[len(LOCAL_DIR):]))
+    pretrained = values.get("clip_pretrained")
+    if (pretrained not in (None, RANDOM) and ("/" in pretrained or "." in pretrained)
+            and check.path(where + ("clip-pretrained",), pretrained).exists()):
+        values["clip_pretrained"] = str(check.path(where + ("clip-pretrained",), pretrained))
+    checkpoint = values.get("sam_checkpoint")
+    if not values.get("no_sam") and checkpoint is None:
         raise check.doc.error(where, "SAM needs weights: give sam-checkpoint (e.g. sam_vit_b_01ec64.pth), "
                                      "or no-sam: true to compute CLIP features only")
-    if checkpoint not in (None, "random"):
-        checkpoint = str(check.path(where + ("sam-checkpoint",), checkpoint))
-    models = ModelSettings(
-        clip=None if given.get("no_clip") else ClipSpec(clip_model, pretrained),
-        sam=None if given.get("no_sam") else SamSpec(given.get("sam_model", "vit_b"),
-                                                     None if checkpoint == "random" else checkpoint),
-        clip_canvas=given.get("canvas"), precision=given.get("precision", "bf16"))
-    _validated(check.doc, where, models.validate)
-    return models
+    if checkpoint not in (None, RANDOM):
+        values["sam_checkpoint"] = str(check.path(where + ("sam-checkpoint",), checkpoint))
+    return values
 
 
 def _validated(doc: YamlDocument, where: KeyPath, validate) -> None:

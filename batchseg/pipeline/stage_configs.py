@@ -1,6 +1,8 @@
 """One pipeline section -> the stage's own frozen config, with the CLI's defaults.
 
-Each builder mirrors its command's option handling in ``batchseg.cli`` and runs the
+Where a stage has an options class (``stages/*_options``, ``export_plan.ExportOptions``)
+the builder fills it from the section as ``batchseg.cli`` fills it from the command
+line, so both get one set of defaults and conversions; each builder then runs the
 stage's own ``validate()`` (against a throw-away folder when it checks OUT), so a file
 and a command line are held to the same rules. Messages name the file, line and key.
 """
@@ -14,7 +16,6 @@ from typing import Any
 from batchseg.cluster import ClusterSettings
 from batchseg.config import PseudolabelConfig
 from batchseg.errors import UsageError
-from batchseg.io.statuses import AUTO_SOURCE, LabelKind, StudentKind
 from batchseg.pipeline.spec import _validated, detached_build
 from batchseg.pipeline.yaml_file import KeyPath, YamlDocument
 
@@ -91,44 +92,33 @@ def evaluate(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]
 
 
 def student(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSettings, given: dict[str, Any]):
-    from batchseg.stages.train_student import TrainStudentConfig
-    from batchseg.students.settings import Augment, SemanticArch, TrainSettings, YolactArch
+    from batchseg.stages.train_student_options import CLASSES_EMPTY, TrainStudentOptions
 
-    g = given.get
-    kind = g("kind", StudentKind.SEMANTIC)
-    classes = None
-    if "classes" in given:
-        classes = tuple(c.strip() for item in given["classes"] for c in item.split(",") if c.strip())
-        if not classes:
-            raise doc.error(where + ("classes",), "is empty: give at least one class name")
-    arch = (YolactArch if kind == StudentKind.INSTANCE else SemanticArch)(
-        blocks=g("blocks", "conv"), width=g("width", 64), depth=g("depth", 4), input_size=g("input_size", 128))
-    config = TrainStudentConfig(
-        out=out, name=given["name"], kind=kind, round=g("round"), source=g("source", AUTO_SOURCE), classes=classes,
-        conf_thresh=g("conf_thresh", 0.3), class_balance=g("class_balance", 0.5), arch=arch, nms=g("nms", "fast"),
-        nms_thresh=g("nms_thresh", 0.5),
-        train=TrainSettings(epochs=g("epochs", 20), batch_size=g("batch_size", 8), lr=g("lr", 2e-3), seed=g("seed", 0)),
-        augment=Augment(flip=not g("no_flip", False), scale=g("scale_jitter", (0.75, 1.25))), images=g("images"),
-        cluster=cluster, include_flagged=g("include_flagged", False))
+    options = TrainStudentOptions(**{k: v for k, v in given.items() if k != "name"})
+    try:
+        options.class_subset()
+    except UsageError:
+        raise doc.error(where + ("classes",), CLASSES_EMPTY) from None
+    try:
+        config = options.config(out, given["name"], cluster, given=given)
+    except UsageError as exc:
+        raise doc.error(where, str(exc)) from None
     _check_detached(doc, where, config)
     return config
 
 
 def export(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
-    from batchseg.stages.export_plan import ExportConfig, parse_split
+    from batchseg.stages.export_plan import ExportOptions
 
-    g = given.get
+    options = ExportOptions(**{k: v for k, v in given.items() if k not in ("dest", "format")})
     try:
-        split = parse_split(g("split"))
+        options.split_pairs()
     except UsageError as exc:
         raise doc.error(where + ("split",), str(exc)) from None
     dest = given["dest"]
     if dest.resolve() == out.resolve() or out.resolve() in dest.resolve().parents:
         raise doc.error(where + ("dest",), f"the export destination {dest} must be outside the output folder {out}")
-    config = ExportConfig(out=out, dest=dest, format=given["format"], round=g("round"), source=g("source"),
-                          kind=g("kind", LabelKind.SEMANTIC), min_score=g("min_score", 0.0), split=split, seed=g("seed", 0),
-                          images=g("images", "copy"), src=g("src"), tolerance=g("tolerance", 1.0),
-                          ignore_value=g("ignore_value", 255))
+    config = options.config(out, dest, given["format"])
     _check_detached(doc, where, config)
     return config
 

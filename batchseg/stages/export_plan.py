@@ -2,18 +2,26 @@
 
 Splits are a pure function of (seed, image id): an image keeps its split when images
 are added or removed, and the same seed gives the same split on any machine.
+
+The command line and a pipeline file's ``export:`` items both fill an
+:class:`ExportOptions` (defaults: :class:`ExportConfig`'s) and turn it into the config
+here, so neither spells a default or the ``--split`` conversion of its own. This module
+stays light (no pyarrow) because the CLI reads those defaults when it is imported.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from batchseg.choices import EXPORT_FORMATS
 from batchseg.errors import UsageError
-from batchseg.io.build_info import BuildImage
 from batchseg.io.files import IMAGE_MODES
 from batchseg.io.hashing import sha256_bytes
 from batchseg.io.statuses import LabelKind
+
+if TYPE_CHECKING:  # io.build_info reads Parquet (pyarrow)
+    from batchseg.io.build_info import BuildImage
 
 TRAIN = "train"
 
@@ -96,6 +104,39 @@ def parse_split(text: str | None) -> tuple[tuple[str, float], ...]:
     if sum(f for _, f in pairs) >= 1.0:
         raise UsageError(f"--split fractions must add up to less than 1 (the rest is train), got {text!r}")
     return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every `export` option but OUT, DEST and ``--format`` (required: they have no default)
+    and ``--overwrite``, under its Python name, as given: ``split`` is the text
+    ``val=0.1,test=0.1``. :meth:`config` converts it."""
+
+    round: int | None = ExportConfig.round
+    source: str | None = ExportConfig.source
+    kind: str = ExportConfig.kind.value
+    min_score: float = ExportConfig.min_score
+    split: str | None = None  # None or "": no held-out split (ExportConfig.split ())
+    seed: int = ExportConfig.seed
+    images: str = ExportConfig.images
+    src: Path | None = ExportConfig.src
+    tolerance: float = ExportConfig.tolerance
+    ignore_value: int = ExportConfig.ignore_value
+
+    def split_pairs(self) -> tuple[tuple[str, float], ...]:
+        """``split`` as (name, fraction) pairs; ``UsageError`` naming the bad pair."""
+        return parse_split(self.split)
+
+    def config(self, out: Path, dest: Path, format: str, overwrite: bool = False) -> ExportConfig:
+        """The run's config. Not validated here: the stage validates."""
+        return ExportConfig(out=out, dest=dest, format=format, round=self.round, source=self.source, kind=self.kind,
+                            min_score=self.min_score, split=self.split_pairs(), seed=self.seed, images=self.images,
+                            src=self.src, tolerance=self.tolerance, ignore_value=self.ignore_value,
+                            overwrite=overwrite)
+
+
+DEFAULTS = ExportOptions()
+"""ExportOptions: the one home of export's option defaults and conversions."""
 
 
 def split_names(split: tuple[tuple[str, float], ...]) -> list[str]:

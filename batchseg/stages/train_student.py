@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,116 +20,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import batchseg
-from batchseg.cluster import ClusterSettings, dask_client, gpu_resources
+from batchseg.cluster import dask_client, gpu_resources
 from batchseg.config import read_build_file
 from batchseg.io.files import write_json_atomic
 from batchseg.errors import BatchsegError, UsageError
 from batchseg.io.build_info import label_rounds
 from batchseg.io.lock import build_lock
-from batchseg.io.statuses import AUTO_SOURCE, TRAIN_SOURCES, StudentKind
+from batchseg.io.statuses import StudentKind
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.student_files import CHECKPOINTS, CONFIG_FILE, MODEL_FILE, STUDENT_FORMAT, student_folder, write_config
 from batchseg.io.runs import recorded_run
 from batchseg.choices import BACKGROUND
-from batchseg.students.settings import (
-    ARCHS, NMS_KINDS, PIXEL_MEAN, PIXEL_STD, Augment, PromptSettings, SamStudentArch, SemanticArch,
-    TrainSettings, YolactArch,
-)
+from batchseg.students.settings import PIXEL_MEAN, PIXEL_STD, TrainSettings
 from batchseg.students.training_set import pick_source, read_round, train_images
+from batchseg.stages.train_student_options import TrainStudentConfig  # noqa: F401  (re-exported; its home is light)
 
 if TYPE_CHECKING:  # the task module (torch) is imported where the training runs
     from batchseg.stages.train_student_task import TrainTaskResult
 
 SETTINGS_FILE = "_settings.json"
-
-
-@dataclass(frozen=True)
-class TrainStudentConfig:
-    """One `batchseg train-student` run."""
-
-    out: Path
-    name: str
-    kind: StudentKind = StudentKind.SEMANTIC
-    round: int | None = None  # None: the last round with labels
-    source: str = AUTO_SOURCE  # a LabelSource, or auto: the first of SOURCE_PREFERENCE the round has
-    classes: tuple[str, ...] | None = None  # None: every class of the build's vocabulary
-    # A row's score is its segment's mean confidence, lower than the per-pixel confidence
-    # self-training thresholds at 0.5: at 0.5, 2/3 of the toy teacher's object pixels were
-    # dropped and the student learnt background (bench/RESULTS.md, students).
-    conf_thresh: float = 0.3
-    class_balance: float = 0.5  # semantic: loss weight per class = (pixel frequency)^-this
-    arch: SemanticArch | YolactArch | SamStudentArch = field(default_factory=SemanticArch)
-    nms: str = "fast"  # instance students: the NMS predict uses (fast, or noh for NOH-NMS)
-    nms_thresh: float = 0.5
-    train: TrainSettings = field(default_factory=TrainSettings)
-    augment: Augment = field(default_factory=Augment)
-    images: Path | None = None  # where the images are now, when not where embed read them
-    cluster: ClusterSettings = field(default_factory=ClusterSettings)
-    overwrite: bool = False
-    include_flagged: bool = False  # learn from images `batchseg qc` flagged too
-    # sam-encoder: the last N epochs are prompt-in-the-loop (phase 2); None: a quarter of them (at least 1)
-    prompt_epochs: int | None = None
-    prompts: PromptSettings = field(default_factory=PromptSettings)
-
-    @property
-    def phase2_epochs(self) -> int:
-        if self.prompt_epochs is not None:
-            return self.prompt_epochs
-        return max(1, self.train.epochs // 4) if self.train.epochs > 1 else 0
-
-    def validate(self) -> None:
-        if not self.out.is_dir():
-            raise UsageError(f"output folder {self.out} does not exist; run `batchseg embed SRC {self.out}` first")
-        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith((".", "_")):
-            raise UsageError(f"--name must be a plain folder name (no slashes, not starting with . or _), got {self.name!r}")
-        if self.kind not in tuple(StudentKind):
-            raise UsageError(f"--kind must be one of {', '.join(StudentKind)}, got {self.kind!r}")
-        if self.round is not None and self.round < 0:
-            raise UsageError(f"--round must be 0 or more, got {self.round}")
-        if self.source not in TRAIN_SOURCES:
-            raise UsageError(f"--source must be one of {', '.join(TRAIN_SOURCES)}, got {self.source!r}")
-        if not 0.0 <= self.class_balance <= 1.0:
-            raise UsageError(f"--class-balance must be in [0, 1], got {self.class_balance}")
-        if not 0.0 <= self.conf_thresh <= 1.0:
-            raise UsageError(f"--conf-thresh must be in [0, 1], got {self.conf_thresh}")
-        wanted = ARCHS[self.kind]
-        if type(self.arch) is not wanted:
-            raise UsageError(f"a {self.kind} student needs a {wanted.__name__}")
-        if self.kind != StudentKind.SAM_ENCODER and self.prompt_epochs is not None:
-            raise UsageError("--prompt-epochs applies to --kind sam-encoder only")
-        if self.prompt_epochs is not None and not 0 <= self.prompt_epochs <= self.train.epochs:
-            raise UsageError(f"--prompt-epochs must be between 0 and --epochs ({self.train.epochs}), "
-                             f"got {self.prompt_epochs}")
-        if self.nms not in NMS_KINDS:
-            raise UsageError(f"--nms must be one of {', '.join(NMS_KINDS)}, got {self.nms!r}")
-        if not 0.0 <= self.nms_thresh <= 1.0:
-            raise UsageError(f"--nms-thresh must be in [0, 1], got {self.nms_thresh}")
-        if self.images is not None and not self.images.is_dir():
-            raise UsageError(f"--images {self.images} is not a folder")
-        try:
-            self.arch.validate()
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        self.train.validate()
-        self.augment.validate()
-        self.prompts.validate()
-        self.cluster.validate()
-
-    def identity(self) -> dict:
-        """What decides the trained weights; a rerun with other values is another training."""
-        if self.kind == StudentKind.SAM_ENCODER:
-            return {"kind": self.kind, "round": self.round, "source": self.source,
-                    "architecture": self.arch.to_json(), "train": self.train.to_json(),
-                    "prompt_epochs": self.phase2_epochs, "prompts": self.prompts.to_json()}
-        return {"kind": self.kind, "round": self.round, "source": self.source,
-                "classes": list(self.classes) if self.classes else None, "conf_thresh": self.conf_thresh,
-                "class_balance": self.class_balance, "architecture": self.arch.to_json(),
-                "train": self.train.to_json(), "augment": asdict(self.augment)}
-
-    def to_json(self) -> dict:
-        """The run's settings as its run record keeps them."""
-        return {**self.identity(), "out": str(self.out), "name": self.name,
-                "images": str(self.images) if self.images else None, "cluster": asdict(self.cluster)}
 
 
 @dataclass(frozen=True)
