@@ -16,6 +16,7 @@ from batchseg.choices import (
 )
 from batchseg.stages.embed_options import DEFAULTS as EMBED_DEFAULTS
 from batchseg.stages.pseudolabel_options import DEFAULTS as PSEUDOLABEL_DEFAULTS
+from batchseg.stages.evaluate_options import DEFAULTS as EVALUATE_DEFAULTS
 from batchseg.stages.export_plan import DEFAULTS as EXPORT_DEFAULTS
 from batchseg.stages.train_student_options import DEFAULTS as TRAIN_STUDENT_DEFAULTS
 from batchseg.cluster import OPTION_FIELDS, SCHEDULER_ENV, ClusterSettings
@@ -336,14 +337,16 @@ Examples:
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--gt", "gt", type=click.Path(path_type=Path), required=True,
               help="Ground truth: a folder of PNG label maps, or a COCO instance .json file.")
-@click.option("--ignore-index", type=int, default=255, show_default=True, help="PNG value that is not scored.")
-@click.option("--gt-offset", type=int, default=1, show_default=True,
+@click.option("--ignore-index", type=int, default=EVALUATE_DEFAULTS.ignore_index, show_default=True,
+              help="PNG value that is not scored.")
+@click.option("--gt-offset", type=int, default=EVALUATE_DEFAULTS.gt_offset, show_default=True,
               help="PNG class id k is stored as k + offset; values below offset are background (VOC: 1).")
-def evaluate(out, gt, ignore_index, gt_offset) -> None:
-    from batchseg.stages.evaluate import EvaluateConfig, run_evaluate
+def evaluate(out, gt, **options) -> None:
+    from batchseg.stages.evaluate import run_evaluate
+    from batchseg.stages.evaluate_options import EvaluateOptions
 
     try:
-        report = run_evaluate(EvaluateConfig(out=out, gt=gt, ignore_index=ignore_index, gt_offset=gt_offset))
+        report = run_evaluate(EvaluateOptions(**options).config(out, gt))
     except BatchsegError as exc:
         _fail(exc)
     for note in report.notes:

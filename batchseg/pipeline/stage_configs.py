@@ -81,10 +81,9 @@ def pseudolabel(doc: YamlDocument, where: KeyPath, out: Path, cluster: ClusterSe
 
 
 def evaluate(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
-    from batchseg.stages.evaluate import EvaluateConfig
+    from batchseg.stages.evaluate_options import EvaluateOptions
 
-    config = EvaluateConfig(out=out, gt=given["gt"], ignore_index=given.get("ignore_index", 255),
-                            gt_offset=given.get("gt_offset", 1))
+    config = EvaluateOptions(**{k: v for k, v in given.items() if k != "gt"}).config(out, given["gt"])
     if not config.gt.exists():
         raise doc.error(where + ("gt",), f"ground truth {config.gt} does not exist")
     _check_detached(doc, where, config)

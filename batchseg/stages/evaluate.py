@@ -39,47 +39,18 @@ from batchseg.config import read_build_file
 from batchseg.io.files import write_json_atomic
 from batchseg.errors import UsageError
 from batchseg.io.build_info import label_rounds
-from batchseg.io.ground_truth import IGNORE, GroundTruthSource, GtItem, read_ground_truth
+from batchseg.io.ground_truth import IGNORE, GtItem, read_ground_truth
 from batchseg.io.lock import build_lock
 from batchseg.io.runs import new_run_id, recorded_run
 from batchseg.io.statuses import LabelKind, LabelSource
 from batchseg.io.tables import EVAL_FOLDER, EVAL_SCHEMA, EVAL_VERSION, read_labels, write_part_atomic
 from batchseg.labels.metrics import Scores, confusion, scores_from_confusion
 from batchseg.labels.rle import decode_mask
+from batchseg.stages.evaluate_options import EvaluateConfig  # noqa: F401  (re-exported; its home is light)
 
 __all__ = ["EVAL_SCHEMA", "EvaluateConfig", "EvaluateReport", "SourceResult", "describe_source", "run_evaluate"]
 # What a round starts from, then SAM's vote on it.
 SOURCE_ORDER = {LabelSource.MASKCLIP: 0, LabelSource.STUDENT: 1, LabelSource.SAM: 2}
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """One `batchseg evaluate` run."""
-
-    out: Path
-    gt: Path
-    ignore_index: int = 255  # PNG ground truth: value that is not scored
-    gt_offset: int = 1  # PNG ground truth: class id k is stored as k + offset; below offset is background
-
-    def validate(self) -> None:
-        if not self.out.is_dir():
-            raise UsageError(f"output folder {self.out} does not exist; run `batchseg embed SRC {self.out}` first")
-        if not self.gt.exists():
-            raise UsageError(f"ground truth {self.gt} does not exist")
-        if not (self.gt.is_dir() or self.gt.suffix.lower() == ".json"):
-            raise UsageError(
-                f"--gt must be a folder of PNG label maps or a COCO instance .json file, got {self.gt}"
-            )
-        if self.gt_offset < 0:
-            raise UsageError(f"--gt-offset must be 0 or more, got {self.gt_offset}")
-
-    @property
-    def gt_format(self) -> str:
-        return self.ground_truth.format
-
-    @property
-    def ground_truth(self) -> GroundTruthSource:
-        return GroundTruthSource(self.gt, self.out, self.ignore_index, self.gt_offset)
 
 
 @dataclass(frozen=True)
