@@ -200,7 +200,8 @@ the proxy; prompt denoising, key smoothing), SAM everything-mode masks decoded f
 the stored SAM embeddings, each taking a class from the labels inside it (instance rows)
 and voting it into the semantic map. Rounds 1..N: a light head trained on confident
 labels predicts every image again (MaskCLIP+ self-training), until the rounds stop
-changing the labels (--stop-agreement). No image is re-encoded.
+changing the labels (--stop-agreement); a round that overturns more of round 0's surest
+labels than the round before is set aside (--drift-tolerance). No image is re-encoded.
 
 Writes OUT/labels/round=K/part-*.parquet (COCO RLE masks in original pixels; the
 folder reads as a hive-partitioned Parquet dataset) and OUT/selftrain/round=K/
@@ -273,6 +274,11 @@ Examples:
 @click.option("--anchor/--no-anchor", default=PSEUDOLABEL_DEFAULTS.anchor, show_default=True,
               help="A round that learns from the round before skips the cells where that round left round 0's "
                    "label, so a round's own mistakes are not taught to the next (the rounds drifted without it).")
+@click.option("--drift-tolerance", type=float, default=PSEUDOLABEL_DEFAULTS.drift_tolerance, show_default=True,
+              help="Keep the better round: a round (from 2 on) that overturns more of round 0's most confident "
+                   "cells than the round before did, by more than this share, has drifted; its labels are set "
+                   "aside (OUT/selftrain/round=K/set-aside-labels) and the round before's are the result. "
+                   "1 keeps every round.")
 @click.option("--warm-start/--no-warm-start", default=PSEUDOLABEL_DEFAULTS.warm_start, show_default=True,
               help="Each round starts from the previous round's head (else from MaskCLIP).")
 @click.option("--epochs", type=int, default=PSEUDOLABEL_DEFAULTS.epochs, show_default=True, help="Training epochs per round.")

@@ -224,6 +224,37 @@ def test_stopping_rule_ends_self_training_and_says_why(build, dask_scheduler):
     assert again.output.count("already complete, skipped") == 2 and "stopped after round 1" in again.output
 
 
+def test_a_round_that_drifts_is_set_aside_and_the_round_before_is_the_result(build, dask_scheduler, monkeypatch):
+    import json
+
+    import batchseg.stages.pseudolabel_train as train
+    from batchseg.io.build_info import label_rounds
+    from batchseg.io.tables import set_aside_folder
+
+    # Round 2 overturns more of round 0's surest cells than round 1 did.
+    monkeypatch.setattr(train, "anchor_agreement", lambda out, k, rows, c: None if k == 0 else 1.0 - 0.01 * k)
+    args = ["--classes", CLASSES, "--rounds", "3", *FAST, "--drift-tolerance", "0.005"]
+    result = _label(build, dask_scheduler, *args)
+    assert result.exit_code == 0, result.output
+    assert "round 2 discarded, round 1's labels are the result: drifted" in result.output
+    assert "round 3" not in result.output
+    assert label_rounds(build) == [0, 1]
+    assert sorted(p.suffix for p in set_aside_folder(build, 2).iterdir()) == [".parquet"]
+    info = json.loads((selftrain_folder(build, 2) / "_round.json").read_text())
+    assert info["discarded"] is True and info["decision"]["discard"] is True
+    assert "0.9800" in info["decision"]["why"] and "0.9900" in info["decision"]["why"]
+
+    # Killed between the record and the move: a rerun moves the labels, and computes nothing.
+    set_aside_folder(build, 2).replace(round_folder(build, 2))
+    again = _label(build, dask_scheduler, *args)
+    assert again.exit_code == 0 and again.output.count("already complete, skipped") == 3, again.output
+    assert label_rounds(build) == [0, 1] and set_aside_folder(build, 2).is_dir()
+
+    kept = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "3", *FAST, "--drift-tolerance", "1")
+    assert kept.exit_code == 0 and "round 3: 8 images" in kept.output
+    assert label_rounds(build) == [0, 1, 2, 3]
+
+
 def test_images_flagged_by_qc_are_left_out_unless_asked(build, dask_scheduler, monkeypatch):
     import batchseg.stages.pseudolabel as stage
 

@@ -8,7 +8,9 @@ import zarr
 
 from batchseg.io.grid_store import TargetGrid, TargetGridWriter, ensure_grid_store, grid_store_path
 from batchseg.labels.selftrain import SelfTrainSettings
-from batchseg.stages.pseudolabel_train import class_thresholds, target_counts, target_round, training_targets
+from batchseg.stages.pseudolabel_train import (
+    CONFIDENT_SHARE, anchor_agreement, class_thresholds, target_counts, target_round, training_targets,
+)
 
 
 def _grid(tmp_path, labels: np.ndarray, conf: np.ndarray) -> TargetGrid:
@@ -83,3 +85,46 @@ def test_training_targets_anchor_drops_cells_that_left_round_0(tmp_path):
     assert training_targets(targets, [0], limits, anchor).tolist() == [[[0, -1, 2], [-1, -1, -1]]]
     assert target_counts(targets, [0], torch.from_numpy(limits), 3, anchor).tolist() == [1, 0, 1]
     assert target_counts(targets, [0], torch.from_numpy(limits), 3).tolist() == [1, 2, 1]
+
+
+def _write_round(out, round_index: int, labels: np.ndarray, conf: np.ndarray) -> None:
+    ensure_grid_store(out, round_index, rows=labels.shape[0], grid=labels.shape[1])
+    writer = TargetGridWriter(out, round_index)
+    for row in range(labels.shape[0]):
+        writer.write(row, labels[row], conf[row])
+
+
+def test_anchor_agreement_counts_round_0s_most_confident_cells(tmp_path):
+    rng = np.random.default_rng(3)
+    first = rng.integers(-1, 3, size=(5, 8, 8)).astype(np.int16)
+    conf = rng.random((5, 8, 8))
+    later = first.copy()
+    flip = rng.random(first.shape) < 0.3
+    later[flip & (first >= 0)] = (first[flip & (first >= 0)] + 1) % 3
+    _write_round(tmp_path, 0, first, conf)
+    _write_round(tmp_path, 2, later, rng.random((5, 8, 8)))
+    rows = list(range(5))
+    stored = TargetGrid.of_round(tmp_path, 0).confidences(rows).astype(np.float32)
+    top = np.zeros(first.shape, dtype=bool)
+    for k in range(3):
+        values = np.sort(stored[first == k])
+        cut = np.floor(values[int((1 - CONFIDENT_SHARE) * values.size)] * 1000)
+        top |= (first == k) & (np.floor(stored * 1000) >= cut)
+    assert top.sum() >= CONFIDENT_SHARE * (first >= 0).sum()
+    want = float((later[top] == first[top]).mean())
+    assert anchor_agreement(tmp_path, 2, rows, 3) == pytest.approx(want)
+    assert 0.5 < want < 0.9
+
+
+def test_anchor_agreement_ignores_changes_to_unsure_cells(tmp_path):
+    rng = np.random.default_rng(4)
+    first = rng.integers(0, 2, size=(3, 6, 6)).astype(np.int16)
+    conf = rng.random((3, 6, 6))
+    _write_round(tmp_path, 0, first, conf)
+    unsure = conf < 0.5  # far below every class's top 30%
+    changed = np.where(unsure, 1 - first, first).astype(np.int16)
+    _write_round(tmp_path, 1, changed, conf)
+    assert anchor_agreement(tmp_path, 1, [0, 1, 2], 2) == 1.0
+    _write_round(tmp_path, 2, (1 - first).astype(np.int16), conf)  # every cell overturned
+    assert anchor_agreement(tmp_path, 2, [0, 1, 2], 2) == 0.0
+    assert anchor_agreement(tmp_path, 0, [0, 1, 2], 2) is None

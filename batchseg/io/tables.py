@@ -242,6 +242,22 @@ def selftrain_folder(out: Path, round_index: int) -> Path:
     return out / "selftrain" / f"round={round_index}"
 
 
+def set_aside_folder(out: Path, round_index: int) -> Path:
+    """Where a discarded round's label parts are kept: out of ``labels/`` (so no reader
+    takes them as a round) but not deleted (a user can still look at them)."""
+    return selftrain_folder(out, round_index) / "set-aside-labels"
+
+
+def set_aside_round(out: Path, round_index: int) -> Path:
+    """Move round K's label parts to :func:`set_aside_folder` (one rename); a no-op once done."""
+    source, target = round_folder(out, round_index), set_aside_folder(out, round_index)
+    if source.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.replace(target)
+    return target
+
+
 def read_labels(out: Path, round_index: int) -> pa.Table:
     """All committed label rows of one round, with its ``round`` column (:data:`LABELS_SCHEMA`)."""
     table = read_parts(round_folder(out, round_index), "labels", LABELS_VERSION, labels_schema())

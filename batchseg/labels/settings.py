@@ -115,6 +115,10 @@ class SelfTrainSettings:
     # label: teaching a round's own guesses to the next is how the rounds drifted
     # (bench/RESULTS.md, "self-training rounds": round 2 fell 2.2 points without it).
     anchor: bool = True
+    # Keep the better round: a round (>= 2) that agrees with round 0 on the labeller's most
+    # confident cells by more than this less than the round before did has drifted; its
+    # labels are set aside and the round before's are the result (1: keep every round).
+    drift_tolerance: float = 0.002
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
@@ -131,6 +135,7 @@ class SelfTrainSettings:
             ("temperature", lambda v: v > 0, "a finite number > 0"),
             ("conf_thresh", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
             ("class_balance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("drift_tolerance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         ]
         if not isinstance(self.teacher_rounds, int) or isinstance(self.teacher_rounds, bool) or self.teacher_rounds < 1:
             raise UsageError(f"self-training teacher_rounds must be an integer >= 1, got {self.teacher_rounds!r}")

@@ -34,7 +34,7 @@ from batchseg.io.lock import build_lock
 from batchseg.io.statuses import ImageStatus
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.build_info import check_label_part
-from batchseg.io.tables import read_manifest, read_part, round_folder, selftrain_folder, visible_parts
+from batchseg.io.tables import read_manifest, read_part, round_folder, selftrain_folder, set_aside_round, visible_parts
 from batchseg.labels.settings import settings_record
 from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model_identity
 from batchseg.models.vocabulary import classifier_file, classifier_key, with_background
@@ -59,6 +59,7 @@ class RoundSummary:
     skipped: bool
     stopped: bool = False  # self-training stops after this round (the stopping rule fired)
     decision: str = ""  # why self-training stopped or went on after this round
+    discarded: bool = False  # the round drifted: its labels were set aside, the round before's are the result
     damaged: tuple[tuple[str, str], ...] = ()  # (image id, why): not labelled, stored rows damaged
 
 
@@ -85,7 +86,9 @@ class PseudolabelSummary:
             if r.damaged:
                 lines.append(f"  round {r.round}: {len(r.damaged)} images NOT labelled, their stored embeddings "
                              f"are damaged: {r.damaged[0][1]}")
-            if r.stopped:
+            if r.discarded:
+                lines.append(f"  round {r.round} discarded, round {r.round - 1}'s labels are the result: {r.decision}")
+            elif r.stopped:
                 lines.append(f"  self-training stopped after round {r.round}: {r.decision}")
         lines.append(f"outputs: {self.out / 'labels'}/round=K/part-*.parquet ({self.seconds:.1f} s in all)")
         return "\n".join(lines)
@@ -238,6 +241,13 @@ def _plan_round(config: PseudolabelConfig, round_index: int, images: tuple[Label
     state = _round_state(config, round_index, info, key, images_key, len(images))
     if state == "recompute":
         return _RoundPlan(None, list(images), images_key)
+    if state == "same" and info.get("discarded") and info.get("complete", True):
+        set_aside_round(config.out, round_index)  # again, if a kill came between the record and the move
+        decision = info.get("decision") or {}
+        present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
+        return _RoundPlan(info, [], images_key, RoundSummary(
+            round_index, 0, 0, present, 0.0, skipped=True, stopped=True, decision=decision.get("why", ""),
+            discarded=True))
     kept = state == "keep"
     if kept:
         # Images were added (or removed) since this round's head was trained and the
@@ -304,8 +314,10 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     rows, damaged = _run_label_shards(client, ctx, shards, resources, progress)
     stats = round_stats(config.out, ctx.round_index, images, ctx.names)
     decision = _decision(config, ctx.round_index, stats)
+    discarded = bool(decision.get("discard"))
     write_json_atomic(artefacts / ROUND_FILE, {
         "decision": decision,
+        "discarded": discarded,
         "key": key,
         "images_key": images_key,
         "round": ctx.round_index,
@@ -323,9 +335,12 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         "previous_trained_run": info.get("previous_trained_run"),
         "run_id": run_id,
     })
+    if discarded:  # after the record: a rerun that finds the record moves them if a kill came first
+        set_aside_round(config.out, ctx.round_index)
     classes = sum(count > 0 for count in stats["class_histogram"].values())
     return RoundSummary(ctx.round_index, len(pending) - len(damaged), rows, classes, time.perf_counter() - start,
-                        skipped=False, stopped=decision["stop"], decision=decision["why"], damaged=damaged)
+                        skipped=False, stopped=decision["stop"], decision=decision["why"], discarded=discarded,
+                        damaged=damaged)
 
 
 def _round_state(config: PseudolabelConfig, round_index: int, info: dict | None, key: str, images_key: str,
@@ -365,11 +380,18 @@ def _previous_trained_run(out: Path, round_index: int) -> str | None:
 def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
     """Whether self-training goes on after this round, and why (recorded in ``_round.json``).
 
-    There is no ground truth to check against, so the rule watches the labels
-    themselves: once a round changes fewer than ``1 - stop_agreement`` of the cells
-    of the round before, more rounds only re-learn the same labels (and drift on
-    their errors), so the rounds stop there.
+    There is no ground truth to check against, so the rules watch the labels themselves:
+
+    * drift (rounds >= 2): a round that overturns more of the labeller's most confident
+      cells than the round before did (``anchor_agreement`` lower by more than
+      ``drift_tolerance``) is learning its own mistakes; it is discarded and the round
+      before is the result;
+    * convergence: once a round changes fewer than ``1 - stop_agreement`` of the cells of
+      the round before, more rounds only re-learn the same labels, so the rounds stop.
     """
+    drift = _drift(config, round_index, stats)
+    if drift is not None:
+        return {"stop": True, "discard": True, "why": drift}
     threshold = config.selftrain.stop_agreement
     agreement = stats.get("agreement_with_previous")
     if round_index == config.rounds:
@@ -383,6 +405,20 @@ def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
     if threshold is None:
         return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}; stopping rule off"}
     return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}, below {threshold}"}
+
+
+def _drift(config: PseudolabelConfig, round_index: int, stats: dict) -> str | None:
+    """Why round ``round_index`` drifted from round 0's most confident cells, or None."""
+    if round_index < 2:
+        return None  # round 1 learns from the labeller itself
+    now = stats.get("anchor_agreement")
+    before = ((_read_round_info(selftrain_folder(config.out, round_index - 1)) or {}).get("stats") or {}).get(
+        "anchor_agreement")
+    tolerance = config.selftrain.drift_tolerance
+    if now is None or before is None or now >= before - tolerance:
+        return None
+    return (f"drifted: it keeps round 0's label on {now:.4f} of round 0's most confident cells, round "
+            f"{round_index - 1} on {before:.4f} (drift_tolerance {tolerance})")
 
 
 def _remove_rounds_after(out: Path, round_index: int) -> None:

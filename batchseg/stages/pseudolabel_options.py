@@ -49,6 +49,7 @@ class PseudolabelOptions:
     ema_decay: float = 0.99  # 0: the last step's weights
     warm_start: bool = True
     anchor: bool = True
+    drift_tolerance: float = 0.002  # 1: keep every round
     epochs: int = 8
     seed: int = 0
     shard_size: int = 64
@@ -85,7 +86,8 @@ class PseudolabelOptions:
             epochs=self.epochs, seed=self.seed, conf_thresh=self.conf_thresh, class_balance=self.class_balance,
             class_quantile=self.class_quantile or None, teacher_rounds=self.teacher_rounds,
             stop_agreement=None if self.stop_agreement >= 1 else self.stop_agreement,
-            ema_decay=self.ema_decay or None, warm_start=self.warm_start, anchor=self.anchor)
+            ema_decay=self.ema_decay or None, warm_start=self.warm_start, anchor=self.anchor,
+            drift_tolerance=self.drift_tolerance)
 
     def config(self, out: Path, vocabulary: Vocabulary, templates: tuple[str, ...], cluster: ClusterSettings,
                **run: object) -> PseudolabelConfig:

@@ -137,6 +137,36 @@ def target_counts(targets: TargetGrid, rows: list[int], thresholds: torch.Tensor
 
 
 CONF_BINS = 1000  # confidence histogram resolution for the per-class quantiles
+# The labeller's most confident cells: per class, the top share of round 0's cells by confidence.
+# Later rounds should change few of them; changing more of them than the round before is drift.
+CONFIDENT_SHARE = 0.3
+
+
+def confidence_histograms(grid: TargetGrid, rows: list[int], num_classes: int) -> np.ndarray:
+    """Labelled cells per (class, confidence bin): int64 ``(C, CONF_BINS)``, streamed over ``rows``."""
+    histogram = np.zeros((num_classes, CONF_BINS), dtype=np.int64)
+    for start in range(0, len(rows), STATS_BLOCK):
+        chunk = rows[start : start + STATS_BLOCK]
+        label = grid.labels(chunk).astype(np.int64).ravel()
+        confidence = grid.confidences(chunk).astype(np.float32).ravel()
+        keep = label >= 0
+        np.add.at(histogram, (label[keep], _bins(confidence[keep])), 1)
+    return histogram
+
+
+def _bins(confidence: np.ndarray) -> np.ndarray:
+    return np.clip((confidence * CONF_BINS).astype(np.int64), 0, CONF_BINS - 1)
+
+
+def quantile_bins(histogram: np.ndarray, quantile: float) -> np.ndarray:
+    """Per class, the bin holding the ``quantile`` of its cells (its lower edge keeps at least
+    ``1 - quantile`` of them): int64 ``(C,)``; -1 for a class without cells."""
+    cuts = np.full(histogram.shape[0], -1, dtype=np.int64)
+    for k, counts in enumerate(histogram):
+        total = counts.sum()
+        if total:
+            cuts[k] = int(np.searchsorted(np.cumsum(counts), quantile * total, side="right"))
+    return cuts
 
 
 def class_thresholds(targets: TargetGrid, rows: list[int], settings: SelfTrainSettings, num_classes: int
@@ -150,22 +180,34 @@ def class_thresholds(targets: TargetGrid, rows: list[int], settings: SelfTrainSe
     limits = torch.full((num_classes,), float(settings.conf_thresh))
     if settings.class_quantile is None:
         return limits
-    histogram = np.zeros((num_classes, CONF_BINS), dtype=np.int64)
+    cuts = quantile_bins(confidence_histograms(targets, rows, num_classes), settings.class_quantile)
+    for k, cut in enumerate(cuts):
+        if cut >= 0:
+            limits[k] = min(float(settings.conf_thresh), cut / CONF_BINS)
+    return limits
+
+
+def anchor_agreement(out: Path, round_index: int, rows: list[int], num_classes: int) -> float | None:
+    """Share of round 0's most confident cells (:data:`CONFIDENT_SHARE` per class) on which
+    round ``round_index`` keeps round 0's label; None for round 0 or when round 0 has none.
+
+    No ground truth is needed: a round that fixes the labeller's mistakes changes its
+    unsure cells, while a drifting round starts to overturn the cells it was surest of.
+    """
+    if round_index == 0:
+        return None
+    first, grid = TargetGrid.of_round(out, 0), TargetGrid.of_round(out, round_index)
+    cuts = quantile_bins(confidence_histograms(first, rows, num_classes), 1.0 - CONFIDENT_SHARE)
+    kept, confident = 0, 0
     for start in range(0, len(rows), STATS_BLOCK):
         chunk = rows[start : start + STATS_BLOCK]
-        label = targets.labels(chunk).astype(np.int64).ravel()
-        confidence = targets.confidences(chunk).astype(np.float32).ravel()
-        keep = label >= 0
-        bins = np.clip((confidence[keep] * CONF_BINS).astype(np.int64), 0, CONF_BINS - 1)
-        np.add.at(histogram, (label[keep], bins), 1)
-    for k in range(num_classes):
-        total = histogram[k].sum()
-        if total == 0:
-            continue
-        # Lower edge of the bin holding the q-quantile: at least (1 - q) of the cells pass.
-        cut = int(np.searchsorted(np.cumsum(histogram[k]), settings.class_quantile * total, side="right"))
-        limits[k] = min(float(settings.conf_thresh), cut / CONF_BINS)
-    return limits
+        label = first.labels(chunk).astype(np.int64)
+        labelled = label >= 0
+        top = np.zeros_like(labelled)
+        top[labelled] = _bins(first.confidences(chunk).astype(np.float32)[labelled]) >= cuts[label[labelled]]
+        confident += int(top.sum())
+        kept += int((grid.labels(chunk).astype(np.int64)[top] == label[top]).sum())
+    return kept / confident if confident else None
 
 
 def round_stats(out: Path, round_index: int, images: tuple[LabelImage, ...], names: tuple[str, ...]) -> dict:
@@ -193,6 +235,7 @@ def round_stats(out: Path, round_index: int, images: tuple[LabelImage, ...], nam
         "mean_confidence": conf_sum / labelled if labelled else None,
         "labelled_cells": labelled,
         "agreement_with_previous": (agree / both if both else None) if previous is not None else None,
+        "anchor_agreement": anchor_agreement(out, round_index, rows, len(names)),
     }
 
 
