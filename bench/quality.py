@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED, help=f"world seed (default {HELD_OUT_SEED})")
     parser.add_argument("--rounds", type=int, default=3, help="self-training rounds (default 3)")
     parser.add_argument("--points-per-side", type=int, default=32, help="SAM everything-mode grid (default 32)")
+    parser.add_argument("--all-rounds", action="store_true",
+                        help="run and score every round (stopping and drift rules off); default: pseudolabel's rules")
     parser.add_argument("--epochs", type=int, default=8, help="self-training epochs per round (default 8)")
     parser.add_argument("--clip", default=None,
                         help="toy CLIP local-dir folder (default: the shipped ConvNeXt one, else the ViT one)")
@@ -201,6 +203,8 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
 def _selftrain_settings(args):
     from batchseg.labels.selftrain import SelfTrainSettings
 
+    if args.all_rounds:  # score every round: neither the convergence nor the drift rule ends them
+        return SelfTrainSettings(epochs=args.epochs, stop_agreement=None, drift_tolerance=1.0)
     return SelfTrainSettings(epochs=args.epochs)
 
 
@@ -214,7 +218,8 @@ def _round_notes(out: Path, rounds: int) -> list:
         if path.exists():
             info = json.loads(path.read_text())
             notes.append({"round": k, "agreement": info["stats"].get("agreement_with_previous"),
-                          "decision": info.get("decision")})
+                          "anchor_agreement": info["stats"].get("anchor_agreement"),
+                          "discarded": bool(info.get("discarded")), "decision": info.get("decision")})
     return notes
 
 

@@ -32,6 +32,15 @@ def embed_args(src: Path, out: Path, models: TinyModels, *extra: str) -> list[st
     ]
 
 
+def sam_free_pipeline(folder: Path, sections: str) -> Path:
+    """A pipeline file ``folder/p.yaml`` over an empty ``folder/images`` (no SAM), with ``sections``
+    after the models section (line 5 on)."""
+    (folder / "images").mkdir(exist_ok=True)
+    path = folder / "p.yaml"
+    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\n" + sections)
+    return path
+
+
 def run_cli(args: list[str]) -> Result:
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 

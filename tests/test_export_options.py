@@ -11,6 +11,7 @@ from batchseg.errors import UsageError
 from batchseg.pipeline.schema import EXPORT
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.export_plan import ExportConfig, ExportOptions
+from helpers import sam_free_pipeline
 
 FIELDS = {f.name for f in dataclasses.fields(ExportOptions)}
 REQUIRED = {"dest", "format"}  # no default: config() arguments, not options
@@ -73,18 +74,12 @@ def test_bad_splits_are_usage_errors(tmp_path: Path, split, message):
 
 
 def test_a_pipeline_files_bad_split_names_its_key(tmp_path: Path):
-    (tmp_path / "images").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\n"
-                    "export:\n  dest: ds\n  format: coco\n  split: val=2\n")
+    path = sam_free_pipeline(tmp_path, "export:\n  dest: ds\n  format: coco\n  split: val=2\n")
     with pytest.raises(UsageError, match=r"line 8: export\.split: --split takes NAME=FRACTION pairs"):
         load_pipeline(path)
 
 
 def test_a_pipeline_item_gets_the_command_lines_config(tmp_path: Path):
-    (tmp_path / "images").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\n"
-                    "export:\n  dest: ds\n  format: yolo\n  split: val=0.1\n  kind: instance\n")
+    path = sam_free_pipeline(tmp_path, "export:\n  dest: ds\n  format: yolo\n  split: val=0.1\n  kind: instance\n")
     expected = ExportOptions(split="val=0.1", kind="instance").config(tmp_path / "build", tmp_path / "ds", "yolo")
     assert load_pipeline(path).exports == (expected,)

@@ -14,6 +14,7 @@ from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.train_student_options import TrainStudentConfig, TrainStudentOptions
 from batchseg.students.settings import Augment, SamStudentArch, SemanticArch, TrainSettings, YolactArch
 from helpers import run_cli
+from helpers import sam_free_pipeline
 
 FIELDS = {f.name for f in dataclasses.fields(TrainStudentOptions)}
 CLI_ONLY = {"prompt_epochs"}  # sam-encoder only, a kind pipeline files do not train
@@ -97,19 +98,13 @@ def test_the_command_refuses_a_typed_option_a_sam_encoder_fixes(tmp_path: Path):
 
 
 def test_a_pipeline_files_empty_class_list_names_its_key(tmp_path: Path):
-    (tmp_path / "images").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\n"
-                    "train-student:\n  - name: s\n    classes: ' , '\n")
+    path = sam_free_pipeline(tmp_path, "train-student:\n  - name: s\n    classes: ' , '\n")
     with pytest.raises(UsageError, match=r"line 7: train-student\[0\]\.classes: is empty: give at least one class name"):
         load_pipeline(path)
 
 
 def test_a_pipeline_item_gets_the_command_lines_config(tmp_path: Path):
-    (tmp_path / "images").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\n"
-                    "train-student:\n  - name: s\n    kind: instance\n    no-flip: true\n    scale-jitter: [0.5, 1]\n")
+    path = sam_free_pipeline(tmp_path, "train-student:\n  - name: s\n    kind: instance\n    no-flip: true\n    scale-jitter: [0.5, 1]\n")
     pipeline = load_pipeline(path)
     expected = TrainStudentOptions(kind="instance", no_flip=True, scale_jitter=(0.5, 1.0)).config(
         tmp_path / "build", "s", pipeline.cluster)
