@@ -279,10 +279,6 @@ Examples:
                    "cells than the round before did, by more than this share, has drifted; its labels are set "
                    "aside (OUT/selftrain/round=K/set-aside-labels) and the round before's are the result. "
                    "1 keeps every round.")
-@click.option("--holdout", type=float, default=PSEUDOLABEL_DEFAULTS.holdout, show_default=True,
-              help="Share of the images each round keeps out of training to choose its best epoch by their "
-                   "loss (early stopping: later epochs fit the labels' own mistakes). 0 trains on every image "
-                   "for every epoch.")
 @click.option("--warm-start/--no-warm-start", default=PSEUDOLABEL_DEFAULTS.warm_start, show_default=True,
               help="Each round starts from the previous round's head (else from MaskCLIP).")
 @click.option("--epochs", type=int, default=PSEUDOLABEL_DEFAULTS.epochs, show_default=True, help="Training epochs per round.")

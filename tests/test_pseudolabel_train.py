@@ -9,8 +9,7 @@ import zarr
 from batchseg.io.grid_store import TargetGrid, TargetGridWriter, ensure_grid_store, grid_store_path
 from batchseg.labels.selftrain import SelfTrainSettings
 from batchseg.stages.pseudolabel_train import (
-    CONFIDENT_SHARE, anchor_agreement, class_thresholds, split_held_out, target_counts, target_round,
-    training_targets,
+    CONFIDENT_SHARE, anchor_agreement, class_thresholds, target_counts, target_round, training_targets,
 )
 
 
@@ -129,24 +128,3 @@ def test_anchor_agreement_ignores_changes_to_unsure_cells(tmp_path):
     _write_round(tmp_path, 2, (1 - first).astype(np.int16), conf)  # every cell overturned
     assert anchor_agreement(tmp_path, 2, [0, 1, 2], 2) == 0.0
     assert anchor_agreement(tmp_path, 0, [0, 1, 2], 2) is None
-
-
-def _images(n: int, first: int = 0):
-    from batchseg.stages.pseudolabel_plan import LabelImage
-
-    return tuple(LabelImage(f"img-{i:05d}", i, 32, 32, 8, 8, 16, 16) for i in range(first, first + n))
-
-
-@pytest.mark.parametrize("count, share, holds", [(8, 0.1, False), (9, 0.1, False), (10, 0.1, True), (200, 0.0, False)])
-def test_split_held_out_holds_none_of_a_small_set(count, share, holds):
-    train, held_out = split_held_out(_images(count), share)
-    assert bool(held_out) is holds and sorted(train + held_out) == list(range(count))
-
-
-def test_split_held_out_is_about_the_share_and_stays_put_as_images_are_added():
-    train, held = split_held_out(_images(2000), 0.1)
-    assert 150 < len(held) < 250 and not set(train) & set(held)
-    assert train == sorted(train) and held == sorted(held)
-    _, more = split_held_out(_images(3000), 0.1)
-    assert set(held) <= set(more)  # an image's place depends on its id alone
-    assert split_held_out(_images(2000), 0.1) == (train, held)

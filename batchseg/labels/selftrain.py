@@ -186,8 +186,6 @@ class TrainReport:
     steps: int = 0
     seconds: float = 0.0
     pixels_used: int = 0
-    held_out_losses: list[float] = field(default_factory=list)  # per epoch, of the weights the head keeps
-    best_epoch: int | None = None  # the epoch whose weights the head ends with (None: the last)
 
 
 def balanced_class_weights(counts: Tensor | np.ndarray, power: float) -> Tensor:
@@ -219,7 +217,6 @@ def train_head(
     settings: SelfTrainSettings,
     progress: Callable[[int, float], None] | None = None,
     class_weights: Tensor | None = None,
-    held_out: Callable[[], Iterable[tuple[Tensor | None, Tensor, Tensor]]] | None = None,
 ) -> TrainReport:
     """Train ``head`` in place with AdamW and cross-entropy (``ignore_index=-1``).
 
@@ -234,11 +231,6 @@ def train_head(
         progress: called as ``progress(epoch, mean_loss)`` after each epoch.
         class_weights: optional ``(C,)`` loss weight per class (see
             :func:`balanced_class_weights`); ``None`` weighs every pixel the same.
-        held_out: optional ``held_out()`` yielding batches like ``batches`` of images
-            never trained on. After each epoch the weights the head would keep (the
-            moving average with ``ema_decay``) are scored on them, and the head ends
-            with the epoch that scored best: the later epochs of a round fit the
-            targets' own mistakes (early stopping, no ground truth needed).
 
     A batch without a labelled pixel is skipped entirely (no optimiser step), so it
     cannot move the weights through AdamW's momentum or weight decay. The global RNG
@@ -262,7 +254,6 @@ def train_head(
         optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         ema = [p.detach().clone() for p in params] if settings.ema_decay is not None else None
         head.train()
-        best: tuple[float, list[Tensor]] | None = None
         for epoch in range(settings.epochs):
             loss_sum, pixel_sum = 0.0, 0
             for sam, clip, target in batches(epoch):
@@ -289,51 +280,13 @@ def train_head(
             report.losses.append(mean)
             if progress is not None:
                 progress(epoch, mean)
-            if held_out is not None:
-                kept = [t.detach().clone() for t in (ema if ema is not None else params)]
-                score = _held_out_loss(head, params, kept, held_out, weight)
-                report.held_out_losses.append(score)
-                if math.isfinite(score) and (best is None or score < best[0]):
-                    best = (score, kept)
-                    report.best_epoch = epoch
-        with torch.no_grad():
-            if best is not None:
-                for p, chosen in zip(params, best[1]):
-                    p.copy_(chosen)
-            elif ema is not None and report.steps:
+        if ema is not None and report.steps:
+            with torch.no_grad():
                 for p, averaged in zip(params, ema):
                     p.copy_(averaged)
     head.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _held_out_loss(head: SegHead, params: list[nn.Parameter], weights: list[Tensor],
-                   held_out: Callable[[], Iterable[tuple[Tensor | None, Tensor, Tensor]]],
-                   class_weight: Tensor | None) -> float:
-    """Pixel-weighted mean cross-entropy of ``head`` with ``weights`` swapped in, on held-out
-    batches; the training weights are restored after. ``nan`` when no pixel is labelled."""
-    training = [p.detach().clone() for p in params]
-    was_training = head.training
-    loss_sum, pixel_sum = 0.0, 0
-    try:
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(w)
-            head.eval()
-            for sam, clip, target in held_out():
-                target = _check_target(target, head, sam, clip).to(head.classifier.device)
-                valid = int((target >= 0).sum())
-                if valid:
-                    loss = F.cross_entropy(head(sam, clip), target, weight=class_weight, ignore_index=-1)
-                    loss_sum += float(loss) * valid
-                    pixel_sum += valid
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, training):
-                p.copy_(w)
-        head.train(was_training)
-    return loss_sum / pixel_sum if pixel_sum else float("nan")
 
 
 def _check_target(target: Tensor, head: SegHead, sam: Tensor | None, clip: Tensor) -> Tensor:

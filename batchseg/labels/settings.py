@@ -119,9 +119,6 @@ class SelfTrainSettings:
     # confident cells by more than this less than the round before did has drifted; its
     # labels are set aside and the round before's are the result (1: keep every round).
     drift_tolerance: float = 0.002
-    # Share of the images each round holds out of training to pick its best epoch by their
-    # loss (early stopping); 0 trains on every image for every epoch.
-    holdout: float = 0.1
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
@@ -139,7 +136,6 @@ class SelfTrainSettings:
             ("conf_thresh", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
             ("class_balance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
             ("drift_tolerance", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-            ("holdout", lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
         ]
         if not isinstance(self.teacher_rounds, int) or isinstance(self.teacher_rounds, bool) or self.teacher_rounds < 1:
             raise UsageError(f"self-training teacher_rounds must be an integer >= 1, got {self.teacher_rounds!r}")

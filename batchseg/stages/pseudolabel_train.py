@@ -6,14 +6,13 @@ driver's memory.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from batchseg.io.grid_store import TargetGrid
-from batchseg.io.hashing import sha256_bytes
 from batchseg.io.store import CheckedRowReader
 from batchseg.io.tables import selftrain_folder
 from batchseg.labels.selftrain import (
@@ -34,24 +33,6 @@ class TrainResult:
     steps: int
     seconds: float
     pixels_used: int
-    held_out_images: int = 0
-    held_out_losses: list[float] = field(default_factory=list)
-    best_epoch: int | None = None
-
-
-def split_held_out(images: tuple[LabelImage, ...], share: float) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows), sorted zarr rows.
-
-    An image is held out when a hash of its id falls in the first ``share`` of the hash
-    range, so the choice depends on the image alone and stays put as images are added.
-    At least one image is held out once ``share`` of the images is one or more; none below.
-    """
-    ranked = sorted((int(sha256_bytes(image.image_id.encode())[:12], 16) / 16**12, image.zarr_row)
-                    for image in images)
-    if share <= 0 or share * len(ranked) < 1:
-        return sorted(row for _, row in ranked), []
-    held = {row for position, row in ranked if position < share} or {ranked[0][1]}
-    return sorted(row for _, row in ranked if row not in held), sorted(held)
 
 
 def target_round(round_index: int, settings: SelfTrainSettings) -> int:
@@ -69,7 +50,7 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
     features = CheckedRowReader(ctx.out)
     source = target_round(ctx.round_index, settings)
     targets = TargetGrid.of_round(ctx.out, source)
-    rows, held_rows = split_held_out(images, settings.holdout)
+    rows = sorted(image.zarr_row for image in images)
     sam_channels = ctx.geometry.sam_embed_shape[0] if ctx.use_sam else None
     previous = selftrain_folder(ctx.out, ctx.round_index - 1) / ctx.head_path.name
     classifier = worker_classifier(ctx)
@@ -85,32 +66,24 @@ def train_round(ctx: RoundContext, images: tuple[LabelImage, ...], settings: Sel
     if settings.anchor and source > 0:
         anchor = TargetGrid.of_round(ctx.out, 0)
 
-    clip_features = _HeadFeatures(ctx, features, rows + held_rows)
-
-    def batch(chunk: list[int]):
-        label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor))
-        clip = clip_features(chunk).to(device)
-        sam = stored_rows(features, "sam", chunk).to(device).float() if ctx.use_sam else None
-        return sam, clip, label
+    clip_features = _HeadFeatures(ctx, features, rows)
 
     def batches(epoch: int):
         order = np.random.default_rng([settings.seed, epoch]).permutation(rows)
         for start in range(0, len(order), settings.batch_size):
-            yield batch([int(r) for r in order[start : start + settings.batch_size]])
-
-    def held_out():
-        for start in range(0, len(held_rows), settings.batch_size):
-            yield batch(held_rows[start : start + settings.batch_size])
+            chunk = [int(r) for r in order[start : start + settings.batch_size]]
+            label = torch.from_numpy(training_targets(targets, chunk, thresholds.numpy(), anchor))
+            clip = clip_features(chunk).to(device)
+            sam = stored_rows(features, "sam", chunk).to(device).float() if ctx.use_sam else None
+            yield sam, clip, label
 
     weights = None
     if settings.class_balance > 0:
         counts = target_counts(targets, rows, thresholds, len(ctx.names), anchor)
         weights = balanced_class_weights(counts, settings.class_balance)
-    report: TrainReport = train_head(head, batches, settings, class_weights=weights,
-                                     held_out=held_out if held_rows else None)
+    report: TrainReport = train_head(head, batches, settings, class_weights=weights)
     save_head(head.cpu(), ctx.head_path)
-    return TrainResult(list(report.losses), report.steps, report.seconds, report.pixels_used, len(held_rows),
-                       list(report.held_out_losses), report.best_epoch)
+    return TrainResult(list(report.losses), report.steps, report.seconds, report.pixels_used)
 
 
 class _HeadFeatures:
