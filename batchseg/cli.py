@@ -279,6 +279,9 @@ Examples:
                    "cells than the round before did, by more than this share, has drifted; its labels are set "
                    "aside (OUT/selftrain/round=K/set-aside-labels) and the round before's are the result. "
                    "1 keeps every round.")
+@click.option("--ensemble/--no-ensemble", default=PSEUDOLABEL_DEFAULTS.ensemble, show_default=True,
+              help="A round's labels come from the mean of its head's probabilities and every earlier round's "
+                   "(each head re-fits its targets with noise of its own; the mean keeps what they agree on).")
 @click.option("--warm-start/--no-warm-start", default=PSEUDOLABEL_DEFAULTS.warm_start, show_default=True,
               help="Each round starts from the previous round's head (else from MaskCLIP).")
 @click.option("--epochs", type=int, default=PSEUDOLABEL_DEFAULTS.epochs, show_default=True, help="Training epochs per round.")

@@ -11,8 +11,9 @@ from batchseg.labels.rle import decode_mask
 from helpers import embed_args, run_cli
 
 CLASSES = "red thing,green thing,blue thing"
+# Every round runs and is kept: tiny random models make the stopping and drift rules fire by chance.
 FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0", "--epochs", "2", "-q",
-        "--stop-agreement", "1"]
+        "--stop-agreement", "1", "--drift-tolerance", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -253,6 +254,17 @@ def test_a_round_that_drifts_is_set_aside_and_the_round_before_is_the_result(bui
     kept = _label(build, dask_scheduler, "--classes", CLASSES, "--rounds", "3", *FAST, "--drift-tolerance", "1")
     assert kept.exit_code == 0 and "round 3: 8 images" in kept.output
     assert label_rounds(build) == [0, 1, 2, 3]
+
+
+def test_later_rounds_label_with_the_mean_of_every_rounds_head(build, dask_scheduler):
+    args = ["--classes", CLASSES, "--rounds", "2", *FAST]
+    assert _label(build, dask_scheduler, *args, "--no-ensemble").exit_code == 0
+    single = {k: read_labels(build, k).to_pylist() for k in (1, 2)}
+    result = _label(build, dask_scheduler, *args, "--ensemble")
+    assert result.exit_code == 0 and "round 2: 8 images" in result.output, result.output
+    assert "round 1: 8 images" in result.output  # the setting is part of every round's key
+    assert read_labels(build, 1).to_pylist() == single[1]  # round 1 has no earlier head: the same labels
+    assert read_labels(build, 2).to_pylist() != single[2]
 
 
 def test_images_flagged_by_qc_are_left_out_unless_asked(build, dask_scheduler, monkeypatch):

@@ -350,3 +350,18 @@ def test_ema_head_is_the_average_of_the_steps(tmp_path):
 def test_new_selftrain_settings_are_validated(field, value):
     with pytest.raises(UsageError, match=field):
         SelfTrainSettings(**{field: value}).validate()
+
+
+def test_ensemble_probs_is_the_mean_of_each_heads_probabilities():
+    from batchseg.stages.pseudolabel_shard import ensemble_probs
+
+    sam, clip, target, _ = separable_data(True, n=4)
+    heads = [make_head(True, seed=s) for s in range(3)]
+    for head in heads[1:]:
+        train_head(head, batcher(sam, clip, target), FAST)  # differ from the untrained first one
+    each = [predict_probs(head, sam, clip) for head in heads]
+    mean = ensemble_probs(heads, sam, clip)
+    assert torch.allclose(mean, (each[0] + each[1] + each[2]) / 3, atol=1e-6)
+    assert torch.allclose(mean.sum(1), torch.ones_like(mean[:, 0]), atol=1e-5)
+    assert torch.equal(ensemble_probs(heads[:1], sam, clip), each[0])
+    assert not torch.allclose(mean, each[2], atol=1e-3)

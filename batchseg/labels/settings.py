@@ -119,6 +119,9 @@ class SelfTrainSettings:
     # confident cells by more than this less than the round before did has drifted; its
     # labels are set aside and the round before's are the result (1: keep every round).
     drift_tolerance: float = 0.002
+    # A round's labels come from the mean of the probabilities of its head and every earlier
+    # round's (a temporal ensemble): each head re-fits its targets with noise of its own.
+    ensemble: bool = True
 
     def validate(self) -> None:
         """Raise ``UsageError`` naming the first bad field, its value and what is allowed."""
@@ -139,7 +142,7 @@ class SelfTrainSettings:
         ]
         if not isinstance(self.teacher_rounds, int) or isinstance(self.teacher_rounds, bool) or self.teacher_rounds < 1:
             raise UsageError(f"self-training teacher_rounds must be an integer >= 1, got {self.teacher_rounds!r}")
-        for name in ("warm_start", "anchor"):
+        for name in ("warm_start", "anchor", "ensemble"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"self-training {name} must be true or false, got {getattr(self, name)!r}")
         optional = [

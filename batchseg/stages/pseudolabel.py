@@ -203,9 +203,11 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
                         if not classifier_path.exists():  # the text tower runs on a worker, on its device
                             client.submit(store_text_classifier, config.out, clip_spec, vocab, config.labels.templates,
                                           resources=gpu_resources(config.cluster), pure=False).result()
+                    earlier = range(1, round_index) if config.selftrain.ensemble else ()
                     ctx = RoundContext(config.out, round_index, vocab.names, classifier_path, config.labels, geometry,
                                        use_sam, sam_spec, clip_spec,
-                                       selftrain_folder(config.out, round_index) / HEAD_FILE)
+                                       selftrain_folder(config.out, round_index) / HEAD_FILE,
+                                       tuple(selftrain_folder(config.out, r) / HEAD_FILE for r in earlier))
                     summary = _run_round(client, config, ctx, kept, key, run_id, progress, plan)
                 summaries.append(summary)
                 run.add_counts(rounds=[asdict(s) for s in summaries], left_out=left_out)

@@ -50,6 +50,7 @@ class PseudolabelOptions:
     warm_start: bool = True
     anchor: bool = True
     drift_tolerance: float = 0.002  # 1: keep every round
+    ensemble: bool = True
     epochs: int = 8
     seed: int = 0
     shard_size: int = 64
@@ -87,7 +88,7 @@ class PseudolabelOptions:
             class_quantile=self.class_quantile or None, teacher_rounds=self.teacher_rounds,
             stop_agreement=None if self.stop_agreement >= 1 else self.stop_agreement,
             ema_decay=self.ema_decay or None, warm_start=self.warm_start, anchor=self.anchor,
-            drift_tolerance=self.drift_tolerance)
+            drift_tolerance=self.drift_tolerance, ensemble=self.ensemble)
 
     def config(self, out: Path, vocabulary: Vocabulary, templates: tuple[str, ...], cluster: ClusterSettings,
                **run: object) -> PseudolabelConfig:

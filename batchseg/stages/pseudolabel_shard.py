@@ -60,6 +60,8 @@ class RoundContext:
     sam_spec: SamSpec | None
     clip_spec: ClipSpec | None = None  # the build's CLIP: its last block computes the dense head
     head_path: Path | None = None  # the round's trained head (rounds >= 1)
+    # Earlier rounds' heads whose probabilities are averaged with this round's (SelfTrainSettings.ensemble)
+    earlier_heads: tuple[Path, ...] = ()
 
     @property
     def head_grid(self) -> tuple[int, int]:
@@ -164,15 +166,30 @@ def _sam(spec: SamSpec) -> torch.nn.Module:
         return _SAM_CACHE[key]
 
 
-def _head(ctx: RoundContext) -> SegHead:
-    path, device = ctx.head_path, runtime.worker_device()
-    key = (str(path), path.stat().st_mtime, device)
+def _heads(ctx: RoundContext) -> list[SegHead]:
+    """This round's head and the earlier rounds' it averages with, on the worker's device,
+    loaded once per worker and round."""
+    device = runtime.worker_device()
+    paths = (*ctx.earlier_heads, ctx.head_path)
+    keys = [(str(path), path.stat().st_mtime, device) for path in paths]
     classifier = worker_classifier(ctx)
     with _LOCK:
-        if key not in _HEAD_CACHE:
+        if set(keys) != set(_HEAD_CACHE):
             _HEAD_CACHE.clear()
-            _HEAD_CACHE[key] = load_head(path, classifier).to(device).eval()
-        return _HEAD_CACHE[key]
+            for key, path in zip(keys, paths):
+                _HEAD_CACHE[key] = load_head(path, classifier).to(device).eval()
+        return [_HEAD_CACHE[key] for key in keys]
+
+
+def ensemble_probs(heads: list[SegHead], sam: torch.Tensor | None, clip: torch.Tensor) -> torch.Tensor:
+    """Mean of the heads' class probabilities: float32 ``(B, C, G, G)``, summing to 1 over C.
+
+    Each round's head re-fits its targets with its own noise; averaging the rounds'
+    heads (a temporal ensemble) keeps what they agree on."""
+    probs = predict_probs(heads[0], sam, clip)
+    for head in heads[1:]:
+        probs = probs + predict_probs(head, sam, clip)
+    return probs / len(heads)
 
 
 def _frame(ctx: RoundContext, image: LabelImage) -> ImageFrame:
@@ -277,10 +294,10 @@ def _work_masks(rles: list[dict], frame: ImageFrame) -> np.ndarray:
 def _student_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage,
                    sam_masks: dict[str, list[dict]]) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
-    head = _head(ctx)
+    heads = _heads(ctx)
     clip, _ = device_head_features(ctx, store, [image.zarr_row])
     sam = stored_rows(store, "sam", [image.zarr_row]) if ctx.use_sam else None
-    grid_probs = predict_probs(head, sam, clip)[0].cpu()
+    grid_probs = ensemble_probs(heads, sam, clip)[0].cpu()
     grid, canvas = ctx.head_grid
     valid_h, valid_w = _valid(ctx, image)
     probs = grid_probs_to_work(grid_probs, canvas, valid_h, valid_w, frame)
