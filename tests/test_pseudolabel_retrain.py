@@ -16,7 +16,8 @@ from helpers import embed_args, run_cli
 def _config(out, scheduler, retrain):
     labels = LabelSettings(vocabulary=parse_classes("red thing,green thing,blue thing"), templates=MASKCLIP_TEMPLATES,
                            proposals=ProposalSettings(points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0))
-    return PseudolabelConfig(out=out, labels=labels, selftrain=SelfTrainSettings(epochs=1, stop_agreement=None, drift_tolerance=1.0),
+    selftrain = SelfTrainSettings(epochs=1, stop_agreement=None, drift_tolerance=1.0)  # every round runs and is kept
+    return PseudolabelConfig(out=out, labels=labels, selftrain=selftrain,
                              rounds=2, cluster=ClusterSettings(scheduler=scheduler), shard_size=4, retrain=retrain)
 
 
