@@ -16,7 +16,6 @@ loads it once, on its own device.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from contextlib import ExitStack
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchseg.cluster import dask_client, gather_with_progress, gpu_resources
-from batchseg.config import BUILD_FILE, PseudolabelConfig, must_retrain, read_build_file
+from batchseg.config import BUILD_FILE, PseudolabelConfig, read_build_file
 from batchseg.io.files import remove_temporaries, write_json_atomic
 from batchseg.io.hashing import sha256_json
 from batchseg.errors import UsageError
@@ -40,13 +39,14 @@ from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model
 from batchseg.models.vocabulary import classifier_file, classifier_key, with_background
 from batchseg.qc.flags import flagged_image_ids
 from batchseg.io.runs import recorded_run
+from batchseg.stages.pseudolabel_rounds import (
+    HEAD_FILE, ROUND_FILE, previous_trained_run, read_round_info, round_decision, round_state,
+)
 from batchseg.stages.pseudolabel_plan import LabelImage
 
 if TYPE_CHECKING:  # torch-heavy: imported for the first round that has work
     from batchseg.stages.pseudolabel_shard import LabelShard, RoundContext
 
-ROUND_FILE = "_round.json"
-HEAD_FILE = "head.safetensors"  # the self-training head of a round, in selftrain/round=K/
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,6 @@ def _trusted(images: tuple[LabelImage, ...], config: PseudolabelConfig) -> tuple
     return kept, len(images) - len(kept)
 
 
-def _read_round_info(folder: Path) -> dict | None:
-    path = folder / ROUND_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _committed_ids(folder: Path) -> set[str]:
     ids: set[str] = set()
     for part in visible_parts(folder):
@@ -228,7 +223,7 @@ def run_pseudolabel(config: PseudolabelConfig, progress: bool = True) -> Pseudol
 class _RoundPlan:
     """What a round needs, decided from its ``_round.json`` and parts alone (no model, no torch)."""
 
-    info: dict | None  # the round's record when it is kept or resumed (see _round_state), else None
+    info: dict | None  # the round's record when it is kept or resumed (see round_state), else None
     pending: list[LabelImage]  # images still to label (all of them when the round is recomputed)
     images_key: str
     skipped: RoundSummary | None = None  # set when the round is already complete: nothing to do
@@ -238,9 +233,9 @@ class _RoundPlan:
 def _plan_round(config: PseudolabelConfig, round_index: int, images: tuple[LabelImage, ...], key: str,
                 run_id: str) -> _RoundPlan:
     folder = round_folder(config.out, round_index)
-    info = _read_round_info(selftrain_folder(config.out, round_index))
+    info = read_round_info(selftrain_folder(config.out, round_index))
     images_key = sha256_json([image.image_id for image in images])
-    state = _round_state(config, round_index, info, key, images_key, len(images))
+    state = round_state(config, round_index, info, key, images_key, len(images))
     if state == "recompute":
         return _RoundPlan(None, list(images), images_key)
     if state == "same" and info.get("discarded") and info.get("complete", True):
@@ -302,7 +297,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
         future = client.submit(train_round, ctx, images, config.selftrain, resources=resources, pure=False)
         train = train_result_json(future.result())
         info = {**info, "trained": True, "train": train, "trained_images": len(images), "trained_run": run_id,
-                "previous_trained_run": _previous_trained_run(config.out, ctx.round_index)}
+                "previous_trained_run": previous_trained_run(config.out, ctx.round_index)}
         write_json_atomic(artefacts / ROUND_FILE, info)
     where = _mask_parts(config.out, pending) if ctx.round_index > 0 and ctx.use_sam else {}
     shards = [
@@ -315,7 +310,7 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     ]
     rows, damaged = _run_label_shards(client, ctx, shards, resources, progress)
     stats = round_stats(config.out, ctx.round_index, images, ctx.names)
-    decision = _decision(config, ctx.round_index, stats)
+    decision = round_decision(config, ctx.round_index, stats)
     discarded = bool(decision.get("discard"))
     write_json_atomic(artefacts / ROUND_FILE, {
         "decision": decision,
@@ -343,84 +338,6 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
     return RoundSummary(ctx.round_index, len(pending) - len(damaged), rows, classes, time.perf_counter() - start,
                         skipped=False, stopped=decision["stop"], decision=decision["why"], discarded=discarded,
                         damaged=damaged)
-
-
-def _round_state(config: PseudolabelConfig, round_index: int, info: dict | None, key: str, images_key: str,
-                 images: int) -> str:
-    """What a round does with what it stored: "same" (complete, or resume what a killed run
-    left), "keep" (its head is kept and labels the images that have no rows yet: a round
-    >= 1 whose image set changed, within ``config.retrain``; see
-    ``batchseg.config.must_retrain``), or "recompute" (settings changed, the round before
-    it retrained, or the retrain policy says so)."""
-    if not info or info.get("key") != key:
-        return "recompute"
-    if round_index == 0:
-        return "same"
-    trained = bool(info.get("trained")) and (selftrain_folder(config.out, round_index) / HEAD_FILE).exists()
-    if trained and info.get("previous_trained_run") != _previous_trained_run(config.out, round_index):
-        return "recompute"  # the round before retrained since: this head learnt from labels that are gone
-    trained_on = info.get("trained_images") or info.get("images") or 0
-    if info.get("images_key") == images_key:
-        # A kept head that the policy now wants retrained (e.g. retrain "always" after a "fraction" run).
-        stale = trained and info.get("complete") and trained_on != images and must_retrain(
-            config.retrain, config.retrain_fraction, trained_on, images)
-        return "recompute" if stale else "same"
-    if trained and info.get("complete") and not must_retrain(config.retrain, config.retrain_fraction, trained_on,
-                                                             images):
-        return "keep"
-    return "recompute"
-
-
-def _previous_trained_run(out: Path, round_index: int) -> str | None:
-    """The run that trained round ``round_index - 1``'s head (None for round 0 or older builds)."""
-    if round_index < 2:
-        return None
-    info = _read_round_info(selftrain_folder(out, round_index - 1))
-    return (info or {}).get("trained_run")
-
-
-def _decision(config: PseudolabelConfig, round_index: int, stats: dict) -> dict:
-    """Whether self-training goes on after this round, and why (recorded in ``_round.json``).
-
-    There is no ground truth to check against, so the rules watch the labels themselves:
-
-    * drift (rounds >= 2): a round that overturns more of the labeller's most confident
-      cells than the round before did (``anchor_agreement`` lower by more than
-      ``drift_tolerance``) is learning its own mistakes; it is discarded and the round
-      before is the result;
-    * convergence: once a round changes fewer than ``1 - stop_agreement`` of the cells of
-      the round before, more rounds only re-learn the same labels, so the rounds stop.
-    """
-    drift = _drift(config, round_index, stats)
-    if drift is not None:
-        return {"stop": True, "discard": True, "why": drift}
-    threshold = config.selftrain.stop_agreement
-    agreement = stats.get("agreement_with_previous")
-    if round_index == config.rounds:
-        return {"stop": False, "why": "last round requested"}
-    if round_index == 0:
-        return {"stop": False, "why": "round 0 is the labeller; self-training follows"}
-    if threshold is not None and agreement is not None and agreement >= threshold:
-        return {"stop": True, "why": f"converged: {agreement:.4f} of cells agree with round {round_index - 1} "
-                                     f"(stop_agreement {threshold})"}
-    shown = "n/a" if agreement is None else f"{agreement:.4f}"
-    if threshold is None:
-        return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}; stopping rule off"}
-    return {"stop": False, "why": f"agreement with round {round_index - 1} is {shown}, below {threshold}"}
-
-
-def _drift(config: PseudolabelConfig, round_index: int, stats: dict) -> str | None:
-    """Why round ``round_index`` drifted from round 0's most confident cells, or None."""
-    if round_index < 2:
-        return None  # round 1 learns from the labeller itself
-    now = stats.get("anchor_agreement")
-    before = ((_read_round_info(selftrain_folder(config.out, round_index - 1)) or {}).get("stats") or {}).get(
-        "anchor_agreement")
-    tolerance = config.selftrain.drift_tolerance
-    if now is None or before is None or now >= before - tolerance:
-        return None
-    return (f"drifted: it keeps round 0's label on {now:.4f} of round 0's most confident cells, round "
-            f"{round_index - 1} on {before:.4f} (drift_tolerance {tolerance})")
 
 
 def _remove_rounds_after(out: Path, round_index: int) -> None:
