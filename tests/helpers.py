@@ -41,6 +41,17 @@ def sam_free_pipeline(folder: Path, sections: str) -> Path:
     return path
 
 
+def parsed_options(command: str, argv: list[str], leave_out: set[str] = frozenset()) -> dict:
+    """What click hands ``batchseg COMMAND argv`` as keyword values, without ``leave_out``
+    and the cluster options (``leave_out`` names the arguments that are not options)."""
+    from batchseg.cli import cli
+    from batchseg.cluster import OPTION_FIELDS
+
+    with cli.commands[command].make_context(command, argv) as ctx:
+        given = dict(ctx.params)
+    return {name: value for name, value in given.items() if name not in {*leave_out, "cluster", *OPTION_FIELDS}}
+
+
 def run_cli(args: list[str]) -> Result:
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 

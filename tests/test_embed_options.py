@@ -7,26 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from batchseg.cluster import OPTION_FIELDS, ClusterSettings
+from batchseg.cluster import ClusterSettings
 from batchseg.config import EmbedConfig
 from batchseg.errors import UsageError
 from batchseg.models.specs import ClipSpec, ModelSettings, SamSpec
 from batchseg.pipeline.schema import EMBED, MODELS
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.embed_options import EmbedOptions
-from helpers import run_cli
+from helpers import parsed_options, run_cli
 
 FIELDS = {f.name for f in dataclasses.fields(EmbedOptions)}
 
 
 def test_every_command_option_is_a_field_with_the_same_default():
-    from batchseg.cli import cli
-
-    command = cli.commands["embed"]
-    with command.make_context("embed", ["SRC", "OUT"]) as ctx:
-        given = dict(ctx.params)
-    not_options = {"src", "out", "dense_form", "overwrite", "verify", "repair", "quiet", *OPTION_FIELDS}
-    options = {name: value for name, value in given.items() if name not in not_options}
+    options = parsed_options("embed", ["SRC", "OUT"], {"src", "out", "dense_form", "overwrite", "verify", "repair",
+                                                       "quiet"})
     assert set(options) == FIELDS
     assert EmbedOptions(**options) == EmbedOptions()
 

@@ -11,17 +11,13 @@ from batchseg.errors import UsageError
 from batchseg.pipeline.schema import EVALUATE
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.evaluate_options import EvaluateConfig, EvaluateOptions
+from helpers import parsed_options
 
 FIELDS = {f.name for f in dataclasses.fields(EvaluateOptions)}
 
 
 def test_every_command_option_is_a_field_with_the_same_default():
-    from batchseg.cli import cli
-
-    command = cli.commands["evaluate"]
-    with command.make_context("evaluate", ["OUT", "--gt", "GT"]) as ctx:
-        given = dict(ctx.params)
-    options = {name: value for name, value in given.items() if name not in {"out", "gt"}}
+    options = parsed_options("evaluate", ["OUT", "--gt", "GT"], {"out", "gt"})
     assert set(options) == FIELDS
     assert EvaluateOptions(**options) == EvaluateOptions()
 

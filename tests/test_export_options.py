@@ -11,19 +11,14 @@ from batchseg.errors import UsageError
 from batchseg.pipeline.schema import EXPORT
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.export_plan import ExportConfig, ExportOptions
-from helpers import sam_free_pipeline
+from helpers import parsed_options, sam_free_pipeline
 
 FIELDS = {f.name for f in dataclasses.fields(ExportOptions)}
 REQUIRED = {"dest", "format"}  # no default: config() arguments, not options
 
 
 def test_every_command_option_is_a_field_with_the_same_default():
-    from batchseg.cli import cli
-
-    command = cli.commands["export"]
-    with command.make_context("export", ["OUT", "DEST", "--format", "coco"]) as ctx:
-        given = dict(ctx.params)
-    options = {name: value for name, value in given.items() if name not in {"out", "dest", "fmt", "overwrite", "quiet"}}
+    options = parsed_options("export", ["OUT", "DEST", "--format", "coco"], {"out", "dest", "fmt", "overwrite", "quiet"})
     assert set(options) == FIELDS
     assert ExportOptions(**options) == ExportOptions()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batchseg.cluster import OPTION_FIELDS, ClusterSettings
+from batchseg.cluster import ClusterSettings
 from batchseg.config import LabelSettings
 from batchseg.errors import UsageError
 from batchseg.stages.pseudolabel_options import PseudolabelOptions
@@ -14,19 +14,15 @@ from batchseg.labels.settings import ProposalSettings, SelfTrainSettings
 from batchseg.models.vocabulary import MASKCLIP_TEMPLATES, parse_classes
 from batchseg.pipeline.schema import PSEUDOLABEL
 from batchseg.pipeline.stage_configs import VOCABULARY_KEYS
+from helpers import parsed_options
 
 FIELDS = {f.name for f in dataclasses.fields(PseudolabelOptions)}
 VOCAB = parse_classes("cat,dog")
 
 
 def test_every_command_option_is_a_field_with_the_same_default():
-    from batchseg.cli import cli
-
-    command = cli.commands["pseudolabel"]
-    with command.make_context("pseudolabel", ["OUT", "--classes", "cat"]) as ctx:
-        given = dict(ctx.params)
-    not_options = {"out", "classes", "vocab", "templates", "overwrite", "quiet", "cluster", *OPTION_FIELDS}
-    options = {name: value for name, value in given.items() if name not in not_options}
+    options = parsed_options("pseudolabel", ["OUT", "--classes", "cat"], {"out", "classes", "vocab", "templates",
+                                                                          "overwrite", "quiet"})
     assert set(options) == FIELDS
     assert PseudolabelOptions(**options) == PseudolabelOptions()
 

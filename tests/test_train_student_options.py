@@ -7,30 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from batchseg.cluster import OPTION_FIELDS, ClusterSettings
+from batchseg.cluster import ClusterSettings
 from batchseg.errors import UsageError
 from batchseg.pipeline.schema import STUDENT
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.train_student_options import TrainStudentConfig, TrainStudentOptions
 from batchseg.students.settings import Augment, SamStudentArch, SemanticArch, TrainSettings, YolactArch
 from helpers import run_cli
-from helpers import sam_free_pipeline
+from helpers import parsed_options, sam_free_pipeline
 
 FIELDS = {f.name for f in dataclasses.fields(TrainStudentOptions)}
 CLI_ONLY = {"prompt_epochs"}  # sam-encoder only, a kind pipeline files do not train
 
 
-def _parsed(*args: str) -> dict:
-    from batchseg.cli import cli
-
-    command = cli.commands["train-student"]
-    with command.make_context("train-student", ["OUT", "--name", "s", *args]) as ctx:
-        return dict(ctx.params)
-
-
 def test_every_command_option_is_a_field_with_the_same_default():
-    not_options = {"out", "name", "overwrite", "quiet", *OPTION_FIELDS}
-    options = {name: value for name, value in _parsed().items() if name not in not_options}
+    options = parsed_options("train-student", ["OUT", "--name", "s"], {"out", "name", "overwrite", "quiet"})
     assert set(options) == FIELDS
     assert TrainStudentOptions(**options) == TrainStudentOptions()
 
