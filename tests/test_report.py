@@ -73,6 +73,22 @@ def test_report_shows_build_labels_evaluation_and_gallery(build):
     assert any(r["command"] == "report" and r["status"] == "finished" for r in records)
 
 
+def test_a_round_set_aside_is_named_with_why_and_rounds_show_their_anchor_agreement(build):
+    round_1 = build.out / "labels" / "round=1" / "_round.json"  # where write_labelled_build keeps it
+    info = json.loads(round_1.read_text())
+    round_1.write_text(json.dumps({**info, "stats": {**info["stats"], "anchor_agreement": 0.9876}}))
+    drifted = build.out / "selftrain" / "round=2" / "_round.json"
+    drifted.parent.mkdir(parents=True)
+    drifted.write_text(json.dumps({"discarded": True, "decision": {"stop": True, "discard": True,
+                                                                   "why": "drifted: 0.9853 < 0.9876"}}))
+    result = report(build.out)
+    assert result.exit_code == 0, result.output
+    page = (build.out / "report" / "index.html").read_text()
+    assert "Round 2 was set aside, so round 1 is the result: drifted: 0.9853 &lt; 0.9876" in page
+    assert "keeps round 0's surest labels on 98.8%" in page
+    assert "<h3>Round 2</h3>" not in page
+
+
 def test_qc_and_students_sections_render_when_present(build):
     flagged = _add_qc_and_students(build.out)
     result = report(build.out)

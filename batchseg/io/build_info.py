@@ -117,6 +117,18 @@ def read_round_file(out: Path, round_index: int) -> dict | None:
     return None
 
 
+def set_aside_rounds(out: Path) -> list[tuple[int, str]]:
+    """(round, why) of each round pseudolabel's drift rule set aside (its labels are not in
+    ``labels/``), ascending."""
+    found = []
+    for path in (out / "selftrain").glob(f"round=*/{ROUND_FILE}"):
+        suffix = path.parent.name.split("=", 1)[1]
+        info = read_json(path) if suffix.isdigit() else {}
+        if info.get("discarded"):
+            found.append((int(suffix), str((info.get("decision") or {}).get("why", ""))))
+    return sorted(found)
+
+
 def round_class_names(out: Path, round_index: int) -> dict[int, str]:
     """class id -> class name as the label rows of one round name them (two columns read)."""
     names: dict[int, str] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 from batchseg.io.tables import read_part
 
-from batchseg.io.build_info import ManifestSummary, label_parts, label_rounds, manifest_summary, read_round_file, vocabulary
+from batchseg.io.build_info import ManifestSummary, label_parts, label_rounds, manifest_summary, read_round_file, set_aside_rounds, vocabulary
 
 FLAG_COLUMNS = ("flagged", "flag", "is_outlier", "outlier")
 MAX_TABLE_ROWS = 200
@@ -64,6 +64,7 @@ class ReportData:
     qc: Table | None  # None: no OUT/qc folder
     qc_flagged: list[dict] = field(default_factory=list)  # rows flagged by qc (image_id, reason, ...)
     students: list[StudentInfo] | None = None  # None: no OUT/students folder
+    set_aside: list[tuple[int, str]] = field(default_factory=list)  # (round, why): rounds the drift rule discarded
 
 
 def read_runs(out: Path) -> list[RunInfo]:
@@ -176,4 +177,5 @@ def collect(out: Path) -> ReportData:
         qc=qc,
         qc_flagged=flagged,
         students=read_students(out),
+        set_aside=set_aside_rounds(out),
     )

@@ -77,8 +77,10 @@ def _round_card(info: RoundInfo) -> str:
     stats = info.stats or {}
     rows = [[f"{escape(s)} / {escape(k)}", str(n), f"{info.mean_score.get((s, k), float('nan')):.3f}"]
             for (s, k), n in sorted(info.rows.items())]
+    anchor = stats.get("anchor_agreement")  # rounds >= 1: the share of round 0's surest cells it kept
+    kept = "" if anchor is None else f"; keeps round 0's surest labels on {_pct(anchor)}%"
     extra = (f'<div class="muted">images {info.images}; mean confidence {_pct(stats.get("mean_confidence"))}%; '
-             f'agreement with previous round {_pct(stats.get("agreement_with_previous"))}%</div>')
+             f'agreement with previous round {_pct(stats.get("agreement_with_previous"))}%{kept}</div>')
     chart = ""
     histogram = stats.get("class_histogram") or {}
     if histogram:
@@ -100,6 +102,9 @@ def _labels(page: ReportPage) -> str:
         html.append(line_chart(series, "Confidence and agreement between rounds", "round", "fraction",
                                y_range=(0.0, 1.0)))
     html.append('<div class="cards">' + "".join(_round_card(r) for r in rounds) + "</div>")
+    for round_index, why in page.data.set_aside:
+        html.append(f'<p class="muted">Round {round_index} was set aside, so round {round_index - 1} is the '
+                    f'result: {escape(why)}</p>')
     return "".join(html)
 
 
