@@ -14,7 +14,9 @@ from pathlib import Path
 
 from batchseg.errors import UsageError
 from batchseg.io.statuses import USABLE_STATUSES, ImageStatus
-from batchseg.io.tables import LABELS_VERSION, check_version, read_manifest, read_part, read_schema_checked, round_folder
+from batchseg.io.tables import (
+    LABELS_VERSION, check_version, numbered_rounds, read_manifest, read_part, read_schema_checked, round_folder,
+)
 
 ROUND_FILE = "_round.json"
 BUILD_FILE = "batchseg.json"  # batchseg.config.BUILD_FILE; config is not imported: it loads torch
@@ -62,18 +64,7 @@ def manifest_summary(out: Path) -> ManifestSummary:
 
 def label_rounds(out: Path) -> list[int]:
     """Round indices that have at least one committed label part, ascending."""
-    folder = out / "labels"
-    found = []
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if child.is_dir() and child.name.startswith("round="):
-                try:
-                    index = int(child.name.split("=", 1)[1])
-                except ValueError:
-                    continue
-                if label_parts(out, index):
-                    found.append(index)
-    return sorted(found)
+    return [index for index, _ in numbered_rounds(out / "labels") if label_parts(out, index)]
 
 
 def label_parts(out: Path, round_index: int) -> list[Path]:
@@ -121,12 +112,11 @@ def set_aside_rounds(out: Path) -> list[tuple[int, str]]:
     """(round, why) of each round pseudolabel's drift rule set aside (its labels are not in
     ``labels/``), ascending."""
     found = []
-    for path in (out / "selftrain").glob(f"round=*/{ROUND_FILE}"):
-        suffix = path.parent.name.split("=", 1)[1]
-        info = read_json(path) if suffix.isdigit() else {}
+    for index, folder in numbered_rounds(out / "selftrain"):
+        info = read_json(folder / ROUND_FILE)
         if info.get("discarded"):
-            found.append((int(suffix), str((info.get("decision") or {}).get("why", ""))))
-    return sorted(found)
+            found.append((index, str((info.get("decision") or {}).get("why", ""))))
+    return found
 
 
 def round_class_names(out: Path, round_index: int) -> dict[int, str]:

@@ -242,6 +242,19 @@ def selftrain_folder(out: Path, round_index: int) -> Path:
     return out / "selftrain" / f"round={round_index}"
 
 
+def numbered_rounds(parent: Path) -> list[tuple[int, Path]]:
+    """The ``round=K`` folders directly in ``parent`` (``OUT/labels`` or ``OUT/selftrain``)
+    with their K, ascending; other names are not rounds and are left out."""
+    if not parent.is_dir():
+        return []
+    found = []
+    for folder in parent.glob("round=*"):
+        suffix = folder.name.split("=", 1)[1]
+        if suffix.isdigit() and folder.is_dir():
+            found.append((int(suffix), folder))
+    return sorted(found)
+
+
 def set_aside_folder(out: Path, round_index: int) -> Path:
     """Where a discarded round's label parts are kept: out of ``labels/`` (so no reader
     takes them as a round) but not deleted (a user can still look at them)."""

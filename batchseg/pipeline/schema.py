@@ -57,7 +57,8 @@ PSEUDOLABEL = {
     "pd-thresh": FLOAT, "no-prompt-denoising": BOOL, "key-smoothing": choice(*KEY_SMOOTHING), "no-key-smoothing": BOOL, "sam": BOOL,
     "points-per-side": INT, "pred-iou-thresh": FLOAT, "stability-thresh": FLOAT, "nms-thresh": FLOAT, "work-max-side": INT,
     "rounds": INT, "conf-thresh": FLOAT, "class-balance": FLOAT, "class-quantile": FLOAT, "teacher-rounds": INT,
-    "stop-agreement": FLOAT, "ema-decay": FLOAT, "warm-start": BOOL, "anchor": BOOL, "drift-tolerance": FLOAT, "ensemble": BOOL, "epochs": INT, "seed": INT,
+    "stop-agreement": FLOAT, "ema-decay": FLOAT, "warm-start": BOOL, "anchor": BOOL, "drift-tolerance": FLOAT,
+    "ensemble": BOOL, "epochs": INT, "seed": INT,
     "shard-size": INT, "include-flagged": BOOL,
 }
 EVALUATE = {"gt": Key("path", required=True), "ignore-index": INT, "gt-offset": INT}

@@ -33,7 +33,9 @@ from batchseg.io.lock import build_lock
 from batchseg.io.statuses import ImageStatus
 from batchseg.io.store import ModelGeometry, store_rows
 from batchseg.io.build_info import check_label_part
-from batchseg.io.tables import read_manifest, read_part, round_folder, selftrain_folder, set_aside_round, visible_parts
+from batchseg.io.tables import (
+    numbered_rounds, read_manifest, read_part, round_folder, selftrain_folder, set_aside_round, visible_parts,
+)
 from batchseg.labels.settings import settings_record
 from batchseg.models.specs import ClipSpec, SamSpec, check_head_supported, model_identity
 from batchseg.models.vocabulary import classifier_file, classifier_key, with_background
@@ -343,9 +345,8 @@ def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tup
 def _remove_rounds_after(out: Path, round_index: int) -> None:
     """Drop rounds a previous run made beyond where self-training now stops (stale)."""
     for parent in (out / "labels", out / "selftrain"):
-        for folder in parent.glob("round=*"):
-            suffix = folder.name.split("=", 1)[1]
-            if suffix.isdigit() and int(suffix) > round_index:
+        for index, folder in numbered_rounds(parent):
+            if index > round_index:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
