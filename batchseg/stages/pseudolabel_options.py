@@ -22,39 +22,40 @@ from batchseg.models.vocabulary import Vocabulary
 @dataclass(frozen=True)
 class PseudolabelOptions:
     """Every `pseudolabel` option but the vocabulary, under its Python name (``--bg-floor``
-    is ``bg_floor``). Values are as given; :meth:`config` converts and validates."""
+    is ``bg_floor``), each default taken from the settings it becomes. Values are as given;
+    :meth:`config` converts them."""
 
-    background: bool = False
-    bg_floor: float | None = None
-    dense_head: str = "maskclip"
-    proxy_grid: int = 32
-    region_vote: str = "pool"
-    bg_mask_vote: bool = False
-    pd_thresh: float = 0.5
-    no_prompt_denoising: bool = False
-    key_smoothing: str | None = "auto"
+    background: bool = LabelSettings.background
+    bg_floor: float | None = LabelSettings.bg_floor
+    dense_head: str = DenseHeadSettings.name
+    proxy_grid: int = DenseHeadSettings.proxy_grid
+    region_vote: str = LabelSettings.region_vote
+    bg_mask_vote: bool = LabelSettings.bg_mask_vote
+    pd_thresh: float = LabelSettings.pd_thresh
+    no_prompt_denoising: bool = not LabelSettings.prompt_denoising
+    key_smoothing: str | None = LabelSettings.key_smoothing
     no_key_smoothing: bool = False  # the older spelling of key_smoothing "off"
-    sam: bool | None = None  # None: use SAM when the build stored it
-    points_per_side: int = 32
-    pred_iou_thresh: float = 0.88
-    stability_thresh: float = 0.95
-    nms_thresh: float = 0.7  # on the boxes, then on the masks
-    work_max_side: int = 1024
-    rounds: int = 3
-    conf_thresh: float = 0.5
-    class_balance: float = 0.5
-    class_quantile: float = 0.5  # 0: per-class thresholds off
-    teacher_rounds: int = 1
-    stop_agreement: float = 0.95  # >= 1: run every round
-    ema_decay: float = 0.99  # 0: the last step's weights
-    warm_start: bool = True
-    anchor: bool = True
-    drift_tolerance: float = 0.002  # 1: keep every round
-    ensemble: bool = True
-    epochs: int = 8
-    seed: int = 0
-    shard_size: int = 64
-    include_flagged: bool = False
+    sam: bool | None = None  # None: use SAM when the build stored it (LabelSettings.sam "auto")
+    points_per_side: int = ProposalSettings.points_per_side
+    pred_iou_thresh: float = ProposalSettings.pred_iou_thresh
+    stability_thresh: float = ProposalSettings.stability_score_thresh
+    nms_thresh: float = ProposalSettings.box_nms_thresh  # on the boxes, then on the masks
+    work_max_side: int = LabelSettings.work_max_side
+    rounds: int = PseudolabelConfig.rounds
+    conf_thresh: float = SelfTrainSettings.conf_thresh
+    class_balance: float = SelfTrainSettings.class_balance
+    class_quantile: float = SelfTrainSettings.class_quantile  # 0: per-class thresholds off
+    teacher_rounds: int = SelfTrainSettings.teacher_rounds
+    stop_agreement: float = SelfTrainSettings.stop_agreement  # >= 1: run every round
+    ema_decay: float = SelfTrainSettings.ema_decay  # 0: the last step's weights
+    warm_start: bool = SelfTrainSettings.warm_start
+    anchor: bool = SelfTrainSettings.anchor
+    drift_tolerance: float = SelfTrainSettings.drift_tolerance  # 1: keep every round
+    ensemble: bool = SelfTrainSettings.ensemble
+    epochs: int = SelfTrainSettings.epochs
+    seed: int = SelfTrainSettings.seed
+    shard_size: int = PseudolabelConfig.shard_size
+    include_flagged: bool = PseudolabelConfig.include_flagged
 
     def label_settings(self, vocabulary: Vocabulary, templates: tuple[str, ...]) -> LabelSettings:
         """Round 0's settings; ``UsageError`` for a contradiction or a bad SAM proposal value."""
