@@ -165,8 +165,9 @@ def describe_qc(pipeline: Pipeline, new_images: int) -> str:
 def describe_pseudolabel(pipeline: Pipeline, new_images: int) -> str:
     import pyarrow.parquet as pq
 
-    from batchseg.io.tables import round_folder, visible_parts
+    from batchseg.io.tables import round_folder, selftrain_folder, visible_parts
     from batchseg.labels.settings import settings_record
+    from batchseg.stages.pseudolabel_rounds import read_round_info
 
     config = pipeline.pseudolabel
     out = pipeline.out
@@ -186,12 +187,11 @@ def describe_pseudolabel(pipeline: Pipeline, new_images: int) -> str:
     now = len(ids - flagged) + new_images
     retrained = False  # a round after a retrained one retrains too
     for k in range(1, config.rounds + 1):
-        info_path = out / "selftrain" / f"round={k}" / "_round.json"
-        if not info_path.exists():
+        info = read_round_info(selftrain_folder(out, k))
+        if info is None:
             lines.append(f"round {k}: train and label every image")
             retrained = True
             continue
-        info = json.loads(info_path.read_text())
         trained = info.get("trained_images") or info.get("images") or 0
         retrain = retrained or (trained != now and must_retrain(config.retrain, config.retrain_fraction, trained, now))
         if retrain:

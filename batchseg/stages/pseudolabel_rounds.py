@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from batchseg.config import PseudolabelConfig, must_retrain
+from batchseg.io.build_info import ROUND_FILE
 from batchseg.io.tables import selftrain_folder
 
-ROUND_FILE = "_round.json"
 HEAD_FILE = "head.safetensors"  # the self-training head of a round, in selftrain/round=K/
 
 
