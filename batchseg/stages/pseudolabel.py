@@ -242,11 +242,7 @@ def _plan_round(config: PseudolabelConfig, round_index: int, images: tuple[Label
         return _RoundPlan(None, list(images), images_key)
     if state == "same" and info.get("discarded") and info.get("complete", True):
         set_aside_round(config.out, round_index)  # again, if a kill came between the record and the move
-        decision = info.get("decision") or {}
-        present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
-        return _RoundPlan(info, [], images_key, RoundSummary(
-            round_index, 0, 0, present, 0.0, skipped=True, stopped=True, decision=decision.get("why", ""),
-            discarded=True))
+        return _RoundPlan(info, [], images_key, _already_complete(round_index, info))
     kept = state == "keep"
     if kept:
         # Images were added (or removed) since this round's head was trained and the
@@ -260,12 +256,16 @@ def _plan_round(config: PseudolabelConfig, round_index: int, images: tuple[Label
     done = {image.image_id for image in images} if round_index > 0 and complete else _committed_ids(folder)
     pending = [image for image in images if image.image_id not in done]
     if not pending and complete:
-        decision = info.get("decision") or {}
-        present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
-        return _RoundPlan(info, pending, images_key, RoundSummary(
-            round_index, 0, 0, present, 0.0, skipped=True, stopped=bool(decision.get("stop")),
-            decision=decision.get("why", "")))
+        return _RoundPlan(info, pending, images_key, _already_complete(round_index, info))
     return _RoundPlan(info, pending, images_key, kept=kept)
+
+
+def _already_complete(round_index: int, info: dict) -> RoundSummary:
+    """A complete round's summary, from its record: nothing done, its decision as recorded."""
+    decision = info.get("decision") or {}
+    present = sum(count > 0 for count in info["stats"]["class_histogram"].values())
+    return RoundSummary(round_index, 0, 0, present, 0.0, skipped=True, stopped=bool(decision.get("stop")),
+                        decision=decision.get("why", ""), discarded=bool(info.get("discarded")))
 
 
 def _run_round(client, config: PseudolabelConfig, ctx: RoundContext, images: tuple[LabelImage, ...], key: str,
