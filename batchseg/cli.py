@@ -18,6 +18,7 @@ from batchseg.stages.embed_options import DEFAULTS as EMBED_DEFAULTS
 from batchseg.stages.pseudolabel_options import DEFAULTS as PSEUDOLABEL_DEFAULTS
 from batchseg.stages.evaluate_options import DEFAULTS as EVALUATE_DEFAULTS
 from batchseg.stages.export_plan import DEFAULTS as EXPORT_DEFAULTS
+from batchseg.stages.report_options import DEFAULTS as REPORT_DEFAULTS
 from batchseg.stages.train_student_options import DEFAULTS as TRAIN_STUDENT_DEFAULTS
 from batchseg.cluster import OPTION_FIELDS, SCHEDULER_ENV, ClusterSettings
 from batchseg.io.files import IMAGE_MODES
@@ -448,16 +449,17 @@ Examples:
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--round", "round_index", type=int, default=None, help="Gallery round (default: the last).")
 @click.option("--source", default=None, help="Gallery label source (default: sam when present).")
-@click.option("--per-class", type=int, default=4, show_default=True, help="Gallery images per class.")
+@click.option("--per-class", type=int, default=REPORT_DEFAULTS.per_class, show_default=True, help="Gallery images per class.")
 @click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Source image folder (default: the one the last embed run read).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def report(out, round_index, source, per_class, src, quiet) -> None:
-    from batchseg.stages.report import ReportConfig, run_report
+    from batchseg.stages.report import run_report
+    from batchseg.stages.report_options import ReportOptions
 
+    options = ReportOptions(round=round_index, source=source, per_class=per_class, src=src)
     try:
-        summary = run_report(ReportConfig(out=out, src=src, round=round_index, source=source, per_class=per_class),
-                             progress=not quiet)
+        summary = run_report(options.config(out), progress=not quiet)
     except BatchsegError as exc:
         _fail(exc)
     click.echo(summary.text())

@@ -123,9 +123,8 @@ def export(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
 
 
 def report(doc: YamlDocument, where: KeyPath, out: Path, given: dict[str, Any]):
-    from batchseg.stages.report import ReportConfig
+    from batchseg.stages.report_options import ReportOptions
 
-    config = ReportConfig(out=out, src=given.get("src"), round=given.get("round"), source=given.get("source"),
-                          per_class=given.get("per_class", 4))
+    config = ReportOptions(**given).config(out)
     _check_detached(doc, where, config)
     return config

@@ -22,31 +22,10 @@ from batchseg.io.statuses import LabelKind
 from batchseg.report.collect import ReportData, collect
 from batchseg.report.gallery import GalleryImage, draw_overlay, draw_thumbnail, pick_gallery, semantic_rows
 from batchseg.report.html import ReportPage, render_page
+from batchseg.stages.report_options import ReportConfig  # noqa: F401  (light home; re-exported)
 
 REPORT = "report"
 IMAGES = "img"
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """One `batchseg report` run."""
-
-    out: Path
-    src: Path | None = None  # source images; None: the folder the last embed run read
-    round: int | None = None  # gallery round; None: the last
-    source: str | None = None  # gallery label source; None: the round's preferred one
-    per_class: int = 4  # gallery images per class
-    max_qc_thumbs: int = 48
-
-    def validate(self) -> None:
-        if not (self.out / "manifest").is_dir():
-            raise UsageError(f"{self.out} is not a batchseg build (no manifest); run `batchseg embed SRC {self.out}` first")
-        if self.src is not None and not self.src.is_dir():
-            raise UsageError(f"--src {self.src} is not a folder")
-        if not 0 <= self.per_class <= 50:
-            raise UsageError(f"--per-class must be in 0..50, got {self.per_class}")
-        if self.round is not None and self.round < 0:
-            raise UsageError(f"--round must be 0 or more, got {self.round}")
 
 
 @dataclass(frozen=True)
