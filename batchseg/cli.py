@@ -166,8 +166,7 @@ def embed(src, out, dense_form, cluster, overwrite, verify, repair, quiet, **opt
                 "--dense-form is gone: embed now stores tokens every dense head can use; choose the head at "
                 "label time, e.g. `batchseg pseudolabel OUT --dense-head value` (was --dense-form clear)"
             )
-        # --max-pixels 0 has always meant the default here (a pipeline file's 0 is refused).
-        chosen = EmbedOptions(**{**options, "max_pixels": options["max_pixels"] or None})
+        chosen = EmbedOptions(**options)
         sam_model = chosen.sam_model
         sam_folder = not chosen.no_sam and sam_model not in SAM_MODELS
         if sam_folder and not Path(sam_model).expanduser().is_dir():

@@ -60,6 +60,7 @@ def test_model_conversions(given, field, expected):
 
 @pytest.mark.parametrize("given, field, expected", [
     ({}, "max_pixels", EmbedConfig.max_pixels),
+    ({"max_pixels": 0}, "max_pixels", EmbedConfig.max_pixels),  # on the command line and in a pipeline file
     ({"max_pixels": 1000}, "max_pixels", 1000),
     ({"batch_size": 2, "shard_size": 4}, "shard_size", 4),
 ])

@@ -38,7 +38,8 @@ class EmbedOptions:
     precision: str = ModelSettings.precision
     batch_size: int = EmbedConfig.batch_size
     shard_size: int = EmbedConfig.shard_size
-    max_pixels: int | None = None  # None: EmbedConfig's (about 179 million)
+    # None or 0: EmbedConfig's (about 179 million); 0 has always meant the default on the command line.
+    max_pixels: int | None = None
 
     def pretrained_tag(self) -> str | None:
         """The open_clip tag or checkpoint ``ClipSpec`` takes: ``None`` loads no tag (a
@@ -63,7 +64,7 @@ class EmbedOptions:
         return EmbedConfig(
             source=source, out=out, models=self.models(), cluster=cluster, batch_size=self.batch_size,
             shard_size=self.shard_size,
-            max_pixels=EmbedConfig.max_pixels if self.max_pixels is None else self.max_pixels,
+            max_pixels=self.max_pixels or EmbedConfig.max_pixels,
             **run)  # type: ignore[arg-type]
 
 
