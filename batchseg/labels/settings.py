@@ -118,7 +118,9 @@ class SelfTrainSettings:
     # Keep the better round: a round (>= 2) that agrees with round 0 on the labeller's most
     # confident cells by more than this less than the round before did has drifted; its
     # labels are set aside and the round before's are the result (1: keep every round).
-    drift_tolerance: float = 0.002
+    # 0: a later round must keep at least as many of those cells as the round before
+    # (bench/RESULTS.md, "Which later rounds to keep": 0.002 kept rounds that lost up to 1.0).
+    drift_tolerance: float = 0.0
     # A round's labels come from the mean of the probabilities of its head and every earlier
     # round's (a temporal ensemble): each head re-fits its targets with noise of its own.
     ensemble: bool = True
