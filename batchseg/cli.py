@@ -132,7 +132,8 @@ Examples:
 @click.option("--dense-form", hidden=True, default=None)
 @click.option("--no-clip", is_flag=True, help="Do not compute CLIP features.")
 @click.option("--canvas", type=int, default=EMBED_DEFAULTS.canvas,
-              help="CLIP input size in pixels (square, letterboxed); default: the model's own size.")
+              help="CLIP input size in pixels (square, letterboxed); default: the model's own size. "
+                   "Larger when objects are small in the image, so they reach the size CLIP was trained on.")
 @click.option("--sam-model", default=EMBED_DEFAULTS.sam_model, show_default=True,
               help="SAM architecture (vit_b, vit_l, vit_h, tiny), or a SAM model folder (config.json + "
                    "model.safetensors), e.g. a distilled OUT/students/NAME of train-student --kind sam-encoder.")
