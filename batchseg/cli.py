@@ -449,7 +449,8 @@ Examples:
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--round", "round_index", type=int, default=None, help="Gallery round (default: the last).")
 @click.option("--source", default=None, help="Gallery label source (default: sam when present).")
-@click.option("--per-class", type=int, default=REPORT_DEFAULTS.per_class, show_default=True, help="Gallery images per class.")
+@click.option("--per-class", type=int, default=REPORT_DEFAULTS.per_class, show_default=True,
+              help="Gallery images per class.")
 @click.option("--src", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Source image folder (default: the one the last embed run read).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
