@@ -210,13 +210,12 @@ def _selftrain_settings(args):
 
 def _round_notes(out: Path, rounds: int) -> list:
     """What each self-training round recorded about itself (agreement, stop decisions)."""
-    from batchseg.io.tables import selftrain_folder
+    from batchseg.io.build_info import read_round_file
 
     notes = []
     for k in range(1, rounds + 1):
-        path = selftrain_folder(out, k) / "_round.json"
-        if path.exists():
-            info = json.loads(path.read_text())
+        info = read_round_file(out, k)
+        if info is not None:
             notes.append({"round": k, "agreement": info["stats"].get("agreement_with_previous"),
                           "anchor_agreement": info["stats"].get("anchor_agreement"),
                           "discarded": bool(info.get("discarded")), "decision": info.get("decision")})

@@ -11,7 +11,7 @@ from batchseg.errors import UsageError
 from batchseg.pipeline.schema import EVALUATE
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.evaluate_options import EvaluateConfig, EvaluateOptions
-from helpers import parsed_options
+from helpers import parsed_options, sam_free_pipeline
 
 FIELDS = {f.name for f in dataclasses.fields(EvaluateOptions)}
 
@@ -59,10 +59,8 @@ def test_bad_values_are_usage_errors(tmp_path: Path, given, gt, message):
 
 
 def test_a_pipeline_gets_the_command_lines_config(tmp_path: Path):
-    (tmp_path / "images").mkdir()
     (tmp_path / "gt").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\nevaluate:\n  gt: gt\n  gt-offset: 0\n")
+    path = sam_free_pipeline(tmp_path, "evaluate:\n  gt: gt\n  gt-offset: 0\n")
     expected = EvaluateOptions(gt_offset=0).config(tmp_path / "build", tmp_path / "gt")
     assert load_pipeline(path).evaluate == expected
 

@@ -11,7 +11,7 @@ from batchseg.errors import UsageError
 from batchseg.pipeline.schema import REPORT
 from batchseg.pipeline.spec import load_pipeline
 from batchseg.stages.report_options import MAX_PER_CLASS, ReportConfig, ReportOptions
-from helpers import parsed_options
+from helpers import parsed_options, sam_free_pipeline
 
 FIELDS = {f.name for f in dataclasses.fields(ReportOptions)}
 
@@ -51,15 +51,11 @@ def test_bad_values_are_usage_errors(tmp_path: Path, monkeypatch, given, message
 
 
 def test_a_pipeline_gets_the_command_lines_config(tmp_path: Path):
-    (tmp_path / "images").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\nreport:\n  per-class: 7\n  round: 1\n")
+    path = sam_free_pipeline(tmp_path, "report:\n  per-class: 7\n  round: 1\n")
     expected = ReportOptions(per_class=7, round=1).config(tmp_path / "build")
     assert load_pipeline(path).report == expected
 
 
 def test_an_empty_pipeline_section_gets_the_defaults(tmp_path: Path):
-    (tmp_path / "images").mkdir()
-    path = tmp_path / "p.yaml"
-    path.write_text("sources: images\nout: build\nmodels:\n  no-sam: true\nreport:\n")
+    path = sam_free_pipeline(tmp_path, "report:\n")
     assert load_pipeline(path).report == ReportConfig(out=tmp_path / "build")

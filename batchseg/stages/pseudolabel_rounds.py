@@ -6,19 +6,19 @@ and whether self-training goes on after a round, stops, or sets the round aside
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from batchseg.config import PseudolabelConfig, must_retrain
-from batchseg.io.build_info import ROUND_FILE
+from batchseg.io.build_info import ROUND_FILE, read_json
 from batchseg.io.tables import selftrain_folder
 
 HEAD_FILE = "head.safetensors"  # the self-training head of a round, in selftrain/round=K/
 
 
 def read_round_info(folder: Path) -> dict | None:
+    """``folder/_round.json`` (a ``selftrain/round=K`` folder); None when absent."""
     path = folder / ROUND_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.is_file() else None
 
 
 def round_state(config: PseudolabelConfig, round_index: int, info: dict | None, key: str, images_key: str,
