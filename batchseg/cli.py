@@ -134,6 +134,11 @@ Examples:
 @click.option("--canvas", type=int, default=EMBED_DEFAULTS.canvas,
               help="CLIP input size in pixels (square, letterboxed); default: the model's own size. "
                    "Larger when objects are small in the image, so they reach the size CLIP was trained on.")
+@click.option("--fine-canvas", type=int, default=EMBED_DEFAULTS.fine_canvas,
+              help="Also store CLIP's tokens at this larger canvas, e.g. twice --canvas; pseudolabel then averages "
+                   "MaskCLIP's logits over both canvases, so objects of more sizes meet the scale CLIP knows. "
+                   "Costs a second CLIP pass and stored tokens 4x the first canvas's at twice the size. "
+                   "0 (default): none.")
 @click.option("--sam-model", default=EMBED_DEFAULTS.sam_model, show_default=True,
               help="SAM architecture (vit_b, vit_l, vit_h, tiny), or a SAM model folder (config.json + "
                    "model.safetensors), e.g. a distilled OUT/students/NAME of train-student --kind sam-encoder.")
@@ -242,6 +247,9 @@ Examples:
               help="With --background: a SAM mask recognised as background repaints its pixels background. "
                    "Off by default: such masks mostly hold objects the coarse CLIP grid half-missed, and "
                    "repainting them erased the object pixels it got right.")
+@click.option("--fine-weight", type=float, default=PSEUDOLABEL_DEFAULTS.fine_weight, show_default=True,
+              help="Builds embedded with --fine-canvas: the fine canvas's weight in round 0's averaged logits "
+                   "(0 ignores it, 1 uses it alone).")
 @click.option("--pd-thresh", type=float, default=PSEUDOLABEL_DEFAULTS.pd_thresh, show_default=True,
               help="Prompt denoising: drop a class whose max probability in the image is below this.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Switch prompt denoising off.")

@@ -142,6 +142,8 @@ class LabelSettings:
     # mask usually holds an object CLIP's coarse grid half-missed, and repainting erased
     # the object pixels it did get right (bench/RESULTS.md, "SAM's vote").
     bg_mask_vote: bool = False
+    # The fine canvas's share of the logits (embed --fine-canvas): 0 ignores its stored tokens.
+    fine_weight: float = 0.5
 
     def validate(self) -> None:
         if self.sam not in SAM_MODES:
@@ -157,6 +159,8 @@ class LabelSettings:
             raise UsageError(f"--bg-floor must be in [0, 1], got {self.bg_floor}")
         if self.work_max_side < 16:
             raise UsageError(f"--work-max-side must be at least 16, got {self.work_max_side}")
+        if not 0.0 <= self.fine_weight <= 1.0:
+            raise UsageError(f"--fine-weight must be in [0, 1], got {self.fine_weight}")
 
     def smooths_keys(self, sam_votes: bool) -> bool:
         """Whether round 0 applies key smoothing, given whether SAM masks vote the map."""
@@ -183,6 +187,7 @@ class LabelSettings:
             "dense_head": asdict(self.dense_head),
             "region_vote": self.region_vote,
             "bg_mask_vote": self.bg_mask_vote,
+            "fine_weight": self.fine_weight,
         }
 
 

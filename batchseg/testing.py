@@ -30,12 +30,14 @@ class TinyModels:
     def clip_option(self) -> str:
         return f"local-dir:{self.clip_dir}"
 
-    def settings(self, canvas: int | None = 64, precision: str = "fp32", sam: bool = True, clip: bool = True) -> ModelSettings:
+    def settings(self, canvas: int | None = 64, precision: str = "fp32", sam: bool = True, clip: bool = True,
+                 fine_canvas: int = 0) -> ModelSettings:
         return ModelSettings(
             clip=ClipSpec(self.clip_option) if clip else None,
             sam=SamSpec("tiny", str(self.sam_checkpoint)) if sam else None,
             clip_canvas=canvas,
             precision=precision,
+            clip_fine_canvas=fine_canvas,
         )
 
 

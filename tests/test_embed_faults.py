@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from batchseg.config import ClusterSettings, EmbedConfig
 from batchseg.io.tables import read_manifest, visible_parts
 from batchseg.stages.embed import run_embed
@@ -15,19 +17,21 @@ from helpers import assert_same_build, embed_args, run_cli
 SINGLE_THREAD = ["--workers", "1", "--threads", "1", "--batch-size", "1"]
 
 
-def _config(src: Path, out: Path, tiny_models) -> EmbedConfig:
+def _config(src: Path, out: Path, tiny_models, fine_canvas: int = 0) -> EmbedConfig:
     return EmbedConfig(
-        source=src, out=out, models=tiny_models.settings(canvas=64, precision="fp32"),
+        source=src, out=out, models=tiny_models.settings(canvas=64, precision="fp32", fine_canvas=fine_canvas),
         cluster=ClusterSettings(workers=1, torch_threads=1), batch_size=1, shard_size=3,
     )
 
 
-def test_worker_killed_during_a_shard_gives_the_same_outputs(image_folder, tmp_path, tiny_models):
+@pytest.mark.parametrize("fine_canvas", [0, 128])
+def test_worker_killed_during_a_shard_gives_the_same_outputs(image_folder, tmp_path, tiny_models, fine_canvas):
     marker = tmp_path / "killed"
-    faulty = run_embed(_config(image_folder, tmp_path / "faulty", tiny_models), builders=kill_once_builders(marker, 2), progress=False)
+    faulty = run_embed(_config(image_folder, tmp_path / "faulty", tiny_models, fine_canvas),
+                       builders=kill_once_builders(marker, 2), progress=False)
     assert marker.exists(), "the fault was not injected"
     assert faulty.ok == 8 and faulty.failed == 0
-    clean = run_embed(_config(image_folder, tmp_path / "clean", tiny_models), progress=False)
+    clean = run_embed(_config(image_folder, tmp_path / "clean", tiny_models, fine_canvas), progress=False)
     assert clean.ok == 8
     assert_same_build(tmp_path / "faulty", tmp_path / "clean")
 

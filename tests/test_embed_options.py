@@ -52,6 +52,8 @@ def test_pretrained_tag(given, expected):
     ({"no_sam": True}, "sam", None),
     ({"sam_model": "tiny", "sam_checkpoint": "random"}, "sam", SamSpec("tiny", None)),
     ({"canvas": 224}, "clip_canvas", 224),
+    ({}, "clip_fine_canvas", 0),
+    ({"canvas": 224, "fine_canvas": 448}, "clip_fine_canvas", 448),
     ({"precision": "fp32"}, "precision", "fp32"),
 ])
 def test_model_conversions(given, field, expected):
@@ -71,6 +73,9 @@ def test_config_conversions(tmp_path: Path, given, field, expected):
 @pytest.mark.parametrize("given, message", [
     ({"no_clip": True, "no_sam": True}, "nothing to compute"),
     ({"canvas": 8}, "--canvas must be at least 16 pixels"),
+    ({"canvas": 224, "fine_canvas": 224}, r"--fine-canvas must be larger than --canvas \(224\), got 224"),
+    ({"fine_canvas": -1}, "--fine-canvas must be larger"),
+    ({"no_clip": True, "fine_canvas": 448}, "--fine-canvas needs CLIP"),
 ])
 def test_bad_values_are_usage_errors(given, message):
     with pytest.raises(UsageError, match=message):

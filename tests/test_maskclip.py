@@ -13,6 +13,7 @@ from batchseg.labels.maskclip import (
     crop_labels_to_original,
     crop_to_original,
     dense_logits,
+    fuse_canvases,
     key_smoothing,
     maskclip_probs,
     prompt_denoise,
@@ -394,3 +395,32 @@ def test_crop_rejects_bad_regions():
         crop_to_original(torch.rand(1, 8, 8), 9, 8, 10, 10)
     with pytest.raises(ValueError):
         crop_labels_to_original(torch.zeros(8, 8, dtype=torch.long), 0, 8, 10, 10)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 0.8])
+def test_fuse_canvases_is_the_softmax_of_the_weighted_mean_logit(weight):
+    g = torch.Generator().manual_seed(3)
+    coarse_logits, fine_logits = torch.randn(5, 6, 7, generator=g) * 4, torch.randn(5, 6, 7, generator=g) * 4
+    fused = fuse_canvases(torch.softmax(coarse_logits, 0), torch.softmax(fine_logits, 0), weight)
+    expected = torch.softmax((1 - weight) * coarse_logits + weight * fine_logits, 0)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.sum(0), torch.ones(6, 7))
+
+
+def test_fuse_canvases_ends_are_the_canvases_and_a_removed_class_stays_removed():
+    g = torch.Generator().manual_seed(4)
+    coarse, fine = torch.softmax(torch.randn(4, 3, 3, generator=g), 0), torch.softmax(torch.randn(4, 3, 3, generator=g), 0)
+    assert torch.equal(fuse_canvases(coarse, fine, 0.0), coarse) and torch.equal(fuse_canvases(coarse, fine, 1.0), fine)
+    denoised = coarse.clone()
+    denoised[2] = 0  # prompt denoising removed class 2 on the coarse canvas
+    denoised /= denoised.sum(0, keepdim=True)
+    assert fuse_canvases(denoised, fine, 0.5)[2].max() < 1e-5
+
+
+@pytest.mark.parametrize("coarse_shape, fine_shape, weight, message", [
+    ((3, 4, 4), (3, 4, 5), 0.5, "one shape"),
+    ((3, 4, 4), (3, 4, 4), 1.5, "fine_weight must be in"),
+])
+def test_fuse_canvases_refuses_bad_input(coarse_shape, fine_shape, weight, message):
+    with pytest.raises(ValueError, match=message):
+        fuse_canvases(torch.full(coarse_shape, 1 / 3), torch.full(fine_shape, 1 / 3), weight)

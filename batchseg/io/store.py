@@ -20,6 +20,8 @@ STORE_NAME = "embeddings.zarr"
 STORE_DTYPE = "float16"
 ROW_ID_ARRAY = "image_id"  # (N, 32) uint8: the SHA-256 digest of the image each row holds
 ROW_ID_BYTES = 32
+FINE_TOKENS = "clip_tokens_fine"  # clip_tokens at the fine canvas (embed --fine-canvas)
+FINE_CLS = "clip_cls_fine"
 
 if TYPE_CHECKING:  # zarr takes seconds to import under load; imported where the store is used
     import zarr
@@ -39,6 +41,10 @@ class ModelGeometry:
     clip_kind: str | None = None  # "vit", "resnet" or "timm"
     clip_token_dim: int | None = None  # W: channels of the stored last-block tokens / feature map
     clip_token_grid: int | None = None  # side of the stored token grid (ViT: = clip_grid)
+    # The second CLIP canvas (embed --fine-canvas), None when there is none.
+    clip_fine_canvas: int | None = None
+    clip_fine_grid: int | None = None
+    clip_fine_token_grid: int | None = None
 
     def array_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-image shape of every array this geometry stores, by array name.
@@ -46,6 +52,8 @@ class ModelGeometry:
         ``clip_tokens`` (W, t, t): what every dense head is computed from (the last ViT
         block's input patch tokens, or a CNN tower's last feature map); ``clip_cls``
         (W,): the ViT class token at that block's input; ``clip_global`` (D,).
+        With a fine canvas, ``clip_tokens_fine`` (W, tf, tf) and ``clip_cls_fine`` (W,) are
+        the same at that canvas.
         """
         shapes: dict[str, tuple[int, ...]] = {}
         if self.clip_canvas is not None:
@@ -54,6 +62,11 @@ class ModelGeometry:
             if self.clip_kind == "vit":
                 shapes["clip_cls"] = (self.clip_token_dim,)
             shapes["clip_global"] = (self.clip_dense_dim,)
+            if self.clip_fine_canvas is not None:
+                fine = self.clip_fine_token_grid or self.clip_fine_grid
+                shapes[FINE_TOKENS] = (self.clip_token_dim, fine, fine)
+                if self.clip_kind == "vit":
+                    shapes[FINE_CLS] = (self.clip_token_dim,)
         if self.sam_embed_shape is not None:
             shapes["sam"] = tuple(self.sam_embed_shape)
         return shapes
@@ -63,6 +76,11 @@ class ModelGeometry:
         if data["sam_embed_shape"] is not None:
             data["sam_embed_shape"] = list(data["sam_embed_shape"])
         return data
+
+    @property
+    def has_fine(self) -> bool:
+        """Whether the build stores CLIP tokens at a second, finer canvas."""
+        return self.clip_fine_canvas is not None
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelGeometry":

@@ -195,6 +195,36 @@ def maskclip_probs(
     return torch.where(ok, smoothed / torch.where(ok, total, 1.0), probs)
 
 
+def fuse_canvases(coarse: Tensor, fine: Tensor, fine_weight: float) -> Tensor:
+    """Two canvases' class probabilities as one: the softmax of their weighted mean logit.
+
+    The multi-scale rule of semantic segmentation (average the scales' logits). Since
+    ``log softmax(z) = z - logsumexp(z)``, averaging log-probabilities is averaging
+    logits up to a per-pixel constant, so this equals ``softmax((1-w) z_coarse + w z_fine)``
+    for the logits that gave them: the product of the probabilities raised to their
+    weights, renormalised. A class one canvas's prompt denoising removed (probability 0)
+    keeps at most ``1e-12 ** w`` of its share; it is not revived by the other canvas.
+
+    Args:
+        coarse, fine: ``(C, H, W)`` probabilities on the same pixels, each summing to 1 over C.
+        fine_weight: ``w`` in ``[0, 1]``; 0 returns ``coarse`` itself, 1 ``fine``.
+
+    Returns:
+        float32 ``(C, H, W)`` summing to 1 over C.
+    """
+    if coarse.shape != fine.shape:
+        raise ValueError(f"both canvases' maps must have one shape, got {tuple(coarse.shape)} and {tuple(fine.shape)}")
+    if not 0.0 <= fine_weight <= 1.0:
+        raise ValueError(f"fine_weight must be in [0, 1], got {fine_weight}")
+    if fine_weight == 0.0:
+        return coarse.float()
+    if fine_weight == 1.0:
+        return fine.float()
+    tiny = 1e-12
+    logits = (1.0 - fine_weight) * coarse.float().clamp_min(tiny).log() + fine_weight * fine.float().clamp_min(tiny).log()
+    return torch.softmax(logits, dim=0)
+
+
 # maskclip_probs has a parameter named key_smoothing that shadows the function.
 _smooth = key_smoothing
 

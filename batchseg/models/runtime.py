@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from batchseg.errors import ModelLoadError
 from batchseg.io.store import ModelGeometry
 from batchseg.models.clip import ClipSpec, DenseClip, load_dense_clip
 from batchseg.models.sam import SamEncoder, SamSpec, load_sam
@@ -39,10 +40,11 @@ class LoadedModels:
     sam: SamEncoder | None
     device: str
     precision: str
+    clip_fine: DenseClip | None = None  # the same CLIP at the fine canvas (ModelSettings.clip_fine_canvas)
 
     @property
     def geometry(self) -> ModelGeometry:
-        clip, sam = self.clip, self.sam
+        clip, sam, fine = self.clip, self.sam, self.clip_fine
         return ModelGeometry(
             clip_canvas=clip.canvas if clip else None,
             clip_patch=clip.patch if clip else None,
@@ -54,6 +56,9 @@ class LoadedModels:
             clip_token_grid=clip.token_grid if clip else None,
             sam_image_size=sam.image_size if sam else None,
             sam_embed_shape=tuple(sam.embed_shape) if sam else None,
+            clip_fine_canvas=fine.canvas if fine else None,
+            clip_fine_grid=fine.grid if fine else None,
+            clip_fine_token_grid=fine.token_grid if fine else None,
         )
 
     @property
@@ -91,17 +96,30 @@ def get_models(settings: ModelSettings, builders: ModelBuilders, device: str | N
         cached = _CACHE.get(key)
         if cached is None:
             clip = builders.clip(settings.clip, settings.clip_canvas, device) if settings.clip else None
+            fine = _fine_clip(settings, builders, clip, device)
             sam = builders.sam(settings.sam, device) if settings.sam else None
             # Weights are cast to the precision rather than run under autocast: on CPU,
             # autocast sends nn.MultiheadAttention down a path that made ViT-B/16 3.7x
             # slower than fp32, while bf16 weights are 1.4x faster (bench/RESULTS.md).
-            for model in (clip, sam):
+            for model in (clip, fine, sam):
                 if model is not None:
                     model.eval().requires_grad_(False).to(PRECISION_DTYPES[settings.precision])
-            cached = LoadedModels(clip=clip, sam=sam, device=device, precision=settings.precision)
+            cached = LoadedModels(clip=clip, sam=sam, device=device, precision=settings.precision, clip_fine=fine)
             _CACHE.clear()  # a worker serves one build at a time; free the old models
             _CACHE[key] = cached
         return cached
+
+
+def _fine_clip(settings: ModelSettings, builders: ModelBuilders, clip: DenseClip | None, device: str
+               ) -> DenseClip | None:
+    """CLIP at the fine canvas: a second copy, since a canvas is set into the model's
+    positional embedding (and a CNN tower's pooling) when it loads."""
+    if not settings.clip_fine_canvas or clip is None:
+        return None
+    if settings.clip_fine_canvas <= clip.canvas or settings.clip_fine_canvas % clip.patch:
+        raise ModelLoadError(f"--fine-canvas must be a multiple of the CLIP patch size ({clip.patch}) larger than "
+                             f"its canvas ({clip.canvas}), got {settings.clip_fine_canvas}")
+    return builders.clip(settings.clip, settings.clip_fine_canvas, device)
 
 
 def set_torch_threads(threads: int | None) -> None:

@@ -168,6 +168,9 @@ class ModelSettings:
     sam: SamSpec | None
     clip_canvas: int | None = None  # None: the CLIP model's own image size
     precision: str = "bf16"
+    # A second, larger CLIP canvas whose tokens are stored beside the first (0: none). Small
+    # objects reach CLIP's training scale there; pseudolabel fuses both canvases' logits.
+    clip_fine_canvas: int = 0
 
     def validate(self) -> None:
         if self.clip is None and self.sam is None:
@@ -176,6 +179,12 @@ class ModelSettings:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.clip_canvas is not None and self.clip_canvas < 16:
             raise UsageError(f"--canvas must be at least 16 pixels, got {self.clip_canvas}")
+        if self.clip_fine_canvas:
+            if self.clip is None:
+                raise UsageError("--fine-canvas needs CLIP: leave out --no-clip, or --fine-canvas")
+            if self.clip_fine_canvas < 0 or (self.clip_canvas is not None and self.clip_fine_canvas <= self.clip_canvas):
+                raise UsageError(f"--fine-canvas must be larger than --canvas ({self.clip_canvas}), "
+                                 f"got {self.clip_fine_canvas}; 0 switches it off")
         if self.sam is not None:
             check_sam_spec(self.sam)
 
@@ -217,6 +226,7 @@ class ModelSettings:
             "clip": asdict(self.clip) if self.clip else None,
             "sam": asdict(self.sam) if self.sam else None,
             "clip_canvas": self.clip_canvas,
+            "clip_fine_canvas": self.clip_fine_canvas,
             "precision": self.precision,
             "weights_sha256": self.weights_sha256(),
         }
@@ -234,5 +244,8 @@ class ModelSettings:
                 diffs.append(f"{key}: stored {json.dumps(stored.get(key))}, requested {json.dumps(mine[key])}")
         if self.clip_canvas is not None and stored_canvas is not None and self.clip_canvas != stored_canvas:
             diffs.append(f"canvas: stored {stored_canvas}, requested {self.clip_canvas}")
+        stored_fine = stored.get("clip_fine_canvas", 0)  # builds made before it have none
+        if self.clip_fine_canvas != stored_fine:
+            diffs.append(f"fine canvas: stored {stored_fine or 'none'}, requested {self.clip_fine_canvas or 'none'}")
         return diffs
 

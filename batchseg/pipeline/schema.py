@@ -40,7 +40,7 @@ def choice(*names: str, required: bool = False) -> Key:
 
 
 MODELS = {
-    "clip-model": STR, "clip-pretrained": STR, "no-clip": BOOL, "canvas": INT,
+    "clip-model": STR, "clip-pretrained": STR, "no-clip": BOOL, "canvas": INT, "fine-canvas": INT,
     "sam-model": choice(*SAM_MODELS), "sam-checkpoint": STR, "no-sam": BOOL,
     "precision": choice(*PRECISIONS),
 }
@@ -53,7 +53,7 @@ QC = {
 }
 PSEUDOLABEL = {
     "classes": STRS, "vocab": PATH, "templates": PATH, "background": BOOL, "bg-floor": FLOAT,
-    "dense-head": choice(*DENSE_HEADS), "proxy-grid": INT, "region-vote": choice(*REGION_VOTES), "bg-mask-vote": BOOL,
+    "dense-head": choice(*DENSE_HEADS), "proxy-grid": INT, "region-vote": choice(*REGION_VOTES), "bg-mask-vote": BOOL, "fine-weight": FLOAT,
     "pd-thresh": FLOAT, "no-prompt-denoising": BOOL, "key-smoothing": choice(*KEY_SMOOTHING), "no-key-smoothing": BOOL, "sam": BOOL,
     "points-per-side": INT, "pred-iou-thresh": FLOAT, "stability-thresh": FLOAT, "nms-thresh": FLOAT, "work-max-side": INT,
     "rounds": INT, "conf-thresh": FLOAT, "class-balance": FLOAT, "class-quantile": FLOAT, "teacher-rounds": INT,

@@ -32,6 +32,7 @@ class EmbedOptions:
     clip_pretrained: str | None = None  # None: openai for a named model, the folder's weights for local-dir
     no_clip: bool = False
     canvas: int | None = ModelSettings.clip_canvas
+    fine_canvas: int = ModelSettings.clip_fine_canvas  # 0: none
     sam_model: str = "vit_b"  # an arch of SAM_MODELS, or (CLI) a SAM model folder
     sam_checkpoint: str | None = None
     no_sam: bool = False
@@ -55,6 +56,7 @@ class EmbedOptions:
             sam=None if self.no_sam else SamSpec(self.sam_model,
                                                  None if self.sam_checkpoint == RANDOM else self.sam_checkpoint),
             clip_canvas=self.canvas,
+            clip_fine_canvas=self.fine_canvas,
             precision=self.precision,
         )
 

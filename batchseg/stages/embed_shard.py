@@ -23,7 +23,7 @@ from batchseg.io.statuses import ImageStatus
 from batchseg.models.specs import ModelSettings
 from batchseg.io.geometry import letterbox
 from batchseg.io.images import ImageError, content_id, decode_image, read_image_bytes
-from batchseg.io.store import RowWriter
+from batchseg.io.store import FINE_CLS, FINE_TOKENS, RowWriter
 from batchseg.io.tables import manifest_table, write_part_atomic
 from batchseg.models.clip import preprocess_clip
 from batchseg.models.runtime import LoadedModels, ModelBuilders, get_models, set_torch_threads
@@ -60,6 +60,7 @@ class _Prepared:
     item: ShardItem
     row: dict
     clip_pixels: torch.Tensor | None = None
+    clip_fine_pixels: torch.Tensor | None = None
     sam_pixels: torch.Tensor | None = None
 
 
@@ -118,6 +119,9 @@ def _prepare(task: ShardTask, models: LoadedModels, item: ShardItem) -> _Prepare
         pp = clip.preprocess  # the model's own preprocess_cfg: filter, mean, std, letterbox fill
         prepared.clip_pixels = preprocess_clip(image.pixels, clip.canvas, pp.mean, pp.std,
                                                interpolation=pp.interpolation, fill=pp.fill)
+        if models.clip_fine is not None:  # resized from the decoded image, never from the smaller canvas
+            prepared.clip_fine_pixels = preprocess_clip(image.pixels, models.clip_fine.canvas, pp.mean, pp.std,
+                                                        interpolation=pp.interpolation, fill=pp.fill)
     if models.sam is not None:
         box = letterbox(image.height, image.width, models.sam.image_size)
         row.update(sam_valid_h=box.valid_h, sam_valid_w=box.valid_w)
@@ -167,6 +171,12 @@ def _forward(models: LoadedModels, batch: list[_Prepared]) -> dict[str, np.ndarr
             if result.cls is not None:
                 outputs["clip_cls"] = result.cls
             outputs["clip_global"] = result.global_
+        if models.clip_fine is not None:
+            pixels = torch.stack([entry.clip_fine_pixels for entry in batch]).to(device, models.dtype, non_blocking=True)
+            fine = models.clip_fine.encode_tokens(pixels)
+            outputs[FINE_TOKENS] = fine.tokens
+            if fine.cls is not None:
+                outputs[FINE_CLS] = fine.cls
         if models.sam is not None:
             pixels = torch.stack([entry.sam_pixels for entry in batch]).to(device, models.dtype, non_blocking=True)
             outputs["sam"] = models.sam(pixels)

@@ -31,6 +31,7 @@ class PseudolabelOptions:
     proxy_grid: int = DenseHeadSettings.proxy_grid
     region_vote: str = LabelSettings.region_vote
     bg_mask_vote: bool = LabelSettings.bg_mask_vote
+    fine_weight: float = LabelSettings.fine_weight
     pd_thresh: float = LabelSettings.pd_thresh
     no_prompt_denoising: bool = not LabelSettings.prompt_denoising
     key_smoothing: str | None = LabelSettings.key_smoothing
@@ -79,6 +80,7 @@ class PseudolabelOptions:
             dense_head=DenseHeadSettings(self.dense_head, proxy_grid=self.proxy_grid),
             region_vote=self.region_vote,
             bg_mask_vote=self.bg_mask_vote,
+            fine_weight=self.fine_weight,
             work_max_side=self.work_max_side,
         )
 

@@ -20,7 +20,8 @@ from batchseg.config import LabelSettings
 from batchseg.io.statuses import LabelKind, LabelSource
 from batchseg.models.specs import ModelSettings
 from batchseg.io.grid_store import TargetGridWriter
-from batchseg.io.store import CheckedRowReader, ModelGeometry
+from batchseg.io.geometry import letterbox
+from batchseg.io.store import FINE_CLS, FINE_TOKENS, CheckedRowReader, ModelGeometry
 from batchseg.io.store_integrity import DamagedRowError
 from batchseg.io.tables import labels_table, round_folder, write_part_atomic
 from batchseg.labels.image_labels import (
@@ -32,7 +33,7 @@ from batchseg.labels.image_labels import (
     mask_vote_confidence,
     semantic_rows,
 )
-from batchseg.labels.maskclip import maskclip_probs
+from batchseg.labels.maskclip import fuse_canvases, maskclip_probs
 from batchseg.labels.proposals import generate_proposals
 from batchseg.labels.recognise import majority_classes, recognise_masks, refine_semantic
 from batchseg.labels.rle import decode_mask
@@ -74,6 +75,12 @@ class RoundContext:
     def dense_on_sam_grid(self) -> bool:
         """The dense head's output lies on SAM's grid (proxy-sam), not CLIP's."""
         return self.settings.dense_head.needs_sam
+
+    @property
+    def fuses_fine(self) -> bool:
+        """Round 0 averages in the logits of the fine canvas's stored tokens (embed --fine-canvas).
+        Not for proxy-sam, whose output already lies on SAM's finer grid."""
+        return self.geometry.has_fine and self.settings.fine_weight > 0 and not self.dense_on_sam_grid
 
 
 @dataclass(frozen=True)
@@ -136,12 +143,13 @@ def stored_rows(store: CheckedRowReader, name: str, rows: list[int]) -> torch.Te
     return torch.from_numpy(np.stack([store.read(name, int(r)) for r in rows]))
 
 
-def device_head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], with_keys: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The chosen dense head on stored tokens of ``rows``, on the worker's device: float32
-    (B, D, h, w) and keys (B, K, h, w)."""
-    tokens = stored_rows(store, "clip_tokens", rows)
-    cls = stored_rows(store, "clip_cls", rows) if "clip_cls" in store else None
+def device_head_features(ctx: RoundContext, store: CheckedRowReader, rows: list[int], with_keys: bool = False,
+                         fine: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chosen dense head on stored tokens of ``rows`` (those of the fine canvas when
+    ``fine``), on the worker's device: float32 (B, D, h, w) and keys (B, K, h, w)."""
+    tokens_name, cls_name = (FINE_TOKENS, FINE_CLS) if fine else ("clip_tokens", "clip_cls")
+    tokens = stored_rows(store, tokens_name, rows)
+    cls = stored_rows(store, cls_name, rows) if cls_name in store else None
     sam = stored_rows(store, "sam", rows) if ctx.dense_on_sam_grid else None
     clip = _clip(ctx)
     device = next(clip.parameters()).device
@@ -242,15 +250,34 @@ def _refine_with_masks(ctx: RoundContext, frame: ImageFrame, probs: torch.Tensor
     return rows, refined, refined_conf
 
 
+def _maskclip_grid_probs(ctx: RoundContext, store: CheckedRowReader, image: LabelImage, fine: bool = False
+                         ) -> torch.Tensor:
+    """MaskCLIP's class probabilities on the dense head's grid: float32 (C, h, w) on the CPU."""
+    dense, keys = device_head_features(ctx, store, [image.zarr_row], with_keys=True, fine=fine)
+    settings = ctx.settings
+    return maskclip_probs(dense[0], keys[0], worker_classifier(ctx), key_smoothing=settings.smooths_keys(ctx.use_sam),
+                          prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh).cpu()
+
+
+def round0_probs(ctx: RoundContext, store: CheckedRowReader, image: LabelImage, frame: ImageFrame) -> torch.Tensor:
+    """Round 0's class probabilities on the work frame: float32 (C, work_h, work_w), each
+    pixel summing to 1; with a fine canvas, both canvases' logits averaged
+    (:func:`batchseg.labels.maskclip.fuse_canvases`)."""
+    valid_h, valid_w = _valid(ctx, image, sam_canvas=ctx.dense_on_sam_grid)
+    probs = grid_probs_to_work(_maskclip_grid_probs(ctx, store, image), _dense_canvas(ctx), valid_h, valid_w, frame)
+    if not ctx.fuses_fine:
+        return probs
+    canvas = ctx.geometry.clip_fine_canvas
+    box = letterbox(image.height, image.width, canvas)  # as embed letterboxed the fine canvas
+    fine = grid_probs_to_work(_maskclip_grid_probs(ctx, store, image, fine=True), canvas, box.valid_h, box.valid_w,
+                              frame)
+    return fuse_canvases(probs, fine, ctx.settings.fine_weight)
+
+
 def _round0_image(ctx: RoundContext, store: CheckedRowReader, image: LabelImage) -> tuple[list[dict], np.ndarray, np.ndarray]:
     frame = _frame(ctx, image)
-    dense, keys = device_head_features(ctx, store, [image.zarr_row], with_keys=True)
     settings = ctx.settings
-    grid_probs = maskclip_probs(dense[0], keys[0], worker_classifier(ctx),
-                                key_smoothing=settings.smooths_keys(ctx.use_sam),
-                                prompt_denoising=settings.prompt_denoising, pd_thresh=settings.pd_thresh).cpu()
-    valid_h, valid_w = _valid(ctx, image, sam_canvas=ctx.dense_on_sam_grid)
-    probs = grid_probs_to_work(grid_probs, _dense_canvas(ctx), valid_h, valid_w, frame)
+    probs = round0_probs(ctx, store, image, frame)
     label, confidence = label_and_confidence(probs, settings.bg_floor)
     rows = semantic_rows(frame, label, confidence, ctx.names, LabelSource.MASKCLIP, 0)
     if not ctx.use_sam:
