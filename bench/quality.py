@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--points-per-side", type=int, default=32, help="SAM everything-mode grid (default 32)")
     parser.add_argument("--all-rounds", action="store_true",
                         help="run and score every round (stopping and drift rules off); default: pseudolabel's rules")
+    parser.add_argument("--fine-canvas", type=int, default=0,
+                        help="embed --fine-canvas: also store CLIP's tokens at this canvas, fused in round 0 (default 0: none)")
     parser.add_argument("--epochs", type=int, default=8, help="self-training epochs per round (default 8)")
     parser.add_argument("--clip", default=None,
                         help="toy CLIP local-dir folder (default: the shipped ConvNeXt one, else the ViT one)")
@@ -160,7 +162,7 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
     from batchseg.stages.pseudolabel import run_pseudolabel
 
     models = ModelSettings(clip=ClipSpec(f"local-dir:{clip_dir}"), sam=SamSpec("tiny", str(sam_ckpt)),
-                           precision="fp32")
+                           precision="fp32", clip_fine_canvas=args.fine_canvas)
     started = time.perf_counter()
     summary = run_embed(EmbedConfig(source=world / "images", out=out, models=models, cluster=external,
                                     shard_size=args.shard_size), progress=False)
@@ -256,7 +258,8 @@ def main(argv=None) -> int:
         print("\n".join(common.machine_lines()))
         print(f"world seed {args.seed}: {args.images} images per variant ({', '.join(variants)}); toy CLIP "
               f"{toy_clip}; toy SAM {toy_sam}; {args.points_per_side}x{args.points_per_side} points; "
-              f"{args.rounds} self-training rounds x {args.epochs} epochs; full pipeline head {args.head}", flush=True)
+              f"{args.rounds} self-training rounds x {args.epochs} epochs; full pipeline head {args.head}; fine canvas "
+              f"{args.fine_canvas or 'none'}", flush=True)
         threads = max(1, args.cores // args.workers)
         results = {}
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
