@@ -138,7 +138,8 @@ Examples:
               help="Also store CLIP's tokens at this larger canvas, e.g. twice --canvas; pseudolabel then averages "
                    "MaskCLIP's logits over both canvases, so objects of more sizes meet the scale CLIP knows. "
                    "Costs a second CLIP pass and stored tokens 4x the first canvas's at twice the size. "
-                   "0 (default): none.")
+                   "Measured: better round-0 labels, but self-training did not always keep the gain (README): "
+                   "check it with evaluate. 0 (default): none.")
 @click.option("--sam-model", default=EMBED_DEFAULTS.sam_model, show_default=True,
               help="SAM architecture (vit_b, vit_l, vit_h, tiny), or a SAM model folder (config.json + "
                    "model.safetensors), e.g. a distilled OUT/students/NAME of train-student --kind sam-encoder.")

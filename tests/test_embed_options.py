@@ -74,7 +74,7 @@ def test_config_conversions(tmp_path: Path, given, field, expected):
     ({"no_clip": True, "no_sam": True}, "nothing to compute"),
     ({"canvas": 8}, "--canvas must be at least 16 pixels"),
     ({"canvas": 224, "fine_canvas": 224}, r"--fine-canvas must be larger than --canvas \(224\), got 224"),
-    ({"fine_canvas": -1}, "--fine-canvas must be larger"),
+    ({"fine_canvas": -1}, "--fine-canvas must be at least 16 pixels, got -1"),
     ({"no_clip": True, "fine_canvas": 448}, "--fine-canvas needs CLIP"),
 ])
 def test_bad_values_are_usage_errors(given, message):

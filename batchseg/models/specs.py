@@ -182,7 +182,9 @@ class ModelSettings:
         if self.clip_fine_canvas:
             if self.clip is None:
                 raise UsageError("--fine-canvas needs CLIP: leave out --no-clip, or --fine-canvas")
-            if self.clip_fine_canvas < 0 or (self.clip_canvas is not None and self.clip_fine_canvas <= self.clip_canvas):
+            if self.clip_fine_canvas < 16:
+                raise UsageError(f"--fine-canvas must be at least 16 pixels, got {self.clip_fine_canvas}; 0 switches it off")
+            if self.clip_canvas is not None and self.clip_fine_canvas <= self.clip_canvas:
                 raise UsageError(f"--fine-canvas must be larger than --canvas ({self.clip_canvas}), "
                                  f"got {self.clip_fine_canvas}; 0 switches it off")
         if self.sam is not None:
