@@ -15,6 +15,7 @@ from batchseg.io.build_info import read_json
 from batchseg.io.geometry import letterbox
 from batchseg.io.images import decode_image
 from batchseg.io.store import CheckedRowReader, ModelGeometry
+from batchseg.io.store_integrity import chunk_file, verify_rows
 from batchseg.io.tables import read_labels, read_manifest
 from batchseg.labels.image_labels import ImageFrame, grid_probs_to_work
 from batchseg.labels.maskclip import maskclip_probs
@@ -159,3 +160,21 @@ def test_fine_weight_0_labels_like_a_build_without_the_fine_canvas(builds, dask_
     assert _maskclip_rows(fine) != _maskclip_rows(coarse)
     bad = run_cli(["pseudolabel", str(fine), "--scheduler", dask_scheduler, *LABEL, "--fine-weight", "2"])
     assert bad.exit_code == 2 and "--fine-weight must be in [0, 1], got 2.0" in bad.output
+
+
+def test_a_damaged_fine_row_is_not_labelled_and_verify_recomputes_it(builds, _image_folder_template, tiny_models,
+                                                                     dask_scheduler, tmp_path):
+    out = _copy(builds, "fine", tmp_path)
+    group = zarr.open_group(str(out / "embeddings.zarr"), mode="r")
+    chunk_file(out, group["clip_tokens_fine"], 4).unlink()
+    victim = next(r["image_id"] for r in read_manifest(out).to_pylist() if r["zarr_row"] == 4)
+    labelled = run_cli(["pseudolabel", str(out), "--scheduler", dask_scheduler, *LABEL])
+    assert labelled.exit_code == 1 and "1 images NOT labelled" in labelled.output, labelled.output
+    assert victim not in set(read_labels(out, 0).column("image_id").to_pylist())
+    verified = run_cli(embed_args(_image_folder_template, out, tiny_models, "--scheduler", dask_scheduler,
+                                  "--fine-canvas", str(FINE), "--verify"))
+    assert verified.exit_code == 0 and "1 damaged, 1 recomputed, 0 left damaged" in verified.output, verified.output
+    assert verify_rows(out, range(8)) == {}
+    reference = zarr.open_group(str(builds["fine"] / "embeddings.zarr"), mode="r")["clip_tokens_fine"][4]
+    np.testing.assert_allclose(zarr.open_group(str(out / "embeddings.zarr"), mode="r")["clip_tokens_fine"][4]
+                               .astype(np.float32), reference.astype(np.float32), rtol=2e-3, atol=2e-3)
