@@ -122,6 +122,12 @@ def key_smoothing_choice(value: str | None, no_key_smoothing: bool) -> str:
     return "off" if no_key_smoothing else (value or "auto")
 
 
+# The fine-canvas weight a record without "fine_weight" means. Builds labelled before the
+# option had no fine canvas, so their records (and the round keys hashed from them) stay
+# valid; any other weight, a changed default included, is recorded and so changes the keys.
+UNRECORDED_FINE_WEIGHT = 0.5
+
+
 @dataclass(frozen=True)
 class LabelSettings:
     """Everything that changes round 0 (MaskCLIP labels, SAM proposals, recognition)."""
@@ -187,8 +193,7 @@ class LabelSettings:
             "dense_head": asdict(self.dense_head),
             "region_vote": self.region_vote,
             "bg_mask_vote": self.bg_mask_vote,
-            "fine_weight": self.fine_weight,
-        }
+        } | ({} if self.fine_weight == UNRECORDED_FINE_WEIGHT else {"fine_weight": self.fine_weight})
 
 
 @dataclass(frozen=True)

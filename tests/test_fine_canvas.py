@@ -2,6 +2,7 @@
 averages both canvases' MaskCLIP logits."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def test_fine_tokens_are_the_model_run_at_the_fine_canvas(builds, _image_folder_
     geometry = ModelGeometry.from_json(read_json(out / "batchseg.json")["embed"]["geometry"])
     assert (geometry.clip_canvas, geometry.clip_fine_canvas, geometry.clip_fine_grid) == (64, FINE, 16)
     assert _image_rows(out) == _image_rows(builds["coarse"])  # the manifest knows nothing of the fine canvas
+    # A build without one records its embedding as builds before the option did (their label keys hash it).
+    assert "fine" not in json.dumps(read_json(builds["coarse"] / "batchseg.json")["embed"])
+    assert read_json(out / "batchseg.json")["embed"]["models"]["clip_fine_canvas"] == FINE
     clip = load_dense_clip(ClipSpec(tiny_models.clip_option), canvas=FINE).eval()
     for row in read_manifest(out).to_pylist():
         image = decode_image((_image_folder_template / row["path"]).read_bytes())

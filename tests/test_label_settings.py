@@ -39,3 +39,12 @@ def test_key_smoothing_contradiction_and_bad_value_are_usage_errors():
 def test_key_smoothing_is_part_of_the_recorded_settings():
     assert _settings().to_json()["key_smoothing"] == "auto"
     assert _settings(key_smoothing="on").to_json() != _settings().to_json()
+
+
+@pytest.mark.parametrize("weight, recorded", [(0.5, None), (0.0, 0.0), (0.3, 0.3), (1.0, 1.0)])
+def test_fine_weight_is_recorded_unless_it_is_the_weight_older_records_mean(weight, recorded):
+    """Records from before --fine-weight (no fine canvas was possible) keep their round keys."""
+    record = _settings(fine_weight=weight).to_json()
+    assert record.get("fine_weight") == recorded
+    assert (record == _settings().to_json()) == (recorded is None)
+

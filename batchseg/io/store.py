@@ -75,6 +75,9 @@ class ModelGeometry:
         data = asdict(self)
         if data["sam_embed_shape"] is not None:
             data["sam_embed_shape"] = list(data["sam_embed_shape"])
+        if not self.has_fine:  # what builds before the fine canvas recorded: keys hashed from it stay valid
+            for name in ("clip_fine_canvas", "clip_fine_grid", "clip_fine_token_grid"):
+                del data[name]
         return data
 
     @property

@@ -224,14 +224,14 @@ class ModelSettings:
         }
 
     def to_json(self) -> dict[str, Any]:
+        # Without a fine canvas the record is what builds before it wrote: keys hashed from it stay valid.
         return {
             "clip": asdict(self.clip) if self.clip else None,
             "sam": asdict(self.sam) if self.sam else None,
             "clip_canvas": self.clip_canvas,
-            "clip_fine_canvas": self.clip_fine_canvas,
             "precision": self.precision,
             "weights_sha256": self.weights_sha256(),
-        }
+        } | ({"clip_fine_canvas": self.clip_fine_canvas} if self.clip_fine_canvas else {})
 
     def differences(self, stored: dict[str, Any], stored_canvas: int | None) -> list[str]:
         """Human-readable differences between these settings and a build's stored ones.
