@@ -153,7 +153,6 @@ def _measure_clip(name: str, clip_dir: Path, sam_ckpt: Path, world: Path, out: P
     from batchseg.config import EmbedConfig, LabelSettings, ModelSettings, PseudolabelConfig
     from batchseg.io.tables import read_labels
     from batchseg.labels.proposals import ProposalSettings
-    from batchseg.labels.selftrain import SelfTrainSettings
     from batchseg.models.clip import ClipSpec
     from batchseg.models.sam import SamSpec
     from batchseg.models.text import MASKCLIP_TEMPLATES, load_vocab_file
